@@ -1,0 +1,5 @@
+import sys
+
+from loraship.cli import main
+
+sys.exit(main())

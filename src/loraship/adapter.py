@@ -1,0 +1,532 @@
+"""A PEFT adapter folder, read into an :class:`AdapterSpec`: what it changes and by how much.
+
+``parse_adapter`` is pure (config dict + tensor headers in, spec out); ``load_adapter`` does the
+file reading around it. Nothing here reads tensor data, except converting an opted-in pickled
+``adapter_model.bin`` to safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from loraship.errors import AdapterError, UnsupportedError
+from loraship.safetensors_io import TensorInfo, read_header
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+#: PEFT methods that have weights one could merge, but that loraship does not merge yet.
+_MERGEABLE_ELSEWHERE = {
+    "IA3", "LOHA", "LOKR", "ADALORA", "OFT", "BOFT", "VERA", "FOURIERFT", "HRA", "VBLORA",
+    "BONE", "MISS", "RANDLORA", "SHIRA", "C3A", "ROAD", "WAVEFT", "DELORA", "OSF", "GRALORA",
+}  # fmt: skip
+#: PEFT methods whose effect is not a weight delta: nothing to merge.
+_NOT_MERGEABLE = {
+    "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT",
+    "XLORA", "POLY", "LN_TUNING", "CPT", "TRAINABLE_TOKENS",
+}  # fmt: skip
+#: LoRA variants whose merge differs from plain LoRA/DoRA (config field -> name users know).
+_VARIANT_FIELDS = {
+    "alora_invocation_tokens": "aLoRA",
+    "arrow_config": "Arrow",
+    "use_bdlora": "BD-LoRA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
+    "use_qalora": "QA-LoRA",
+}
+#: init_lora_weights values that rewrite the base weights at initialisation: the adapter then only
+#: fits that rewritten base, unless it was converted when saved.
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+_LORA_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".lora_A.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".lora_B.bias", "B_bias"),
+    (".lora_embedding_A", "A"),
+    (".lora_embedding_B", "B"),
+    (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".token_adapter.trainable_tokens_delta", "tokens"),
+)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: ``W' = W + scale · B @ A`` (plus DoRA / bias when present).
+
+    Attributes:
+        module: Module path in the adapter (``model.layers.0.self_attn.q_proj``).
+        layer: ``embedding`` for ``lora_embedding_*`` tensors, else ``linear`` (Linear, Conv1D, Conv).
+        a: The ``lora_A`` tensor.
+        b: The ``lora_B`` tensor.
+        rank: The rank, read from ``lora_A``'s shape.
+        alpha: ``lora_alpha`` for this module (after ``alpha_pattern``).
+        scale: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA.
+        magnitude: DoRA magnitude vector, if DoRA.
+        bias: ``lora_B.bias`` (``lora_bias=True``), if present.
+        param: The base parameter changed: ``weight``, or a raw parameter for ``target_parameters``.
+        experts: Number of experts for a ``target_parameters`` LoRA on a 3-D expert parameter.
+    """
+
+    module: str
+    layer: Literal["linear", "embedding"]
+    a: TensorInfo
+    b: TensorInfo
+    rank: int
+    alpha: float
+    scale: float
+    magnitude: TensorInfo | None = None
+    bias: TensorInfo | None = None
+    param: str = "weight"
+    experts: int | None = None
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A full trained copy of a base parameter saved in the adapter: it replaces the base's.
+
+    Attributes:
+        module: Module path in the adapter.
+        param: Parameter name (``weight``, ``bias``).
+        tensor: The adapter tensor.
+        origin: Why the adapter carries it: ``modules_to_save``, ``saved_base_layer`` (e.g. resized
+            embeddings), or ``bias`` (``bias="all"`` / ``"lora_only"``).
+    """
+
+    module: str
+    param: str
+    tensor: TensorInfo
+    origin: Literal["modules_to_save", "saved_base_layer", "bias"]
+
+
+@dataclass(frozen=True)
+class TokenUpdate:
+    """``trainable_token_indices``: rows ``indices`` of an embedding replaced by ``tensor``."""
+
+    module: str
+    tensor: TensorInfo
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Everything the merge needs to know about an adapter, without tensor data."""
+
+    folder: Path
+    config: Mapping[str, Any]
+    tensors: Mapping[str, TensorInfo]
+    lora_modules: tuple[LoraModule, ...]
+    replacements: tuple[Replacement, ...]
+    token_updates: tuple[TokenUpdate, ...]
+    #: Adapter tensors that PEFT saves but that carry nothing to apply (with the reason).
+    ignored: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def r(self) -> int:
+        return int(self.config.get("r", 8))
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.config.get("lora_alpha", 8))
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora"))
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out"))
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        value = self.config.get("base_model_name_or_path")
+        return str(value) if value else None
+
+    @property
+    def base_model_revision(self) -> str | None:
+        value = self.config.get("revision")
+        return str(value) if value else None
+
+    @property
+    def base_model_class(self) -> str | None:
+        mapping = self.config.get("auto_mapping") or {}
+        value = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+        return str(value) if value else None
+
+    @property
+    def ensure_weight_tying(self) -> bool:
+        return bool(self.config.get("ensure_weight_tying"))
+
+    @property
+    def adapted_modules(self) -> tuple[str, ...]:
+        return tuple(m.module for m in self.lora_modules)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_adapter(folder: Path, *, allow_pickle: bool = False, scratch: Path | None = None) -> AdapterSpec:
+    """Read an adapter folder as ``PeftModel.save_pretrained`` writes it.
+
+    Args:
+        folder: The adapter folder.
+        allow_pickle: Accept weights stored only as pickled ``adapter_model.bin`` (loaded with
+            ``torch.load(weights_only=True)`` and converted to safetensors in ``scratch``).
+        scratch: A folder for that conversion; required with ``allow_pickle``.
+
+    Raises:
+        AdapterError: The folder is not a PEFT adapter, or its weights are missing or refused.
+        UnsupportedError: The adapter uses a method or variant loraship cannot merge.
+    """
+    if not folder.is_dir():
+        raise AdapterError(
+            f"Adapter folder `{folder}` does not exist.",
+            fix="Pass the folder that PeftModel.save_pretrained() wrote (or a Hub repo id with `loraship run`).",
+        )
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        hint = (
+            " (it holds a config.json: is it a full model rather than an adapter?)"
+            if (folder / "config.json").is_file()
+            else ""
+        )
+        raise AdapterError(
+            f"`{folder}` has no {CONFIG_NAME}: it is not a PEFT adapter folder{hint}.",
+            fix=f"Point --adapter at the folder PeftModel.save_pretrained() wrote: it holds {CONFIG_NAME} "
+            f"and {WEIGHTS_NAME}.",
+        )
+    try:
+        config = json.loads(config_path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise AdapterError(
+            f"`{config_path}` is not valid JSON ({e}).",
+            fix="Restore the file PEFT wrote, or save the adapter again with save_pretrained().",
+        ) from e
+    check_method(config, config_path)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = folder / PICKLE_NAME
+        if not pickled.is_file():
+            raise AdapterError(
+                f"`{folder}` has {CONFIG_NAME} but no adapter weights ({WEIGHTS_NAME}).",
+                fix="Copy or download the adapter's weights file next to its config.",
+            )
+        if not allow_pickle:
+            raise AdapterError(
+                f"`{folder}` holds its adapter weights only as a pickled {PICKLE_NAME}. Loading a pickle "
+                "can run arbitrary code, so loraship refuses it by default.",
+                fix="If you trust this adapter, pass --allow-pickle (it is then loaded with "
+                "torch.load(weights_only=True)); or convert it once with PEFT: "
+                "PeftModel.from_pretrained(base, adapter).save_pretrained(out_dir) writes safetensors.",
+            )
+        if scratch is None:
+            raise ValueError("load_adapter(allow_pickle=True) needs a scratch folder")
+        weights = _convert_pickle(pickled, scratch)
+    _, tensors = read_header(weights)
+    return parse_adapter(config, tensors, folder=folder)
+
+
+def _convert_pickle(pickled: Path, scratch: Path) -> Path:
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    try:
+        state = torch.load(pickled, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise AdapterError(
+            f"`{pickled}` could not be loaded with torch.load(weights_only=True): {str(e).splitlines()[0]}",
+            fix="The file holds more than tensors (or is corrupt): convert the adapter to safetensors "
+            "where you trust it, with PeftModel.save_pretrained().",
+        ) from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise AdapterError(
+            f"`{pickled}` does not hold a state dict of tensors.",
+            fix="Save the adapter again with PeftModel.save_pretrained().",
+        )
+    scratch.mkdir(parents=True, exist_ok=True)
+    out = scratch / WEIGHTS_NAME
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"format": "pt"})
+    return out
+
+
+def check_method(config: Mapping[str, Any], where: Path | str) -> None:
+    """Refuse adapter methods and variants that loraship does not merge (correctly).
+
+    Raises:
+        UnsupportedError: With the method named and what to do instead.
+    """
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type in _NOT_MERGEABLE:
+        raise UnsupportedError(
+            f"`{where}` is a {peft_type} adapter: it adds virtual tokens or modules at run time and has "
+            "no weight delta that could be merged into the base model.",
+            fix="Ship it as an adapter (load it with PEFT on top of the base model) instead of merging it.",
+        )
+    if peft_type != "LORA":
+        known = "a method PEFT can merge, but" if peft_type in _MERGEABLE_ELSEWHERE else "a method"
+        raise UnsupportedError(
+            f"`{where}` is a {peft_type or 'typeless'} adapter: {known} loraship does not merge yet "
+            "(it merges LoRA, rsLoRA and DoRA adapters).",
+            fix="Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload().",
+        )
+    variants = [name for key, name in _VARIANT_FIELDS.items() if config.get(key)]
+    init = config.get("init_lora_weights")
+    if init == "mica":
+        variants.append("MiCA")
+    if variants:
+        raise UnsupportedError(
+            f"`{where}` uses the LoRA variant {', '.join(variants)}, whose merge loraship does not support.",
+            fix="Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload().",
+        )
+    if (isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS)) or config.get("lora_ga_config"):
+        method = "LoRA-GA" if config.get("lora_ga_config") else str(init)
+        raise UnsupportedError(
+            f"`{where}` was initialised with {method}, which rewrites the base weights at the start of "
+            "training: the adapter only fits that rewritten base, and merging it into the original base "
+            "would produce a wrong model.",
+            fix="Save the adapter converted to a plain LoRA: model.save_pretrained(out, "
+            "path_initial_model_for_weight_conversion=<initial adapter>) (see PEFT's docs for "
+            f"{method}), then merge that.",
+        )
+    if config.get("layer_replication"):
+        raise UnsupportedError(
+            f"`{where}` uses layer_replication: replicated layers share base weights, so a merged "
+            "checkpoint cannot hold a different delta per copy (PEFT 0.21 merges it silently and wrongly).",
+            fix="Keep this adapter unmerged, or train without layer_replication.",
+        )
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_adapter(config: Mapping[str, Any], tensors: Mapping[str, TensorInfo], *, folder: Path) -> AdapterSpec:
+    """Group an adapter's tensors by module and compute each module's scale. Pure.
+
+    Raises:
+        AdapterError: Tensor names are not PEFT's, or a module lacks half of its LoRA pair.
+        UnsupportedError: The config asks for something loraship does not merge.
+    """
+    check_method(config, folder)
+    not_peft = [k for k in tensors if not k.startswith(PREFIX)]
+    if not_peft:
+        raise AdapterError(
+            f"`{folder}` does not look like a PEFT LoRA adapter: {len(not_peft)} tensor name(s) do not "
+            f"start with `{PREFIX}`, e.g. `{not_peft[0]}`.",
+            fix="Save the adapter with PEFT (PeftModel.save_pretrained); adapters in other formats "
+            "(kohya, diffusers) must be converted to PEFT first.",
+        )
+    use_rslora = bool(config.get("use_rslora"))
+    use_dora = bool(config.get("use_dora"))
+    rank_pattern = dict(config.get("rank_pattern") or {})
+    alpha_pattern = dict(config.get("alpha_pattern") or {})
+    lora_alpha = float(config.get("lora_alpha", 8))
+    config_r = int(config.get("r", 8))
+    modules_to_save = list(config.get("modules_to_save") or [])
+    bias_mode = str(config.get("bias") or "none")
+    target_parameters = list(config.get("target_parameters") or [])
+
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    replacements: list[Replacement] = []
+    token_tensors: list[tuple[str, TensorInfo]] = []
+    ignored: dict[str, str] = {}
+    unexplained: list[str] = []
+    for key, info in tensors.items():
+        name = key[len(PREFIX) :]
+        for suffix, role in _LORA_SUFFIXES:
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                if role == "tokens":
+                    token_tensors.append((module, info))
+                else:
+                    parts.setdefault(module, {})[role] = info
+                break
+        else:
+            module, _, param = name.rpartition(".")
+            if module.endswith(".base_layer"):
+                replacements.append(Replacement(module[: -len(".base_layer")], param, info, "saved_base_layer"))
+            elif module.endswith(".original_module"):
+                ignored[key] = "PEFT's copy of the original module, kept unchanged"
+            elif module.endswith(".modules_to_save"):
+                owner = module[: -len(".modules_to_save")]
+                if PREFIX + owner + "." + param in tensors:
+                    ignored[key] = f"duplicate of `{PREFIX}{owner}.{param}`"
+                else:
+                    replacements.append(Replacement(owner, param, info, "modules_to_save"))
+            elif _matches_module(module, modules_to_save):
+                replacements.append(Replacement(module, param, info, "modules_to_save"))
+            elif param == "bias" and bias_mode in ("all", "lora_only"):
+                replacements.append(Replacement(module, param, info, "bias"))
+            else:
+                unexplained.append(key)
+    if unexplained:
+        raise AdapterError(
+            f"`{folder}` holds {len(unexplained)} tensor(s) that are neither LoRA weights nor covered by "
+            f"modules_to_save or bias in {CONFIG_NAME}: "
+            + ", ".join(f"`{k}`" for k in unexplained[:10])
+            + (" ..." if len(unexplained) > 10 else "")
+            + ".",
+            fix=f"Check that {CONFIG_NAME} belongs to these weights (modules_to_save, bias), or save the "
+            "adapter again with PEFT.",
+        )
+
+    lora_modules: list[LoraModule] = []
+    for module, roles in parts.items():
+        lora_modules.extend(
+            _lora_module(
+                module, roles, folder=folder, config_r=config_r, lora_alpha=lora_alpha,
+                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=use_rslora,
+                use_dora=use_dora, target_parameters=target_parameters,
+            )
+        )  # fmt: skip
+    token_updates = [_token_update(module, info, config, folder) for module, info in token_tensors]
+    return AdapterSpec(
+        folder=folder,
+        config=dict(config),
+        tensors=dict(tensors),
+        lora_modules=tuple(lora_modules),
+        replacements=tuple(replacements),
+        token_updates=tuple(token_updates),
+        ignored=ignored,
+    )
+
+
+def _lora_module(
+    module: str,
+    roles: Mapping[str, TensorInfo],
+    *,
+    folder: Path,
+    config_r: int,
+    lora_alpha: float,
+    rank_pattern: Mapping[str, int],
+    alpha_pattern: Mapping[str, float],
+    use_rslora: bool,
+    use_dora: bool,
+    target_parameters: Sequence[str],
+) -> list[LoraModule]:
+    if "A" not in roles or "B" not in roles:
+        have = ", ".join(sorted(r for r in roles))
+        raise AdapterError(
+            f"`{folder}`: module `{module}` has {have} but not both lora_A and lora_B.",
+            fix="The adapter file is incomplete: save it again with PEFT.",
+        )
+    a, b = roles["A"], roles["B"]
+    layer: Literal["linear", "embedding"] = "embedding" if a.name.endswith("lora_embedding_A") else "linear"
+    if use_dora and "magnitude" not in roles:
+        raise AdapterError(
+            f"`{folder}`: use_dora is set but module `{module}` has no lora_magnitude_vector.",
+            fix="The adapter file is incomplete: save it again with PEFT.",
+        )
+    pattern_name = module
+    param = "weight"
+    if target_parameters:
+        # PEFT wraps the module once per targeted parameter, in target_parameters order: the first
+        # parameter's wrapper is the innermost, reached through one `.base_layer` per later one.
+        depth = 0
+        while pattern_name.endswith(".base_layer"):
+            pattern_name = pattern_name[: -len(".base_layer")]
+            depth += 1
+        matching = [p for p in target_parameters if _matches_parameter(pattern_name, p)]
+        if matching:
+            if depth >= len(matching):
+                raise AdapterError(
+                    f"`{folder}`: `{module}` is nested deeper than target_parameters explains.",
+                    fix="Save the adapter again with PEFT.",
+                )
+            param = matching[len(matching) - 1 - depth].rpartition(".")[2]
+        else:
+            pattern_name = module
+    r_key = _pattern_key(rank_pattern, pattern_name)
+    alpha_key = _pattern_key(alpha_pattern, pattern_name)
+    alpha = float(alpha_pattern[alpha_key]) if alpha_key is not None else lora_alpha
+    configured_rank = int(rank_pattern[r_key]) if r_key is not None else config_r
+    experts: int | None = None
+    if param != "weight":
+        # lora_A of a targeted parameter holds r rows per expert.
+        rank = configured_rank
+        if rank <= 0 or not a.shape or a.shape[0] % rank:
+            raise AdapterError(
+                f"`{folder}`: `{a.name}` has {a.shape[0] if a.shape else 0} rows, not a multiple of r={rank}.",
+                fix=f"Restore {CONFIG_NAME} as PEFT saved it with this adapter.",
+            )
+        experts = a.shape[0] // rank
+    else:
+        rank = a.shape[0] if a.shape else 0
+    if rank <= 0:
+        raise AdapterError(f"`{folder}`: module `{module}` has rank 0.", fix="Save the adapter again with PEFT.")
+    scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+    return [
+        LoraModule(
+            module=pattern_name,
+            layer=layer,
+            a=a,
+            b=b,
+            rank=rank,
+            alpha=alpha,
+            scale=scale,
+            magnitude=roles.get("magnitude"),
+            bias=roles.get("B_bias"),
+            param=param,
+            experts=experts,
+        )
+    ]
+
+
+def _token_update(module: str, info: TensorInfo, config: Mapping[str, Any], folder: Path) -> TokenUpdate:
+    spec = config.get("trainable_token_indices")
+    indices: Sequence[int] | None = None
+    if isinstance(spec, list):
+        indices = spec
+    elif isinstance(spec, dict):
+        key = _pattern_key({k: 0 for k in spec}, module)
+        indices = spec.get(key) if key is not None else None
+    if indices is None:
+        raise AdapterError(
+            f"`{folder}` holds trainable-token rows for `{module}` but {CONFIG_NAME} gives no "
+            "trainable_token_indices for it.",
+            fix=f"Restore {CONFIG_NAME} as PEFT saved it with this adapter.",
+        )
+    if not info.shape or info.shape[0] != len(indices):
+        raise AdapterError(
+            f"`{folder}`: `{info.name}` has {info.shape[0] if info.shape else 0} rows but "
+            f"trainable_token_indices lists {len(indices)} tokens for `{module}`.",
+            fix=f"Restore {CONFIG_NAME} as PEFT saved it with this adapter.",
+        )
+    return TokenUpdate(module=module, tensor=info, indices=tuple(int(i) for i in indices))
+
+
+def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
+    """PEFT's ``get_pattern_key``: the first key (in order) matching the end of the module name."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _matches_module(module: str, names: Sequence[str]) -> bool:
+    """PEFT's modules_to_save matching: the module, or a module containing it, ends with a name."""
+    pieces = module.split(".")
+    prefixes = [".".join(pieces[: i + 1]) for i in range(len(pieces))]
+    return any(p.endswith(n) for p in prefixes for n in names)
+
+
+def _matches_parameter(module: str, target: str) -> bool:
+    owner = target.rpartition(".")[0]
+    return bool(owner) and (module == owner or module.endswith("." + owner))

@@ -1,0 +1,106 @@
+"""Pure tensor functions: the delta and the merged weight for each layer kind.
+
+Each function mirrors the operations PEFT 0.21's ``merge_and_unload`` performs on CPU, op for op
+(fp32 adapter weights, scale applied after the matmul, PEFT's rounding points), so the merged
+tensors are bit-identical to PEFT's. ``tests/test_lora_math.py`` and the merge tests check that
+against PEFT itself. No I/O, no logging: tensors in, tensors out. Functions named ``merge_*``
+may modify the base tensor they are given (callers pass a tensor they own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def _transpose(t: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return t.T if fan_in_fan_out else t
+
+
+def linear_delta(a: torch.Tensor, b: torch.Tensor, scale: float, *, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """``(B @ A)`` in fp32, transposed for Conv1D-style (in, out) weights, times ``scale``."""
+    return _transpose(b.float() @ a.float(), fan_in_fan_out) * scale
+
+
+def conv_delta(a: torch.Tensor, b: torch.Tensor, scale: float, weight_shape: Sequence[int]) -> torch.Tensor:
+    """Delta of a LoRA on ``ConvNd`` (groups=1), as PEFT computes it: a convolution of A by B."""
+    a32, b32 = a.float(), b.float()
+    if tuple(weight_shape[2:4]) == (1, 1):
+        return (b32.squeeze(3).squeeze(2) @ a32.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3) * scale
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[len(weight_shape)]
+    return conv(a32.transpose(0, 1), b32).transpose(0, 1) * scale
+
+
+def embedding_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """Delta of a LoRA on ``nn.Embedding``: ``(B @ A)ᵀ · scale``, shape (vocab, dim)."""
+    return (b.float() @ a.float()).T * scale
+
+
+def merge_add(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``W += Δ`` in place: the sum is taken in fp32 and rounded once to W's dtype (Linear, Conv)."""
+    weight += delta
+    return weight
+
+
+def merge_add_rounded(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``W += Δ.to(W.dtype)`` in place: Δ is rounded first, then the sum (Embedding, experts)."""
+    weight += delta.to(weight.dtype)
+    return weight
+
+
+def merge_dora_linear(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, *, fan_in_fan_out: bool = False
+) -> torch.Tensor:
+    """DoRA on Linear/Conv1D: ``(m / ‖W + Δ‖₂ per output row) · (W + Δ)``, rounded once.
+
+    ``delta`` is :func:`linear_delta`'s output (same layout as ``weight``).
+    """
+    lora_weight = _transpose(delta, fan_in_fan_out)
+    norm_input = _transpose(weight, fan_in_fan_out) + 1 * lora_weight
+    weight_norm = torch.linalg.norm(norm_input, dim=1).to(norm_input.dtype)
+    factor = _transpose((magnitude.float() / weight_norm).view(-1, 1), fan_in_fan_out)
+    return (factor * (weight + delta)).to(weight.dtype)
+
+
+def merge_dora_embedding(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA on Embedding: the norm runs over the vocabulary for each hidden column."""
+    norm_input = weight.T + 1 * delta.T
+    weight_norm = torch.linalg.norm(norm_input, dim=1).to(norm_input.dtype)
+    factor = (magnitude.float() / weight_norm).view(1, -1)
+    return (factor * (weight + delta)).to(weight.dtype)
+
+
+def merge_dora_conv(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA on ConvNd: the norm runs over everything but the output channel."""
+    norm_input = weight + 1 * delta
+    dims = tuple(range(1, norm_input.dim()))
+    weight_norm = norm_input.norm(p=2, dim=dims, keepdim=True).transpose(1, 0)
+    factor = magnitude.float() / weight_norm
+    view = (-1,) + (1,) * (weight.dim() - 1)
+    return (factor.view(*view) * (weight + delta)).to(weight.dtype)
+
+
+def merge_lora_bias(bias: torch.Tensor, lora_bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """``lora_bias=True``: ``b += lora_B.bias · scale`` in place, rounded once."""
+    bias += lora_bias.float() * scale
+    return bias
+
+
+def replace_rows(weight: torch.Tensor, indices: Sequence[int], rows: torch.Tensor) -> torch.Tensor:
+    """``trainable_token_indices``: rows ``indices`` of an embedding take the trained values."""
+    index = torch.tensor(list(indices), dtype=torch.long)
+    return weight.index_copy(0, index, rows.to(weight.dtype))
+
+
+def expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, *, transposed: bool) -> torch.Tensor:
+    """Delta of a LoRA on a 3-D expert parameter (``target_parameters``), shape (E, out, in).
+
+    A is saved as (E·r, in) and B as (out, r·E); PEFT views them as (E, r, in) and (out, r, E).
+    ``transposed`` is for parameters stored as (E, in, out).
+    """
+    a32 = a.float().reshape(experts, -1, a.shape[-1])
+    b32 = b.float().reshape(b.shape[0], -1, experts)
+    pattern = "o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i"
+    return torch.einsum(pattern, b32, a32) * scale

@@ -1,0 +1,430 @@
+"""Carry out a :class:`~loraship.plan.MergePlan`: stream tensors from the base into new shards.
+
+Memory holds about one tensor: each output tensor is read, changed and written before the next
+is read; untouched tensors are copied file to file without being decoded. The output is written
+into a temporary folder beside the destination and renamed into place only when complete, so a
+failed or interrupted merge never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraship import lora_math
+from loraship.adapter import AdapterSpec, load_adapter
+from loraship.architecture import inspect_architecture, needs_architecture
+from loraship.errors import BaseModelError, InputError, OutputError
+from loraship.plan import LoraBiasStep, LoraStep, MergePlan, NameResolver, ReplaceStep, TensorPlan, plan_merge
+from loraship.repo_files import CONFIG_NAME, FileChoice, choose_files, copy_files
+from loraship.report import human_bytes
+from loraship.safetensors_io import (
+    INDEX_NAME,
+    SHARD_PATTERN,
+    Checkpoint,
+    OutputTensor,
+    ShardWriter,
+    TensorReader,
+    read_checkpoint,
+    tensor_bytes,
+    torch_dtype,
+    weight_files,
+)
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_PARTIAL_MARK = ".loraship-partial-"
+
+
+@dataclass(frozen=True)
+class PreparedMerge:
+    """Everything decided before writing: inputs read, plan made."""
+
+    base_dir: Path
+    adapter_dir: Path
+    base: Checkpoint
+    base_config: Mapping[str, Any]
+    adapter: AdapterSpec
+    plan: MergePlan
+    files: tuple[FileChoice, ...]
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return self.plan.notes
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge wrote."""
+
+    output: Path
+    prepared: PreparedMerge
+    weight_files: tuple[str, ...]
+    other_files: tuple[str, ...]
+    bytes_written: int
+    seconds: float
+    left_out: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+
+def load_base(
+    folder: Path, *, allow_pickle: bool = False, scratch: Path | None = None
+) -> tuple[Checkpoint, dict[str, Any]]:
+    """Read a base model folder's config.json and weight headers.
+
+    Raises:
+        BaseModelError: The folder, its config or its safetensors weights are missing.
+    """
+    if not folder.is_dir():
+        raise BaseModelError(
+            f"Base model folder `{folder}` does not exist.",
+            fix="Pass the folder save_pretrained() wrote (or a Hub repo id with `loraship run`).",
+        )
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise BaseModelError(
+            f"`{folder}` has no config.json: it is not a transformers model folder.",
+            fix="Pass the folder of the full base model (config.json and model*.safetensors).",
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise BaseModelError(f"`{config_path}` is not valid JSON ({e}).", fix="Download the base model again.") from e
+    files = weight_files(folder)
+    if files is None:
+        pickled = sorted(folder.glob("pytorch_model*.bin"))
+        if not pickled:
+            raise BaseModelError(
+                f"`{folder}` has no safetensors weights (model.safetensors or model.safetensors.index.json).",
+                fix="Download the model's weights, or save it with save_pretrained() (which writes safetensors).",
+            )
+        if not allow_pickle:
+            raise BaseModelError(
+                f"`{folder}` holds its weights only as pickled {pickled[0].name}. Loading a pickle can run "
+                "arbitrary code, so loraship refuses it by default.",
+                fix="If you trust this model, pass --allow-pickle (weights are then loaded with "
+                "torch.load(weights_only=True) and converted to safetensors on the way).",
+            )
+        if scratch is None:
+            raise ValueError("load_base(allow_pickle=True) needs a scratch folder")
+        files = _convert_pickled_base(pickled, scratch)
+    return read_checkpoint(folder, files), config
+
+
+def _convert_pickled_base(pickled: list[Path], scratch: Path) -> tuple[Path, ...]:
+    """Convert pickled shards to safetensors one tensor at a time (torch.load with mmap)."""
+    from loraship.safetensors_io import DTYPE_CODES
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    out: list[Path] = []
+    for i, path in enumerate(pickled):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise BaseModelError(
+                f"`{path}` could not be loaded with torch.load(weights_only=True): {str(e).splitlines()[0]}",
+                fix="Convert the model to safetensors where you trust it (save_pretrained()).",
+            ) from e
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        specs = [OutputTensor(k, DTYPE_CODES[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
+        target = scratch / f"converted-{i:05d}.safetensors"
+        writer = ShardWriter(target, specs, {"format": "pt"})
+        for spec in specs:
+            t = tensors[spec.name].contiguous()
+            writer.begin(spec.name)
+            writer.write(tensor_bytes(t))
+        writer.close()
+        out.append(target)
+        del state, tensors
+    return tuple(out)
+
+
+def prepare_merge(
+    base_dir: Path,
+    adapter_dir: Path,
+    *,
+    dtype: str | None = None,
+    allow_pickle: bool = False,
+    scratch: Path | None = None,
+) -> PreparedMerge:
+    """Read base and adapter, and plan the merge. Reads no tensor data (except opted-in pickles)."""
+    adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle, scratch=scratch / "adapter" if scratch else None)
+    base, config = load_base(base_dir, allow_pickle=allow_pickle, scratch=scratch / "base" if scratch else None)
+    resolver = NameResolver(base.tensors)
+    arch = None
+    extra_notes: tuple[str, ...] = ()
+    if needs_architecture(config, adapter, resolver):
+        arch, problem = inspect_architecture(base_dir, adapter)
+        if problem:
+            extra_notes = (f"Embedding tying unknown: {problem}.",)
+    plan = plan_merge(base, config, adapter, arch=arch, dtype=dtype, base_label=str(base_dir))
+    if extra_notes:
+        from dataclasses import replace
+
+        plan = replace(plan, notes=plan.notes + extra_notes)
+    replaced = [p.relative_to(base_dir).as_posix() for p in base.files if p.is_relative_to(base_dir)]
+    files = choose_files(base_dir, adapter_dir, replaced_weights=replaced)
+    return PreparedMerge(base_dir, adapter_dir, base, config, adapter, plan, tuple(files))
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+def check_output(output: Path, *, overwrite: bool, inputs: tuple[Path, ...], needed_bytes: int) -> None:
+    """Refuse an output location that is taken, overlaps the inputs, or lacks disk space.
+
+    Raises:
+        OutputError: With what to do instead.
+    """
+    resolved = output.resolve()
+    for path in inputs:
+        p = path.resolve()
+        if resolved == p or p.is_relative_to(resolved) or resolved.is_relative_to(p):
+            raise OutputError(
+                f"The output folder `{output}` overlaps the input folder `{path}`.",
+                fix="Choose an --output outside the base and adapter folders.",
+            )
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"The output `{output}` exists and is not a folder.", fix="Choose another --output.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise OutputError(
+            f"The output folder `{output}` exists and is not empty.",
+            fix="Pass --overwrite to replace it, or choose another --output.",
+        )
+    existing = resolved
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise OutputError(f"The output folder `{output}` cannot be created: `{existing}` is not writable.",
+                          fix="Choose an --output in a folder you can write to.")  # fmt: skip
+    free = shutil.disk_usage(existing).free
+    if needed_bytes > free:
+        raise OutputError(
+            f"Not enough free disk space for the merged model: it needs {human_bytes(needed_bytes)} in `{existing}`, "
+            f"which has {human_bytes(free)} free.",
+            fix="Free some space, or choose an --output on a disk with more room.",
+        )
+
+
+@contextlib.contextmanager
+def atomic_folder(output: Path, *, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside ``output`` that becomes ``output`` only if the block succeeds."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}{_PARTIAL_MARK}", dir=output.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if output.exists():
+        if not overwrite and any(output.iterdir()):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OutputError(f"The output folder `{output}` appeared during the merge.", fix="Run again.")
+        trash = Path(tempfile.mkdtemp(prefix=f".{output.name}.loraship-old-", dir=output.parent))
+        os.replace(output, trash / "old")
+        os.replace(tmp, output)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, output)
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def shard_layout(plan: MergePlan, max_shard_size: int | str) -> dict[str, list[TensorPlan]]:
+    """Output file name -> its tensors, split as transformers' save_pretrained names and splits them."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    by_name = {t.name: t for t in plan.tensors}
+    split = split_state_dict_into_shards_factory(
+        by_name, get_storage_size=lambda t: t.nbytes, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size
+    )
+    return {fname: [by_name[n] for n in names] for fname, names in split.filename_to_tensors.items()}
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(value: str | int) -> int:
+    """``5GB`` -> bytes (decimal units as transformers' ``max_shard_size``; ``GiB`` binary).
+
+    Raises:
+        InputError: The value is not a positive size.
+    """
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise InputError(
+            f"--max-shard-size {value!r} is not a size.", fix="Use a number with a unit, e.g. 5GB or 500MB."
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def execute(
+    prepared: PreparedMerge,
+    output: Path,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Write the merged model folder.
+
+    Raises:
+        OutputError: The output is taken or the disk too small (checked before writing anything).
+    """
+    from tqdm.auto import tqdm
+
+    plan = prepared.plan
+    limit = parse_size(max_shard_size)
+    other_bytes = sum(c.source.stat().st_size for c in prepared.files if c.source is not None)
+    check_output(
+        output,
+        overwrite=overwrite,
+        inputs=(prepared.base_dir, prepared.adapter_dir),
+        needed_bytes=plan.total_bytes + other_bytes + (1 << 20),
+    )
+    start = time.monotonic()
+    layout = shard_layout(plan, limit)
+    written_files: list[str] = []
+    bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="Merging", disable=not progress, leave=False)
+    with atomic_folder(output, overwrite=overwrite) as tmp, TensorReader() as reader:
+        for fname, tensors in layout.items():
+            specs = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors]
+            writer = ShardWriter(tmp / fname, specs, {"format": "pt"})
+            try:
+                for t in tensors:
+                    writer.begin(t.name)
+                    write_tensor(t, reader, writer)
+                    bar.update(t.nbytes)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            written_files.append(fname)
+        if len(layout) > 1:
+            weight_map = {t.name: f for f, ts in layout.items() for t in ts}
+            index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            written_files.append(INDEX_NAME)
+        others = copy_files(prepared.files, tmp, config_updates=plan.config_updates)
+    bar.close()
+    left_out = tuple((c.path, c.reason) for c in prepared.files if c.source is None)
+    return MergeResult(
+        output=output,
+        prepared=prepared,
+        weight_files=tuple(written_files),
+        other_files=tuple(others),
+        bytes_written=plan.total_bytes,
+        seconds=time.monotonic() - start,
+        left_out=left_out,
+    )
+
+
+def write_tensor(t: TensorPlan, reader: TensorReader, writer: ShardWriter) -> None:
+    """Write one planned tensor: copied undecoded when unchanged, else computed."""
+    if t.copies_bytes:
+        assert t.source is not None
+        writer.copy_from(reader.fd(t.source.file), t.source.offset, t.source.nbytes)
+        return
+    value = compute_tensor(t, reader)
+    writer.write(tensor_bytes(value))
+
+
+def compute_tensor(t: TensorPlan, reader: TensorReader) -> torch.Tensor:
+    """The merged value of one planned tensor, contiguous, in its output dtype."""
+    dtype = torch_dtype(t.dtype)
+    value: torch.Tensor | None = None
+    if t.source is not None:
+        value = reader.read(t.source)
+        if value.dtype != dtype:
+            value = value.to(dtype)
+    for step in t.steps:
+        if isinstance(step, ReplaceStep):
+            value = reader.read(step.tensor).to(dtype)
+        elif isinstance(step, LoraStep):
+            assert value is not None
+            value = apply_lora(value, step, reader)
+        elif isinstance(step, LoraBiasStep):
+            assert value is not None and step.module.bias is not None
+            value = lora_math.merge_lora_bias(value, reader.read(step.module.bias), step.module.scale)
+        else:
+            assert value is not None
+            value = lora_math.replace_rows(value, step.update.indices, reader.read(step.update.tensor))
+    assert value is not None
+    return value.contiguous()
+
+
+def apply_lora(weight: torch.Tensor, step: LoraStep, reader: TensorReader) -> torch.Tensor:
+    """``weight`` with the step's LoRA (or DoRA) merged in, rounded as PEFT rounds."""
+    m = step.module
+    a, b = reader.read(m.a), reader.read(m.b)
+    magnitude = reader.read(m.magnitude) if m.magnitude is not None else None
+    if step.layout in ("linear", "conv1d"):
+        fifo = step.layout == "conv1d"
+        delta = lora_math.linear_delta(a, b, m.scale, fan_in_fan_out=fifo)
+        if magnitude is not None:
+            return lora_math.merge_dora_linear(weight, delta, magnitude, fan_in_fan_out=fifo)
+        return lora_math.merge_add(weight, delta)
+    if step.layout == "conv":
+        delta = lora_math.conv_delta(a, b, m.scale, weight.shape)
+        if magnitude is not None:
+            return lora_math.merge_dora_conv(weight, delta, magnitude)
+        return lora_math.merge_add(weight, delta)
+    if step.layout == "parameter":  # a raw 2-D parameter: PEFT rounds the delta first
+        return lora_math.merge_add_rounded(weight, lora_math.linear_delta(a, b, m.scale))
+    if step.layout == "embedding":
+        delta = lora_math.embedding_delta(a, b, m.scale)
+        if magnitude is not None:
+            return lora_math.merge_dora_embedding(weight, delta, magnitude)
+        return lora_math.merge_add_rounded(weight, delta)
+    assert m.experts is not None
+    delta = lora_math.expert_delta(a, b, m.scale, m.experts, transposed=step.layout == "experts_transposed")
+    return lora_math.merge_add_rounded(weight, delta)
+
+
+def merge(
+    base_dir: Path,
+    adapter_dir: Path,
+    output: Path,
+    *,
+    dtype: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge the adapter in ``adapter_dir`` into the base in ``base_dir``, writing ``output``.
+
+    Args:
+        base_dir: The base model folder (config.json + safetensors weights).
+        adapter_dir: The adapter folder (adapter_config.json + adapter_model.safetensors).
+        output: The merged model folder to write.
+        dtype: Output dtype (``bfloat16``, ``float16``, ``float32``); None keeps each tensor's.
+        max_shard_size: Largest output shard (``5GB``).
+        overwrite: Replace a non-empty ``output``.
+        allow_pickle: Accept pickled ``.bin`` weights (loaded with ``weights_only=True``).
+        progress: Show a progress bar over bytes written.
+
+    Returns:
+        What was written, with the plan.
+
+    Raises:
+        LorashipError: Any expected failure, with what to do about it; nothing is written then.
+    """
+    parse_size(max_shard_size)
+    with tempfile.TemporaryDirectory(prefix="loraship-scratch-") as scratch:
+        prepared = prepare_merge(base_dir, adapter_dir, dtype=dtype, allow_pickle=allow_pickle, scratch=Path(scratch))
+        return execute(prepared, output, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)

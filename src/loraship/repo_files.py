@@ -1,0 +1,145 @@
+"""Which non-weight files of the base (and the adapter) go into the merged model folder.
+
+The merged folder is the base repo with merged weights: configs, tokenizer, chat template and
+library files (e.g. a sentence-transformers model's modules) are carried over; the base's model
+card is not (a new one is generated), nor are the base's weights in other formats (they would be
+stale, unmerged copies). The adapter's tokenizer and chat template win over the base's, since an
+adapter trained with added tokens or a new template ships them.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+        "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+        "sentencepiece.bpe.model", "tekken.json", "qwen.tiktoken", "tiktoken.model", "vocab.model",
+    }
+)  # fmt: skip
+CHAT_TEMPLATE_FILES = frozenset({"chat_template.jinja", "chat_template.json"})
+CHAT_TEMPLATE_DIRS = frozenset({"additional_chat_templates"})
+#: Top-level files that hold weights in formats loraship does not write (stale after a merge).
+WEIGHT_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data",
+    ".tflite", ".pdparams", ".npz",
+)  # fmt: skip
+#: Top-level folders that hold the base's weights in another format.
+WEIGHT_DIRS = frozenset({"onnx", "openvino", "original", "coreml", "gguf", "tflite"})
+SKIP_NAMES = frozenset({".gitattributes", ".git", ".cache", ".huggingface"})
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+
+
+@dataclass(frozen=True)
+class FileChoice:
+    """One file of the merged folder and where it comes from, or why a file is left out."""
+
+    path: str
+    source: Path | None
+    reason: str
+
+
+def choose_files(base: Path, adapter: Path, *, replaced_weights: Iterable[str]) -> list[FileChoice]:
+    """Decide the merged folder's non-weight files.
+
+    Args:
+        base: The base model folder.
+        adapter: The adapter folder.
+        replaced_weights: Base weight files (relative names) the merge rewrites.
+
+    Returns:
+        Files to copy (``source`` set) and files left out (``source`` None), with reasons.
+    """
+    replaced = set(replaced_weights) | {"model.safetensors.index.json"}
+    adapter_names = {p.name for p in adapter.iterdir() if p.is_file()} if adapter.is_dir() else set()
+    adapter_dirs = {p.name for p in adapter.iterdir() if p.is_dir()} if adapter.is_dir() else set()
+    adapter_tokenizer = bool(adapter_names & TOKENIZER_FILES)
+    adapter_template = bool(adapter_names & CHAT_TEMPLATE_FILES or adapter_dirs & CHAT_TEMPLATE_DIRS)
+    replaced_by_adapter: set[str] = set()
+    if adapter_tokenizer:
+        replaced_by_adapter |= TOKENIZER_FILES | CHAT_TEMPLATE_FILES | CHAT_TEMPLATE_DIRS
+    elif adapter_template:
+        replaced_by_adapter |= CHAT_TEMPLATE_FILES | CHAT_TEMPLATE_DIRS
+
+    choices: list[FileChoice] = []
+    for path in sorted(base.rglob("*")):
+        if not path.is_file():
+            continue
+        rel = path.relative_to(base)
+        top = rel.parts[0]
+        name = rel.as_posix()
+        if top in SKIP_NAMES:
+            continue
+        if name in replaced:
+            continue
+        if len(rel.parts) == 1:
+            if name == CARD_NAME:
+                choices.append(FileChoice(name, None, "the base's model card: a new card describes the merged model"))
+                continue
+            if name in ADAPTER_FILES:
+                choices.append(FileChoice(name, None, "adapter files do not belong in a merged model"))
+                continue
+            if name.endswith(WEIGHT_SUFFIXES) or name.startswith(("pytorch_model", "tf_model", "flax_model")):
+                choices.append(FileChoice(name, None, "weights of the unmerged base in another format"))
+                continue
+        elif top in WEIGHT_DIRS:
+            choices.append(FileChoice(name, None, "weights of the unmerged base in another format"))
+            continue
+        if top in replaced_by_adapter:
+            choices.append(FileChoice(name, None, "replaced by the adapter's tokenizer / chat template"))
+            continue
+        choices.append(FileChoice(name, path, "from the base"))
+    wanted = TOKENIZER_FILES | CHAT_TEMPLATE_FILES if adapter_tokenizer else CHAT_TEMPLATE_FILES
+    for name in sorted(adapter_names & wanted):
+        choices.append(FileChoice(name, adapter / name, "from the adapter"))
+    for dirname in sorted(adapter_dirs & CHAT_TEMPLATE_DIRS):
+        if adapter_tokenizer or adapter_template:
+            for path in sorted((adapter / dirname).rglob("*")):
+                if path.is_file():
+                    choices.append(FileChoice(path.relative_to(adapter).as_posix(), path, "from the adapter"))
+    return choices
+
+
+def copy_files(choices: Iterable[FileChoice], dest: Path, *, config_updates: Mapping[str, Any]) -> list[str]:
+    """Copy the chosen files into ``dest``, writing config.json with ``config_updates`` applied."""
+    written = []
+    for choice in choices:
+        if choice.source is None:
+            continue
+        target = dest / choice.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if choice.path == CONFIG_NAME:
+            config = json.loads(choice.source.read_text())
+            target.write_text(json.dumps(update_config(config, config_updates), indent=2) + "\n")
+        else:
+            shutil.copyfile(choice.source, target)
+        written.append(choice.path)
+    return written
+
+
+def update_config(config: dict[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
+    """config.json with the merge's changes (dtype, vocabulary, tying, head) applied."""
+    config = dict(config)
+    text = dict(config["text_config"]) if isinstance(config.get("text_config"), dict) else None
+    if text is not None:
+        config["text_config"] = text
+    for key, value in updates.items():
+        if key == "dtype":
+            config["dtype"] = value
+            if "torch_dtype" in config:
+                config["torch_dtype"] = value
+        elif key == "vocab_size" and key not in config and text is not None:
+            text[key] = value
+        else:
+            config[key] = value
+            if key == "tie_word_embeddings" and text is not None and key in text:
+                text[key] = value
+    return config

@@ -1,0 +1,69 @@
+"""Plain-text tables for the command line. Pure: values in, strings out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loraship.merge import MergeResult, PreparedMerge
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A left-aligned text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def format_plan(prepared: PreparedMerge, *, show_all: bool = False) -> str:
+    plan = prepared.plan
+    adapter = prepared.adapter
+    shown = plan.tensors if show_all else plan.changed
+    rows = [(t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, t.describe()) for t in shown]
+    ignored = sum(1 for v in plan.accounting.values() if v.startswith("(ignored"))
+    base = prepared.base
+    out = [
+        f"Base:    {prepared.base_dir} ({len(base.tensors)} tensors, {human_bytes(base.total_bytes)})",
+        f"Adapter: {prepared.adapter_dir} (LoRA r={adapter.r}, alpha={adapter.lora_alpha:g}"
+        + (", rsLoRA" if adapter.use_rslora else "")
+        + (", DoRA" if adapter.use_dora else "")
+        + f"; {len(adapter.tensors)} tensors)",
+        "",
+        table(("tensor", "shape", "dtype", "change"), rows) if rows else "No tensor changes.",
+        "",
+        f"{len(plan.changed)} of {len(plan.tensors)} output tensors change; "
+        f"{len(plan.tensors) - len(plan.changed)} are copied unchanged. Output: {human_bytes(plan.total_bytes)}.",
+        f"Every adapter tensor is accounted for: {len(plan.accounting) - ignored} applied"
+        + (f", {ignored} ignored (PEFT bookkeeping copies)" if ignored else "")
+        + ".",
+    ]
+    if plan.config_updates:
+        changes = ", ".join(f"{k}={v}" for k, v in plan.config_updates.items() if k not in ("id2label", "label2id"))
+        out.append(f"config.json changes: {changes}.")
+    out.extend(f"Note: {n}" for n in plan.notes)
+    return "\n".join(out)
+
+
+def format_merge_result(result: MergeResult) -> str:
+    plan = result.prepared.plan
+    out = [
+        f"Merged {result.prepared.adapter_dir} into {result.prepared.base_dir}",
+        f"Wrote {result.output}: {len(result.weight_files)} weight file(s), {human_bytes(result.bytes_written)}, "
+        f"{len(plan.changed)} of {len(plan.tensors)} tensors changed, in {result.seconds:.1f} s.",
+        f"Other files: {', '.join(result.other_files) or 'none'}.",
+    ]
+    if result.left_out:
+        out.append("Not carried over: " + "; ".join(f"{p} ({why})" for p, why in result.left_out) + ".")
+    out.extend(f"Note: {n}" for n in plan.notes)
+    return "\n".join(out)

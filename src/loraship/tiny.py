@@ -1,0 +1,114 @@
+"""Tiny random models and adapters, built offline (for ``loraship demo``, tests and benchmarks).
+
+Models come from transformers configs with random weights; adapters from PEFT with
+``init_lora_weights=False`` so that ``lora_B`` is not zero and the merge changes something.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+TINY_LLAMA: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+    "tie_word_embeddings": False,
+}
+
+
+def build_model(
+    folder: Path,
+    config: Mapping[str, Any],
+    *,
+    model_class: str = "AutoModelForCausalLM",
+    dtype: str = "float32",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    tokenizer: bool = False,
+) -> Path:
+    """Save a random model of ``config`` (a dict with ``model_type``) in ``folder``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = dict(config)
+    model_type = cfg.pop("model_type")
+    auto_config = transformers.AutoConfig.for_model(model_type, **cfg)
+    cls = getattr(transformers, model_class)
+    model = cls.from_config(auto_config) if model_class.startswith("Auto") else cls(auto_config)
+    with torch.no_grad():  # random, non-trivial values everywhere (norms and biases too)
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    model = model.to(getattr(torch, dtype))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(folder), **kwargs)
+    if tokenizer:
+        save_tokenizer(folder, int(auto_config.vocab_size))
+    return folder
+
+
+def save_tokenizer(folder: Path, vocab_size: int, *, extra_tokens: tuple[str, ...] = ()) -> None:
+    """A small word-level fast tokenizer with a chat template, written with transformers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(vocab_size - 4 - len(extra_tokens))]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    if extra_tokens:
+        fast.add_tokens(list(extra_tokens))
+    fast.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    fast.save_pretrained(str(folder))
+
+
+def build_adapter(
+    base: Path,
+    folder: Path,
+    *,
+    model_class: str = "AutoModelForCausalLM",
+    seed: int = 1,
+    adapter_dtype: str | None = None,
+    resize_vocab: int | None = None,
+    save_kwargs: Mapping[str, Any] | None = None,
+    **lora: Any,
+) -> Path:
+    """Train nothing, but save a PEFT LoRA adapter with random non-zero weights for ``base``.
+
+    ``lora`` are LoraConfig arguments (``target_modules``, ``r``, ``use_dora``...).
+    """
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class).from_pretrained(str(base), dtype=torch.float32)
+    if resize_vocab:
+        model.resize_token_embeddings(resize_vocab, mean_resizing=False)
+    lora.setdefault("init_lora_weights", False)
+    lora.setdefault("r", 4)
+    lora.setdefault("lora_alpha", 8)
+    peft_model = get_peft_model(model, LoraConfig(**lora))
+    with torch.no_grad():  # make every trained tensor differ visibly from the base
+        for name, p in peft_model.named_parameters():
+            if (p.requires_grad and ("lora_" in name or "modules_to_save" in name or "trainable_tokens" in name)) or (
+                p.requires_grad and name.endswith("bias")
+            ):
+                p.add_(torch.randn_like(p) * 0.1)
+    if adapter_dtype:
+        peft_model = peft_model.to(getattr(torch, adapter_dtype))
+    peft_model.save_pretrained(str(folder), **dict(save_kwargs or {}))
+    return folder

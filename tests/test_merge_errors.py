@@ -1,0 +1,373 @@
+"""Bad input to ``loraship merge``: a clear message (what, where, how to fix), exit code 1, nothing written.
+
+Messages are asserted word for word: they are the product's interface when something is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import GPT2, LLAMA, QWEN3_MOE
+
+from loraship.cli import main
+from loraship.tiny import build_adapter
+
+
+def run_merge(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
+    code = main(["merge", *map(str, args), "--quiet"])
+    return code, capsys.readouterr().err
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+    assert leftovers == []
+
+
+@pytest.fixture
+def llama(model_cache) -> Path:
+    return model_cache(LLAMA)
+
+
+@pytest.fixture
+def llama_adapter(llama: Path, tmp_path: Path) -> Path:
+    return build_adapter(llama, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+
+
+def test_missing_adapter_config(llama: Path, llama_adapter: Path, tmp_path: Path, capsys) -> None:
+    (llama_adapter / "adapter_config.json").unlink()
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", out)
+    assert code == 1
+    assert err == (
+        f"Error: `{llama_adapter}` has no adapter_config.json: it is not a PEFT adapter folder.\n"
+        "Fix: Point --adapter at the folder PeftModel.save_pretrained() wrote: it holds adapter_config.json and "
+        "adapter_model.safetensors.\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_full_model_given_as_adapter(llama: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama, "--output", out)
+    assert code == 1
+    assert err.startswith(
+        f"Error: `{llama}` has no adapter_config.json: it is not a PEFT adapter folder (it holds a config.json: "
+        "is it a full model rather than an adapter?).\n"
+    )
+
+
+def _pickle_adapter(adapter: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    torch.save(state, adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+
+
+def test_pickled_adapter_refused_without_opt_in(llama: Path, llama_adapter: Path, tmp_path: Path, capsys) -> None:
+    _pickle_adapter(llama_adapter)
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", out)
+    assert code == 1
+    assert err == (
+        f"Error: `{llama_adapter}` holds its adapter weights only as a pickled adapter_model.bin. Loading a pickle "
+        "can run arbitrary code, so loraship refuses it by default.\n"
+        "Fix: If you trust this adapter, pass --allow-pickle (it is then loaded with "
+        "torch.load(weights_only=True)); or convert it once with PEFT: "
+        "PeftModel.from_pretrained(base, adapter).save_pretrained(out_dir) writes safetensors.\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_pickled_adapter_merges_with_opt_in(llama: Path, llama_adapter: Path, tmp_path: Path, capsys) -> None:
+    main(["merge", "--base", str(llama), "--adapter", str(llama_adapter), "--output", str(tmp_path / "ref"), "--quiet"])
+    _pickle_adapter(llama_adapter)
+    code, _ = run_merge(
+        capsys, "--base", llama, "--adapter", llama_adapter, "--output", tmp_path / "out", "--allow-pickle"
+    )
+    assert code == 0
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        tmp_path / "ref" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_pickled_adapter_with_code_is_refused_even_with_opt_in(llama: Path, llama_adapter: Path, tmp_path: Path,
+                                                               capsys) -> None:  # fmt: skip
+    (llama_adapter / "adapter_model.safetensors").unlink()
+    torch.save({"weights": object.__new__(_Evil)}, llama_adapter / "adapter_model.bin")
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", out, "--allow-pickle")
+    assert code == 1
+    assert err.startswith(
+        f"Error: `{llama_adapter / 'adapter_model.bin'}` could not be loaded with torch.load(weights_only=True): "
+    )
+    assert "Fix: The file holds more than tensors (or is corrupt)" in err
+    assert_nothing_written(out)
+
+
+class _Evil:
+    pass
+
+
+def test_adapter_tensors_matching_nothing_are_listed(model_cache, tmp_path: Path, capsys) -> None:
+    deeper = model_cache({**LLAMA, "num_hidden_layers": 3})
+    adapter = build_adapter(deeper, tmp_path / "adapter", target_modules=["q_proj"])
+    base = model_cache(LLAMA)
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", base, "--adapter", adapter, "--output", out)
+    assert code == 1
+    assert err == (
+        f"Error: 2 adapter tensor(s) match no tensor of the base model `{base}`: "
+        "`base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight`, "
+        "`base_model.model.model.layers.2.self_attn.q_proj.lora_B.weight`.\n"
+        f"Fix: Use the base model the adapter was trained on (adapter_config.json names `{deeper}`); merging "
+        "without these tensors would silently drop part of the adapter.\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_shape_mismatch_names_tensor_and_shapes(model_cache, tmp_path: Path, capsys) -> None:
+    wider = model_cache({**LLAMA, "hidden_size": 32, "intermediate_size": 48})
+    adapter = build_adapter(wider, tmp_path / "adapter", target_modules=["q_proj"])
+    base = model_cache(LLAMA)
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", base, "--adapter", adapter, "--output", out)
+    assert code == 1
+    assert err == (
+        "Error: Shape mismatch for `model.layers.0.self_attn.q_proj.weight`: the base tensor is [16, 16] but the "
+        "adapter's lora_B [32, 4] @ lora_A [4, 32] makes [32, 32].\n"
+        f"Fix: Use the base model the adapter was trained on (adapter_config.json names `{wider}`).\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_adapter_for_another_architecture(model_cache, tmp_path: Path, capsys) -> None:
+    gpt2 = model_cache(GPT2)
+    adapter = build_adapter(gpt2, tmp_path / "adapter", target_modules=["c_attn"], fan_in_fan_out=True)
+    base = model_cache(LLAMA)
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", base, "--adapter", adapter, "--output", out)
+    assert code == 1
+    assert err == (
+        f"Error: None of the 2 modules the adapter changes exist in the base model `{base}`: the adapter was made "
+        "for another architecture (the adapter was trained on `GPT2LMHeadModel`; the base is `LlamaForCausalLM`).\n"
+        f"Fix: Use the base model the adapter was trained on (adapter_config.json names `{gpt2}`).\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_unsupported_peft_type_ia3(llama: Path, tmp_path: Path, capsys) -> None:
+    import transformers
+    from peft import IA3Config, get_peft_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(llama))
+    get_peft_model(model, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))\
+        .save_pretrained(str(tmp_path / "ia3"))  # fmt: skip
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", llama, "--adapter", tmp_path / "ia3", "--output", out)
+    assert code == 1
+    assert err == (
+        f"Error: `{tmp_path / 'ia3' / 'adapter_config.json'}` is a IA3 adapter: a method PEFT can merge, but loraship "
+        "does not merge yet (it merges LoRA, rsLoRA and DoRA adapters).\n"
+        "Fix: Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload().\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_unsupported_peft_type_prompt_tuning(llama: Path, tmp_path: Path, capsys) -> None:
+    import transformers
+    from peft import PromptTuningConfig, get_peft_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(llama))
+    get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))\
+        .save_pretrained(str(tmp_path / "prompt"))  # fmt: skip
+    code, err = run_merge(capsys, "--base", llama, "--adapter", tmp_path / "prompt", "--output", tmp_path / "out")
+    assert code == 1
+    assert err == (
+        f"Error: `{tmp_path / 'prompt' / 'adapter_config.json'}` is a PROMPT_TUNING adapter: it adds virtual tokens "
+        "or modules at run time and has no weight delta that could be merged into the base model.\n"
+        "Fix: Ship it as an adapter (load it with PEFT on top of the base model) instead of merging it.\n"
+    )
+
+
+def test_layer_replication_refused(llama: Path, tmp_path: Path, capsys) -> None:
+    adapter = build_adapter(llama, tmp_path / "adapter", target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]])
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", llama, "--adapter", adapter, "--output", out)
+    assert code == 1
+    assert err == (
+        f"Error: `{adapter / 'adapter_config.json'}` uses layer_replication: replicated layers share base weights, "
+        "so a merged checkpoint cannot hold a different delta per copy (PEFT 0.21 merges it silently and wrongly).\n"
+        "Fix: Keep this adapter unmerged, or train without layer_replication.\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_base_rewriting_init_refused(llama: Path, llama_adapter: Path, tmp_path: Path, capsys) -> None:
+    config = json.loads((llama_adapter / "adapter_config.json").read_text())
+    (llama_adapter / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", tmp_path / "out")
+    assert code == 1
+    assert err.startswith(
+        f"Error: `{llama_adapter / 'adapter_config.json'}` was initialised with pissa, which rewrites the base "
+        "weights at the start of training: the adapter only fits that rewritten base, and merging it into the "
+        "original base would produce a wrong model.\n"
+    )
+
+
+QUANTIZED = [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "bitsandbytes, 4-bit"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "bitsandbytes, 8-bit"),
+    ({"quant_method": "gptq", "bits": 4}, "gptq, 4-bit"),
+    ({"quant_method": "awq", "bits": 4}, "awq, 4-bit"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, "fp8"),
+]
+
+
+@pytest.mark.parametrize(("quant", "described"), QUANTIZED, ids=[q[1] for q in QUANTIZED])
+def test_quantized_base_refused(llama: Path, llama_adapter: Path, tmp_path: Path, capsys, quant, described) -> None:
+    base = tmp_path / "quantized-base"
+    shutil.copytree(llama, base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", base, "--adapter", llama_adapter, "--output", out)
+    assert code == 1
+    assert err == (
+        f"Error: The base model `{base}` is quantized ({described}; config.json has a quantization_config): "
+        "merging a LoRA delta into quantized weights loses most of it.\n"
+        "Fix: Merge into the full-precision model this one was quantized from (its model card usually names it): "
+        "pass it with --base (in loraship.yaml: `base:`).\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_truncated_safetensors(llama: Path, llama_adapter: Path, tmp_path: Path, capsys) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(llama, base)
+    weights = base / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", base, "--adapter", llama_adapter, "--output", out)
+    assert code == 1
+    header = int.from_bytes(data[:8], "little") + 8
+    assert err == (
+        f"Error: `{weights}` is truncated: its header describes {len(data) - header} bytes of tensor data but the "
+        f"file holds {len(data) - 100 - header}.\n"
+        "Fix: Download the file again: it was probably cut off during a download or copy (with huggingface_hub, "
+        "pass force_download=True or delete it from the cache).\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_corrupt_safetensors_header(llama: Path, llama_adapter: Path, tmp_path: Path, capsys) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(llama, base)
+    weights = base / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8] = ord("X")  # the JSON header's opening brace
+    weights.write_bytes(bytes(data))
+    code, err = run_merge(capsys, "--base", base, "--adapter", llama_adapter, "--output", tmp_path / "out")
+    assert code == 1
+    assert err.startswith(f"Error: `{weights}` has a corrupt header: it is not valid JSON (")
+
+
+def test_output_not_empty(llama: Path, llama_adapter: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", out)
+    assert code == 1
+    assert err == (
+        f"Error: The output folder `{out}` exists and is not empty.\n"
+        "Fix: Pass --overwrite to replace it, or choose another --output.\n"
+    )
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_not_enough_disk_space(llama: Path, llama_adapter: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    import shutil as real_shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(real_shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", out)
+    assert code == 1
+    assert err.startswith("Error: Not enough free disk space for the merged model: it needs ")
+    assert err.endswith(
+        f"in `{tmp_path}`, which has 1.0 KB free.\nFix: Free some space, or choose an --output on a disk with more "
+        "room.\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_moe_parameters_that_transformers_converts_are_refused(model_cache, tmp_path: Path, capsys) -> None:
+    base = model_cache(QWEN3_MOE)
+    adapter = build_adapter(base, tmp_path / "adapter", target_parameters=["mlp.experts.gate_up_proj"])
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", base, "--adapter", adapter, "--output", out)
+    assert code == 1
+    assert err == (
+        "Error: The adapter targets the expert parameter `model.layers.0.mlp.experts.gate_up_proj` "
+        "(target_parameters), which the base checkpoint does not store under that name: transformers builds it on "
+        "load from per-expert tensors (e.g. `model.layers.0.mlp.experts.0.down_proj.weight`), and loraship does "
+        "not merge through that conversion yet.\n"
+        "Fix: Merge this adapter with PEFT (PeftModel.from_pretrained(base, adapter).merge_and_unload(), then "
+        "save_pretrained()), and check the result with `loraship verify`.\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_missing_base_folder(llama_adapter: Path, tmp_path: Path, capsys) -> None:
+    code, err = run_merge(capsys, "--base", tmp_path / "nope", "--adapter", llama_adapter, "--output", tmp_path / "o")
+    assert code == 1
+    assert err == (
+        f"Error: Base model folder `{tmp_path / 'nope'}` does not exist.\n"
+        "Fix: Pass the folder save_pretrained() wrote (or a Hub repo id with `loraship run`).\n"
+    )
+
+
+def test_bad_max_shard_size(llama: Path, llama_adapter: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    code, err = run_merge(
+        capsys, "--base", llama, "--adapter", llama_adapter, "--output", out, "--max-shard-size", "5XB"
+    )
+    assert code == 1
+    assert err == "Error: --max-shard-size '5XB' is not a size.\nFix: Use a number with a unit, e.g. 5GB or 500MB.\n"
+    assert_nothing_written(out)
+
+
+def test_output_inside_input_refused(llama: Path, llama_adapter: Path, capsys) -> None:
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", llama_adapter / "merged")
+    assert code == 1
+    assert err == (
+        f"Error: The output folder `{llama_adapter / 'merged'}` overlaps the input folder `{llama_adapter}`.\n"
+        "Fix: Choose an --output outside the base and adapter folders.\n"
+    )
+
+
+def test_interrupted_merge_leaves_no_folder(llama: Path, llama_adapter: Path, tmp_path: Path, monkeypatch) -> None:
+    """A failure in the middle of writing (disk error, Ctrl-C) removes the partial output."""
+    import loraship.merge as merge_module
+
+    calls = {"n": 0}
+    real = merge_module.write_tensor
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(merge_module, "write_tensor", failing)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        merge_module.merge(llama, llama_adapter, out, progress=False)
+    assert_nothing_written(out)
