@@ -161,3 +161,37 @@ def test_plan_lists_changes_without_reading_tensor_data(model_cache, tmp_path: P
     assert "3 of 21 output tensors change; 18 are copied unchanged." in out
     assert "Every adapter tensor is accounted for: 5 applied." in out
     assert "Adapter: " in out and "(LoRA r=4, alpha=8, rsLoRA; 5 tensors)" in out
+
+
+def test_vocabulary_resize_updates_config(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    lora = {"target_modules": ["q_proj"], "modules_to_save": ["embed_tokens", "lm_head"]}
+    adapter = build_adapter(base, tmp_path / "adapter", resize_vocab=70, **lora)
+    result = merge(base, adapter, tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vocab_size"] == 70
+    assert "The adapter resizes the vocabulary from 64 to 70 tokens: config.json follows." in result.prepared.notes
+
+
+def test_classification_head_added_to_a_causal_lm_base(model_cache, tmp_path: Path) -> None:
+    """An adapter trained on LlamaForSequenceClassification from a causal-LM checkpoint brings its head."""
+    import transformers
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    base = model_cache(LLAMA)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=3)
+    peft_model = get_peft_model(
+        model, LoraConfig(task_type="SEQ_CLS", target_modules=["q_proj"], init_lora_weights=False)
+    )
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    result = merge(base, tmp_path / "adapter", tmp_path / "out", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"]
+    assert config["id2label"] == {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"}
+    assert [t.name for t in result.prepared.plan.tensors if t.source is None] == ["score.weight"]
+    inputs = {"input_ids": torch.tensor([[1, 5, 9, 2]])}
+    reference_model = transformers.AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=3)
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(reference_model, str(tmp_path / "adapter")).eval()(**inputs).logits
+        merged = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out")).eval()
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-5, atol=1e-5)

@@ -702,16 +702,15 @@ class _Planner:
         self.notes.append(f"The adapter resizes the vocabulary from {old} to {size} tokens: config.json follows.")
 
     def _head_config(self, tensors: list[TensorPlan]) -> dict[str, Any]:
+        """The adapter brings a head the base lacks: config.json names the head's class and labels."""
         updates: dict[str, Any] = {}
-        trained = self.adapter.base_model_class
         archs = list(self.config.get("architectures") or [])
+        task = str(self.adapter.config.get("task_type") or "")
+        trained = self.adapter.base_model_class or _head_class(archs, task)
+        new = ", ".join(t.name for t in tensors if t.source is None)
         if trained and archs != [trained]:
             updates["architectures"] = [trained]
-            self.notes.append(
-                f"The adapter adds a head the base lacks ({', '.join(t.name for t in tensors if t.source is None)}): "
-                f"architectures becomes {trained}."
-            )
-        task = str(self.adapter.config.get("task_type") or "")
+            self.notes.append(f"The adapter adds a head the base lacks ({new}): architectures becomes {trained}.")
         if task in ("SEQ_CLS", "TOKEN_CLS"):
             heads = [t for t in tensors if t.source is None and t.name.endswith(".weight") and len(t.shape) == 2]
             if heads:
@@ -744,6 +743,25 @@ def _step_keys(step: Step) -> list[str]:
     if isinstance(step, LoraBiasStep):
         return [step.module.bias.name] if step.module.bias else []
     return [step.update.tensor.name]
+
+
+_TASK_HEADS = {
+    "SEQ_CLS": "ForSequenceClassification",
+    "TOKEN_CLS": "ForTokenClassification",
+    "QUESTION_ANS": "ForQuestionAnswering",
+}
+
+
+def _head_class(architectures: list[str], task: str) -> str | None:
+    """``LlamaForCausalLM`` + ``SEQ_CLS`` -> ``LlamaForSequenceClassification``."""
+    suffix = _TASK_HEADS.get(task)
+    if not suffix or not architectures:
+        return None
+    arch = str(architectures[0])
+    for marker in ("For", "LMHeadModel", "Model"):
+        if marker in arch:
+            return arch[: arch.index(marker)] + suffix
+    return None
 
 
 def _vocab_size(config: Mapping[str, Any]) -> int | None:

@@ -49,8 +49,12 @@ def format_plan(prepared: PreparedMerge, *, show_all: bool = False) -> str:
         + ".",
     ]
     if plan.config_updates:
-        changes = ", ".join(f"{k}={v}" for k, v in plan.config_updates.items() if k not in ("id2label", "label2id"))
-        out.append(f"config.json changes: {changes}.")
+        changes = [
+            f"{k} ({len(v)} labels)" if k == "id2label" else f"{k}={v}"
+            for k, v in plan.config_updates.items()
+            if k != "label2id"
+        ]
+        out.append(f"config.json changes: {', '.join(changes)}.")
     out.extend(f"Note: {n}" for n in plan.notes)
     return "\n".join(out)
 
