@@ -182,3 +182,8 @@ QWEN3_MOE = {  # per-expert tensors on disk, fused by transformers on load
     "moe_intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
     "num_experts": 2, "num_experts_per_tok": 1, "head_dim": 8,
 }  # fmt: skip
+LLAMA_WIDE = {  # rows enough for the merge to split LoRA tensors into blocks (gate/up: 4200 x 64)
+    **LLAMA, "hidden_size": 64, "intermediate_size": 4200, "num_hidden_layers": 1, "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}  # fmt: skip
+GPT2_WIDE = {**GPT2, "n_embd": 1024, "n_layer": 1, "n_head": 8}  # Conv1D (1024, 3072): blocks of columns

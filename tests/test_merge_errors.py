@@ -356,18 +356,45 @@ def test_output_inside_input_refused(llama: Path, llama_adapter: Path, capsys) -
 def test_interrupted_merge_leaves_no_folder(llama: Path, llama_adapter: Path, tmp_path: Path, monkeypatch) -> None:
     """A failure in the middle of writing (disk error, Ctrl-C) removes the partial output."""
     import loraship.merge as merge_module
+    import loraship.stream as stream_module
 
     calls = {"n": 0}
-    real = merge_module.write_tensor
+    real = stream_module.TensorStreamer.work
 
-    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def failing(self, t):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(self, t)
 
-    monkeypatch.setattr(merge_module, "write_tensor", failing)
+    monkeypatch.setattr(stream_module.TensorStreamer, "work", failing)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         merge_module.merge(llama, llama_adapter, out, progress=False)
+    assert_nothing_written(out)
+
+
+def test_disk_full_while_writing(llama: Path, llama_adapter: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """An error on the writer thread (here: no space left) stops the merge with a clear message."""
+    import errno
+
+    from loraship.safetensors_io import ShardWriter
+
+    real = ShardWriter.write
+    calls = {"n": 0}
+
+    def full(self, data):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(ShardWriter, "write", full)
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", out)
+    assert code == 1
+    assert err == (
+        f"Error: Writing the merged model into `{out}` failed: No space left on device.\n"
+        "Fix: Check the free space and permissions of the output disk, then run again.\n"
+    )
     assert_nothing_written(out)

@@ -16,9 +16,11 @@ import torch
 from conftest import (
     BERT,
     GPT2,
+    GPT2_WIDE,
     GPT_OSS,
     LLAMA,
     LLAMA_TIED,
+    LLAMA_WIDE,
     QWEN2,
     RESNET,
     WAV2VEC2,
@@ -49,6 +51,8 @@ class Case:
 
 CASES = [
     Case("lora-linear-llama", LLAMA, {"target_modules": ALL_LINEAR}),
+    Case("blocked-rows", LLAMA_WIDE, {"target_modules": ["gate_proj", "up_proj", "down_proj"], "r": 16}),
+    Case("blocked-conv1d-columns", GPT2_WIDE, {"target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}),
     Case("rslora", LLAMA, {"target_modules": ["q_proj", "v_proj"], "use_rslora": True, "r": 8, "lora_alpha": 16}),
     Case(
         "rank-alpha-pattern",

@@ -15,6 +15,7 @@ from loraship.safetensors_io import (
     ShardWriter,
     TensorReader,
     copy_range,
+    dtype_code,
     nbytes_of,
     read_header,
     tensor_bytes,
@@ -32,8 +33,6 @@ TENSORS = {
 
 
 def test_writer_output_reads_back_with_safetensors(tmp_path: Path) -> None:
-    from loraship.plan import dtype_code
-
     specs = [OutputTensor(n, dtype_code(t.dtype), tuple(t.shape)) for n, t in TENSORS.items()]
     writer = ShardWriter(tmp_path / "out.safetensors", specs, {"format": "pt"})
     for spec in specs:

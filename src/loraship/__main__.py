@@ -1,5 +1,3 @@
-import sys
+from loraship.cli import run
 
-from loraship.cli import main
-
-sys.exit(main())
+run()

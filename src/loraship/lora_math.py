@@ -24,6 +24,67 @@ def linear_delta(a: torch.Tensor, b: torch.Tensor, scale: float, *, fan_in_fan_o
     return _transpose(b.float() @ a.float(), fan_in_fan_out) * scale
 
 
+def delta_rows(
+    a32: torch.Tensor,
+    b32: torch.Tensor,
+    scale: float,
+    start: int,
+    stop: int,
+    *,
+    fan_in_fan_out: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows ``start:stop`` of :func:`linear_delta` (in the weight's layout), from fp32 A and B.
+
+    For (out, in) weights these are ``B[start:stop] @ A``; for Conv1D (in, out) weights, columns of
+    ``B @ A`` transposed. Equal to slicing the whole delta only where the BLAS computes each
+    element the same way for a block as for the whole product: callers check that
+    (:func:`blocks_match`) before relying on it. ``out`` is an fp32 scratch buffer.
+    """
+    if fan_in_fan_out:
+        cols = a32[:, start:stop].contiguous()
+        buf = (
+            out.view(-1)[: b32.shape[0] * (stop - start)].view(b32.shape[0], stop - start) if out is not None else None
+        )
+        product = torch.mm(b32, cols, out=buf) if buf is not None else b32 @ cols
+        return product.mul_(scale).T
+    rows = stop - start
+    buf = out.view(-1)[: rows * a32.shape[1]].view(rows, a32.shape[1]) if out is not None else None
+    product = torch.mm(b32[start:stop], a32, out=buf) if buf is not None else b32[start:stop] @ a32
+    return product.mul_(scale)
+
+
+def block_bounds(
+    rows: int, row_bytes: int, *, target_bytes: int = 1 << 20, min_rows: int = 64
+) -> list[tuple[int, int]]:
+    """Split ``rows`` into blocks of about ``target_bytes`` of fp32, none smaller than ``min_rows``.
+
+    A short tail joins the block before it: tiny blocks make BLAS pick other kernels.
+    """
+    step = max(min_rows, target_bytes // max(1, row_bytes))
+    starts = list(range(0, rows, step))
+    if len(starts) > 1 and rows - starts[-1] < min_rows:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], rows], strict=True))
+
+
+def blocks_match(
+    whole: torch.Tensor,
+    a32: torch.Tensor,
+    b32: torch.Tensor,
+    scale: float,
+    bounds: list[tuple[int, int]],
+    *,
+    fan_in_fan_out: bool,
+) -> bool:
+    """Whether the blocked delta is bit-identical to ``whole``, :func:`linear_delta` (PEFT's computation)."""
+    for start, stop in bounds:
+        part = delta_rows(a32, b32, scale, start, stop, fan_in_fan_out=fan_in_fan_out)
+        if not torch.equal(part.contiguous().view(torch.int32), whole[start:stop].contiguous().view(torch.int32)):
+            return False
+    return True
+
+
 def conv_delta(a: torch.Tensor, b: torch.Tensor, scale: float, weight_shape: Sequence[int]) -> torch.Tensor:
     """Delta of a LoRA on ``ConvNd`` (groups=1), as PEFT computes it: a convolution of A by B."""
     a32, b32 = a.float(), b.float()

@@ -1,14 +1,16 @@
 """Carry out a :class:`~loraship.plan.MergePlan`: stream tensors from the base into new shards.
 
-Memory holds about one tensor: each output tensor is read, changed and written before the next
-is read; untouched tensors are copied file to file without being decoded. The output is written
-into a temporary folder beside the destination and renamed into place only when complete, so a
-failed or interrupted merge never leaves a folder that looks complete.
+Memory stays bounded (about one group of rows per compute thread, plus the bytes in flight to
+the writer, see :mod:`loraship.stream`); untouched tensors are copied file to file without being
+decoded, and are queued first, while torch is still importing. The output is written into a
+temporary folder beside the destination and renamed into place only when complete, so a failed
+or interrupted merge never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -20,13 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from loraship import lora_math
 from loraship.adapter import AdapterSpec, load_adapter
 from loraship.architecture import inspect_architecture, needs_architecture
 from loraship.errors import BaseModelError, InputError, OutputError
-from loraship.plan import LoraBiasStep, LoraStep, MergePlan, NameResolver, ReplaceStep, TensorPlan, plan_merge
+from loraship.plan import MergePlan, NameResolver, TensorPlan, plan_merge
 from loraship.repo_files import CONFIG_NAME, FileChoice, choose_files, copy_files
 from loraship.report import human_bytes
 from loraship.safetensors_io import (
@@ -36,11 +35,12 @@ from loraship.safetensors_io import (
     OutputTensor,
     ShardWriter,
     TensorReader,
+    dtype_code,
     read_checkpoint,
     tensor_bytes,
-    torch_dtype,
     weight_files,
 )
+from loraship.writer import CopyChunk, OrderedWriter
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _PARTIAL_MARK = ".loraship-partial-"
@@ -122,7 +122,7 @@ def load_base(
 
 def _convert_pickled_base(pickled: list[Path], scratch: Path) -> tuple[Path, ...]:
     """Convert pickled shards to safetensors one tensor at a time (torch.load with mmap)."""
-    from loraship.safetensors_io import DTYPE_CODES
+    import torch
 
     scratch.mkdir(parents=True, exist_ok=True)
     out: list[Path] = []
@@ -135,7 +135,7 @@ def _convert_pickled_base(pickled: list[Path], scratch: Path) -> tuple[Path, ...
                 fix="Convert the model to safetensors where you trust it (save_pretrained()).",
             ) from e
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        specs = [OutputTensor(k, DTYPE_CODES[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
+        specs = [OutputTensor(k, dtype_code(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
         target = scratch / f"converted-{i:05d}.safetensors"
         writer = ShardWriter(target, specs, {"format": "pt"})
         for spec in specs:
@@ -216,6 +216,18 @@ def check_output(output: Path, *, overwrite: bool, inputs: tuple[Path, ...], nee
 
 
 @contextlib.contextmanager
+def _write_errors(output: Path) -> Iterator[None]:
+    """Operating-system errors while writing (disk full, permissions) are expected failures."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(
+            f"Writing the merged model into `{output}` failed: {e.strerror or e}.",
+            fix="Check the free space and permissions of the output disk, then run again.",
+        ) from e
+
+
+@contextlib.contextmanager
 def atomic_folder(output: Path, *, overwrite: bool) -> Iterator[Path]:
     """A temporary folder beside ``output`` that becomes ``output`` only if the block succeeds."""
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +260,11 @@ def shard_layout(plan: MergePlan, max_shard_size: int | str) -> dict[str, list[T
     split = split_state_dict_into_shards_factory(
         by_name, get_storage_size=lambda t: t.nbytes, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size
     )
-    return {fname: [by_name[n] for n in names] for fname, names in split.filename_to_tensors.items()}
+    # Within a shard, tensors copied as they are come first: they are written while torch imports.
+    return {
+        fname: sorted((by_name[n] for n in names), key=lambda t: not t.copies_bytes)
+        for fname, names in split.filename_to_tensors.items()
+    }
 
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -300,20 +316,37 @@ def execute(
     layout = shard_layout(plan, limit)
     written_files: list[str] = []
     bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="Merging", disable=not progress, leave=False)
-    with atomic_folder(output, overwrite=overwrite) as tmp, TensorReader() as reader:
+    with (
+        _write_errors(output),
+        atomic_folder(output, overwrite=overwrite) as tmp,
+        TensorReader() as reader,
+        OrderedWriter() as writer,
+    ):
+        shards = {}
         for fname, tensors in layout.items():
             specs = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors]
-            writer = ShardWriter(tmp / fname, specs, {"format": "pt"})
-            try:
+            shards[fname] = shard = ShardWriter(tmp / fname, specs, {"format": "pt"})
+            writer.on_error(shard.abort)
+            for t in tensors:
+                if t.copies_bytes and t.source is not None:
+                    writer.submit(functools.partial(shard.begin, t.name))
+                    chunk = CopyChunk(reader.fd(t.source.file), t.source.offset, t.source.nbytes)
+                    writer.write_chunks(shard, [chunk], 0)
+                    writer.submit(functools.partial(bar.update, t.nbytes))
+        from loraship.stream import TensorStreamer  # imports torch while the copies above run
+
+        with TensorStreamer(reader) as streamer:
+            for fname, tensors in layout.items():
+                shard = shards[fname]
                 for t in tensors:
-                    writer.begin(t.name)
-                    write_tensor(t, reader, writer)
-                    bar.update(t.nbytes)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            written_files.append(fname)
+                    if not t.copies_bytes:
+                        writer.submit(functools.partial(shard.begin, t.name))
+                        for work, nbytes in streamer.work(t):
+                            writer.write_chunks(shard, work, nbytes)
+                        writer.submit(functools.partial(bar.update, t.nbytes))
+                writer.submit(shard.close)
+                written_files.append(fname)
+            writer.drain()  # before the compute pool closes: the writer waits on its results
         if len(layout) > 1:
             weight_map = {t.name: f for f, ts in layout.items() for t in ts}
             index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
@@ -331,68 +364,6 @@ def execute(
         seconds=time.monotonic() - start,
         left_out=left_out,
     )
-
-
-def write_tensor(t: TensorPlan, reader: TensorReader, writer: ShardWriter) -> None:
-    """Write one planned tensor: copied undecoded when unchanged, else computed."""
-    if t.copies_bytes:
-        assert t.source is not None
-        writer.copy_from(reader.fd(t.source.file), t.source.offset, t.source.nbytes)
-        return
-    value = compute_tensor(t, reader)
-    writer.write(tensor_bytes(value))
-
-
-def compute_tensor(t: TensorPlan, reader: TensorReader) -> torch.Tensor:
-    """The merged value of one planned tensor, contiguous, in its output dtype."""
-    dtype = torch_dtype(t.dtype)
-    value: torch.Tensor | None = None
-    if t.source is not None:
-        value = reader.read(t.source)
-        if value.dtype != dtype:
-            value = value.to(dtype)
-    for step in t.steps:
-        if isinstance(step, ReplaceStep):
-            value = reader.read(step.tensor).to(dtype)
-        elif isinstance(step, LoraStep):
-            assert value is not None
-            value = apply_lora(value, step, reader)
-        elif isinstance(step, LoraBiasStep):
-            assert value is not None and step.module.bias is not None
-            value = lora_math.merge_lora_bias(value, reader.read(step.module.bias), step.module.scale)
-        else:
-            assert value is not None
-            value = lora_math.replace_rows(value, step.update.indices, reader.read(step.update.tensor))
-    assert value is not None
-    return value.contiguous()
-
-
-def apply_lora(weight: torch.Tensor, step: LoraStep, reader: TensorReader) -> torch.Tensor:
-    """``weight`` with the step's LoRA (or DoRA) merged in, rounded as PEFT rounds."""
-    m = step.module
-    a, b = reader.read(m.a), reader.read(m.b)
-    magnitude = reader.read(m.magnitude) if m.magnitude is not None else None
-    if step.layout in ("linear", "conv1d"):
-        fifo = step.layout == "conv1d"
-        delta = lora_math.linear_delta(a, b, m.scale, fan_in_fan_out=fifo)
-        if magnitude is not None:
-            return lora_math.merge_dora_linear(weight, delta, magnitude, fan_in_fan_out=fifo)
-        return lora_math.merge_add(weight, delta)
-    if step.layout == "conv":
-        delta = lora_math.conv_delta(a, b, m.scale, weight.shape)
-        if magnitude is not None:
-            return lora_math.merge_dora_conv(weight, delta, magnitude)
-        return lora_math.merge_add(weight, delta)
-    if step.layout == "parameter":  # a raw 2-D parameter: PEFT rounds the delta first
-        return lora_math.merge_add_rounded(weight, lora_math.linear_delta(a, b, m.scale))
-    if step.layout == "embedding":
-        delta = lora_math.embedding_delta(a, b, m.scale)
-        if magnitude is not None:
-            return lora_math.merge_dora_embedding(weight, delta, magnitude)
-        return lora_math.merge_add_rounded(weight, delta)
-    assert m.experts is not None
-    delta = lora_math.expert_delta(a, b, m.scale, m.experts, transposed=step.layout == "experts_transposed")
-    return lora_math.merge_add_rounded(weight, delta)
 
 
 def merge(

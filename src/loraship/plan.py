@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from loraship.adapter import AdapterSpec, LoraModule, TokenUpdate
 from loraship.errors import BaseModelError, IncompatibleError, UnsupportedError
-from loraship.safetensors_io import DTYPE_CODES, FLOAT_CODES, Checkpoint, TensorInfo, nbytes_of
+from loraship.safetensors_io import FLOAT_CODES, Checkpoint, TensorInfo, nbytes_of
 
 #: Model types whose attention/MLP projections are transformers' ``Conv1D`` (weights stored
 #: (in, out)); PEFT forces ``fan_in_fan_out=True`` for those layers and False for ``nn.Linear``.
@@ -769,8 +769,3 @@ def _vocab_size(config: Mapping[str, Any]) -> int | None:
     if value is None and isinstance(config.get("text_config"), dict):
         value = config["text_config"].get("vocab_size")
     return int(value) if isinstance(value, int) else None
-
-
-def dtype_code(dtype: Any) -> str:
-    """The safetensors code of a torch dtype."""
-    return DTYPE_CODES[dtype]

@@ -21,14 +21,16 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from loraship.errors import BaseModelError, CorruptFileError
+
+if TYPE_CHECKING:  # torch is imported where tensors are touched: planning and copying need none of it
+    import torch
 
 #: safetensors dtype code -> size of one element in bits.
 DTYPE_BITS: dict[str, int] = {
@@ -39,14 +41,12 @@ DTYPE_BITS: dict[str, int] = {
     "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4, "C64": 64,
 }  # fmt: skip
 
-#: safetensors dtype code <-> torch dtype, for the dtypes loraship computes with.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+#: safetensors dtype code -> name of the torch dtype, for the dtypes loraship computes with.
+_TORCH_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }  # fmt: skip
-DTYPE_CODES: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -93,10 +93,21 @@ def nbytes_of(dtype: str, shape: Iterable[int]) -> int:
 
 def torch_dtype(code: str) -> torch.dtype:
     """The torch dtype for a safetensors dtype code."""
+    import torch
+
     try:
-        return TORCH_DTYPES[code]
+        return getattr(torch, _TORCH_NAMES[code])
     except KeyError:
         raise ValueError(f"dtype {code} cannot be computed with") from None
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors dtype code of a torch dtype."""
+    name = str(dtype).removeprefix("torch.")
+    for code, torch_name in _TORCH_NAMES.items():
+        if torch_name == name:
+            return code
+    raise ValueError(f"no safetensors dtype for {dtype}")
 
 
 # --------------------------------------------------------------------------- reading headers
@@ -275,32 +286,53 @@ class TensorReader:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def fd(self, path: Path) -> int:
-        if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
-        return self._fds[path]
+        """An open descriptor of ``path`` (reads use explicit offsets: safe from several threads)."""
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
 
     def read(self, info: TensorInfo) -> torch.Tensor:
         """The tensor's data as a new CPU tensor of its dtype and shape."""
+        import torch
+
         buf = self.read_bytes(info, 0, info.nbytes)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
         flat = torch.frombuffer(buf, dtype=torch.uint8)
         return flat.view(torch_dtype(info.dtype)).reshape(info.shape)
 
-    def read_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` (first dimension) of a tensor, reading only their bytes."""
+    def read_rows(self, info: TensorInfo, start: int, stop: int, *, into: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of a tensor, reading only their bytes.
+
+        Args:
+            into: A uint8 buffer to read into (reused across calls to avoid fresh pages); a new
+                buffer when None.
+        """
+        import torch
+
         row_bytes = info.nbytes // info.shape[0]
-        buf = self.read_bytes(info, start * row_bytes, (stop - start) * row_bytes)
+        length = (stop - start) * row_bytes
         shape = (stop - start, *info.shape[1:])
-        if not buf:
+        if length == 0:
             return torch.empty(shape, dtype=torch_dtype(info.dtype))
-        return torch.frombuffer(buf, dtype=torch.uint8).view(torch_dtype(info.dtype)).reshape(shape)
+        if into is None:
+            flat = torch.frombuffer(self.read_bytes(info, start * row_bytes, length), dtype=torch.uint8)
+        else:
+            flat = into[:length]
+            self._read_into(info, start * row_bytes, tensor_bytes(flat))
+        return flat.view(torch_dtype(info.dtype)).reshape(shape)
 
     def read_bytes(self, info: TensorInfo, start: int, length: int) -> bytearray:
         buf = bytearray(length)
-        view = memoryview(buf)
+        self._read_into(info, start, memoryview(buf))
+        return buf
+
+    def _read_into(self, info: TensorInfo, start: int, view: memoryview) -> None:
+        length = len(view)
         fd = self.fd(info.file)
         done = 0
         while done < length:
@@ -308,7 +340,6 @@ class TensorReader:
             if n == 0:
                 raise CorruptFileError(f"`{info.file}` ended while reading tensor `{info.name}`.", fix=_REDOWNLOAD)
             done += n
-        return buf
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -1,0 +1,221 @@
+"""Merge benchmark: loraship vs a plain copy of the base files vs the PEFT path.
+
+Generates (once, cached) a random Llama-shaped bf16 model of about 1.1 B parameters (hidden 2048,
+22 layers, intermediate 5632, 32 heads / 4 kv heads, vocab 32000) saved with transformers'
+``save_pretrained(max_shard_size="500MB")``, and a LoRA adapter r=16, alpha=32 on every linear
+layer with non-zero ``lora_B``. Then runs, each as its own process, alternating, ``--runs`` times:
+
+1. a copy of the base's files (``cp -r``): the floor, the merge is I/O-bound;
+2. the PEFT path: ``from_pretrained`` -> ``PeftModel.from_pretrained`` -> ``merge_and_unload``
+   -> ``save_pretrained`` (CPU, bf16);
+3. ``loraship merge``.
+
+Reports medians of wall time and peak RSS (the child's own ``ru_maxrss``, from ``wait4``) and the
+ratios loraship/copy and PEFT/loraship, as a table and as JSON. ``--size 2`` runs a model twice
+as deep, to show that loraship's memory does not grow with the model.
+
+    python benchmarks/merge_bench.py                 # 1.1 B model, 3 runs each
+    python benchmarks/merge_bench.py --size 2        # 44 layers
+    python benchmarks/merge_bench.py --skip-peft     # loraship and copy only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".bench-cache"
+RESULTS = ROOT / "benchmarks" / "results"
+
+LLAMA_1B = {
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+
+PEFT_PATH = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(out)
+"""
+
+
+def cached(size: int) -> tuple[Path, Path]:
+    """The cached base and adapter folders for this size, generated (in a child process) if missing.
+
+    Generating holds the whole model in memory; it runs in its own process so that the measured
+    children, which inherit their parent's peak-RSS mark across exec, start from a small parent.
+    """
+    folder = CACHE / f"llama-1b-x{size}"
+    base, adapter = folder / "base", folder / "adapter"
+    if not (adapter / "adapter_model.safetensors").is_file():
+        subprocess.run([sys.executable, __file__, "--generate", "--size", str(size)], check=True)
+    return base, adapter
+
+
+def generate(size: int) -> None:
+    folder = CACHE / f"llama-1b-x{size}"
+    base, adapter = folder / "base", folder / "adapter"
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    print(f"Generating the benchmark model (x{size}) in {folder} (once) ...", flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    config = LlamaConfig(**{**LLAMA_1B, "num_hidden_layers": LLAMA_1B["num_hidden_layers"] * size})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(torch.bfloat16))
+    model.save_pretrained(str(base), max_shard_size="500MB")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(str(adapter))
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def bench(size: int, runs: int, skip_peft: bool) -> dict[str, object]:
+    base, adapter = cached(size)
+    work = CACHE / "runs"
+    loraship = str(Path(sys.executable).with_name("loraship"))
+    commands: dict[str, list[str]] = {
+        "copy": ["cp", "-r", str(base), str(work / "copy")],
+        "loraship": [
+            loraship,
+            "merge",
+            "--base",
+            str(base),
+            "--adapter",
+            str(adapter),
+            "--output",
+            str(work / "loraship"),
+            "--quiet",
+        ],
+    }
+    if not skip_peft:
+        commands["peft"] = [sys.executable, "-c", PEFT_PATH, str(base), str(adapter), str(work / "peft")]
+    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
+    subprocess.run(["cat", *map(str, base.glob("*.safetensors"))], stdout=subprocess.DEVNULL, check=True)  # warm
+    for i in range(runs):
+        order = list(commands)[i % len(commands) :] + list(commands)[: i % len(commands)]
+        for name in order:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            os.sync()
+            samples[name].append(run_measured(commands[name]))
+            print(f"  run {i + 1}/{runs} {name:9s} {samples[name][-1][0]:6.2f} s "
+                  f"{samples[name][-1][1] / 1e9:5.2f} GB", flush=True)  # fmt: skip
+    shutil.rmtree(work, ignore_errors=True)
+    medians = {
+        name: {"wall_s": statistics.median(w for w, _ in s), "peak_rss_gb": statistics.median(r for _, r in s) / 1e9}
+        for name, s in samples.items()
+    }
+    base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    largest = max(_largest_tensor(p) for p in base.glob("*.safetensors"))
+    result: dict[str, object] = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
+        f"{platform.python_version()}",
+        "model": f"random Llama bf16, {LLAMA_1B['num_hidden_layers'] * size} layers, {base_bytes / 1e9:.2f} GB",
+        "largest_tensor_gb": largest / 1e9,
+        "runs": runs,
+        "medians": medians,
+        "loraship_over_copy": medians["loraship"]["wall_s"] / medians["copy"]["wall_s"],
+    }
+    if "peft" in medians:
+        result["peft_over_loraship"] = medians["peft"]["wall_s"] / medians["loraship"]["wall_s"]
+        result["peft_rss_over_loraship"] = medians["peft"]["peak_rss_gb"] / medians["loraship"]["peak_rss_gb"]
+    return result
+
+
+def _largest_tensor(path: Path) -> int:
+    """Read from the safetensors header with plain json: this process must not import torch."""
+    with path.open("rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return max(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__")
+
+
+def table(result: dict[str, object]) -> str:
+    medians = result["medians"]
+    assert isinstance(medians, dict)
+    copy_wall = medians["copy"]["wall_s"]
+    lines = [
+        f"{result['model']}; {result['machine']}; {result['date']}; medians of {result['runs']} alternated runs",
+        "",
+        "| what | wall | × copy | peak RSS |",
+        "|---|---|---|---|",
+    ]
+    labels = {"copy": "copy of the base's files (`cp -r`)", "peft": "PEFT path (load, merge_and_unload, save)",
+              "loraship": "`loraship merge`"}  # fmt: skip
+    for name in ("copy", "peft", "loraship"):
+        if name in medians:
+            m = medians[name]
+            rss = "–" if name == "copy" else f"{m['peak_rss_gb']:.2f} GB"
+            lines.append(f"| {labels[name]} | {m['wall_s']:.2f} s | {m['wall_s'] / copy_wall:.1f}× | {rss} |")
+    lines.append("")
+    lines.append(f"loraship / copy: {result['loraship_over_copy']:.2f}×")
+    if "peft_over_loraship" in result:
+        lines.append(
+            f"PEFT / loraship: {result['peft_over_loraship']:.1f}× the time, "
+            f"{result['peft_rss_over_loraship']:.1f}× the memory"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=1, help="model depth multiplier (1: 22 layers, 2: 44 layers)")
+    parser.add_argument("--runs", type=int, default=3, help="runs of each command (default 3)")
+    parser.add_argument("--skip-peft", action="store_true", help="do not run the (slow, memory-hungry) PEFT path")
+    parser.add_argument("--json", type=Path, help="write the result here (default: benchmarks/results/...)")
+    parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.generate:
+        generate(args.size)
+        return 0
+    result = bench(args.size, args.runs, args.skip_peft)
+    print()
+    print(table(result))
+    out = args.json or RESULTS / f"merge_bench_x{args.size}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nWrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

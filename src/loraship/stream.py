@@ -1,0 +1,232 @@
+"""Turning planned tensors into bytes: computed on a few threads, written in order, memory bounded.
+
+The merge is I/O-bound with a little arithmetic per byte. Three things run at once: compute
+workers merge groups of rows (a LoRA delta is computed block by block so its fp32 values stay in
+the CPU cache), the writer thread writes finished groups in file order, and untouched tensors are
+copied file to file by the kernel (``copy_file_range``) without being decoded. Memory is bounded
+by the bytes allowed in flight between computing and writing.
+
+Exactness: a LoRA delta computed in blocks equals PEFT's whole product only where the BLAS computes
+each element the same way for a block as for the whole matrix. For each tensor shape, the first
+time it is seen, the blocked delta (as the workers compute it) is compared bit for bit with the
+whole product computed as PEFT does (main thread, the process's thread count); a shape that does
+not match is computed whole. Everything that is not a plain LoRA on a 2-D weight (DoRA, conv,
+embeddings, replacements) is computed whole on the main thread, as PEFT computes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from loraship import lora_math
+from loraship.plan import LoraBiasStep, LoraStep, ReplaceStep, TensorPlan
+from loraship.safetensors_io import TensorInfo, TensorReader, torch_dtype
+from loraship.writer import Chunk, CopyChunk, DataChunk
+
+#: Rows are read, merged and written in groups of about this many bytes.
+GROUP_BYTES = 16 << 20
+
+
+class BufferPool:
+    """Read buffers recycled between compute workers and the writer (no page faults per group)."""
+
+    def __init__(self) -> None:
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if buf.numel() >= nbytes:
+                    return self._free.pop(i)
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def put(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buf)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run torch with ``count`` intra-op threads (in this thread) inside the block."""
+    previous = torch.get_num_threads()
+    if count != previous:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != previous:
+            torch.set_num_threads(previous)
+
+
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)
+
+
+class TensorStreamer:
+    """Produces each planned tensor's output as work for the writer.
+
+    Args:
+        reader: Reads base and adapter tensors (its files are opened before workers use it).
+        workers: Compute threads for blocked work.
+    """
+
+    def __init__(self, reader: TensorReader, *, workers: int = 2) -> None:
+        self.reader = reader
+        self.buffers = BufferPool()
+        self._pool = ThreadPoolExecutor(workers, initializer=_one_torch_thread, thread_name_prefix="loraship-compute")
+        self._local = threading.local()
+        self._blocks_ok: dict[tuple[object, ...], bool] = {}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> TensorStreamer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def work(self, t: TensorPlan) -> Iterator[tuple[Future[list[Chunk]] | list[Chunk], int]]:
+        """The tensor's output, in order, as (work, bytes) pairs; work runs on the pool when it can."""
+        source = t.source
+        if t.copies_bytes and source is not None:
+            yield [CopyChunk(self.reader.fd(source.file), source.offset, source.nbytes)], 0
+            return
+        if source is not None and len(source.shape) == 2 and source.shape[0] > 1:
+            step = t.steps[0] if len(t.steps) == 1 else None
+            if not t.steps:  # a dtype change only: elementwise, any blocks will do
+                yield from self._groups(t, source, lora_math.block_bounds(source.shape[0], _row_numel(source) * 4))
+                return
+            if isinstance(step, LoraStep) and step.layout in ("linear", "conv1d") and not step.dora:
+                blocked = self._lora_work(t, source, step)
+                if blocked is not None:
+                    yield from blocked
+                    return
+        yield [DataChunk(compute_tensor(t, self.reader))], t.nbytes
+
+    def _lora_work(
+        self, t: TensorPlan, source: TensorInfo, step: LoraStep
+    ) -> Iterator[tuple[Future[list[Chunk]], int]] | None:
+        m = step.module
+        fifo = step.layout == "conv1d"
+        a32, b32 = self.reader.read(m.a).float(), self.reader.read(m.b).float()
+        bounds = lora_math.block_bounds(source.shape[0], source.shape[1] * 4)
+        if len(bounds) == 1:
+            return None
+        key = (source.shape, a32.shape, fifo)
+        if key not in self._blocks_ok:
+            whole = lora_math.linear_delta(a32, b32, m.scale, fan_in_fan_out=fifo)
+            check = functools.partial(lora_math.blocks_match, whole, a32, b32, m.scale, bounds, fan_in_fan_out=fifo)
+            self._blocks_ok[key] = self._pool.submit(check).result()  # as the workers compute blocks
+        if not self._blocks_ok[key]:
+            return None
+        return self._groups(t, source, bounds, lora=(a32, b32, m.scale, fifo))
+
+    def _groups(
+        self,
+        t: TensorPlan,
+        source: TensorInfo,
+        bounds: list[tuple[int, int]],
+        lora: tuple[torch.Tensor, torch.Tensor, float, bool] | None = None,
+    ) -> Iterator[tuple[Future[list[Chunk]], int]]:
+        row_out = t.nbytes // source.shape[0]
+        group: list[tuple[int, int]] = []
+        for block in [*bounds, None]:
+            if block is not None and (not group or (block[1] - group[0][0]) * row_out <= GROUP_BYTES):
+                group.append(block)
+                continue
+            if group:
+                nbytes = (group[-1][1] - group[0][0]) * row_out
+                yield self._pool.submit(self._compute_group, t, source, group, lora), nbytes
+            group = [block] if block is not None else []
+
+    def _compute_group(
+        self,
+        t: TensorPlan,
+        source: TensorInfo,
+        blocks: list[tuple[int, int]],
+        lora: tuple[torch.Tensor, torch.Tensor, float, bool] | None,
+    ) -> list[Chunk]:
+        first, last = blocks[0][0], blocks[-1][1]
+        buf = self.buffers.get((last - first) * (source.nbytes // source.shape[0]))
+        release = functools.partial(self.buffers.put, buf)
+        rows = self.reader.read_rows(source, first, last, into=buf)
+        dtype = torch_dtype(t.dtype)
+        out = rows if rows.dtype == dtype else rows.to(dtype)
+        if lora is not None:
+            a32, b32, scale, fifo = lora
+            scratch = self._scratch(max(stop - start for start, stop in blocks) * source.shape[1])
+            for start, stop in blocks:
+                delta = lora_math.delta_rows(a32, b32, scale, start, stop, fan_in_fan_out=fifo, out=scratch)
+                lora_math.merge_add(out[start - first : stop - first], delta)
+        return [DataChunk(out, release)]
+
+    def _scratch(self, numel: int) -> torch.Tensor:
+        scratch: torch.Tensor | None = getattr(self._local, "scratch", None)
+        if scratch is None or scratch.numel() < numel:
+            scratch = torch.empty(numel, dtype=torch.float32)
+            self._local.scratch = scratch
+        return scratch
+
+
+def _row_numel(source: TensorInfo) -> int:
+    return source.numel // source.shape[0]
+
+
+def compute_tensor(t: TensorPlan, reader: TensorReader) -> torch.Tensor:
+    """The merged value of one planned tensor, whole, contiguous, in its output dtype."""
+    dtype = torch_dtype(t.dtype)
+    value: torch.Tensor | None = None
+    if t.source is not None:
+        value = reader.read(t.source)
+        if value.dtype != dtype:
+            value = value.to(dtype)
+    for step in t.steps:
+        if isinstance(step, ReplaceStep):
+            value = reader.read(step.tensor).to(dtype)
+        elif isinstance(step, LoraStep):
+            assert value is not None
+            value = apply_lora(value, step, reader)
+        elif isinstance(step, LoraBiasStep):
+            assert value is not None and step.module.bias is not None
+            value = lora_math.merge_lora_bias(value, reader.read(step.module.bias), step.module.scale)
+        else:
+            assert value is not None
+            value = lora_math.replace_rows(value, step.update.indices, reader.read(step.update.tensor))
+    assert value is not None
+    return value.contiguous()
+
+
+def apply_lora(weight: torch.Tensor, step: LoraStep, reader: TensorReader) -> torch.Tensor:
+    """``weight`` with the step's LoRA (or DoRA) merged in, rounded as PEFT rounds."""
+    m = step.module
+    a, b = reader.read(m.a), reader.read(m.b)
+    magnitude = reader.read(m.magnitude) if m.magnitude is not None else None
+    if step.layout in ("linear", "conv1d"):
+        fifo = step.layout == "conv1d"
+        delta = lora_math.linear_delta(a, b, m.scale, fan_in_fan_out=fifo)
+        if magnitude is not None:
+            return lora_math.merge_dora_linear(weight, delta, magnitude, fan_in_fan_out=fifo)
+        return lora_math.merge_add(weight, delta)
+    if step.layout == "conv":
+        delta = lora_math.conv_delta(a, b, m.scale, weight.shape)
+        if magnitude is not None:
+            return lora_math.merge_dora_conv(weight, delta, magnitude)
+        return lora_math.merge_add(weight, delta)
+    if step.layout == "parameter":  # a raw 2-D parameter: PEFT rounds the delta first
+        return lora_math.merge_add_rounded(weight, lora_math.linear_delta(a, b, m.scale))
+    if step.layout == "embedding":
+        delta = lora_math.embedding_delta(a, b, m.scale)
+        if magnitude is not None:
+            return lora_math.merge_dora_embedding(weight, delta, magnitude)
+        return lora_math.merge_add_rounded(weight, delta)
+    assert m.experts is not None
+    delta = lora_math.expert_delta(a, b, m.scale, m.experts, transposed=step.layout == "experts_transposed")
+    return lora_math.merge_add_rounded(weight, delta)
