@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,6 +66,15 @@ def torch_threads(count: int) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
+def default_workers() -> int:
+    """Compute threads: one per core available to this process (at most 8; writing is the limit)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 2
+    return max(1, min(8, cores))
+
+
 def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
@@ -74,10 +84,11 @@ class TensorStreamer:
 
     Args:
         reader: Reads base and adapter tensors (its files are opened before workers use it).
-        workers: Compute threads for blocked work.
+        workers: Compute threads for blocked work (default: one per core, at most 8).
     """
 
-    def __init__(self, reader: TensorReader, *, workers: int = 2) -> None:
+    def __init__(self, reader: TensorReader, *, workers: int | None = None) -> None:
+        workers = workers or default_workers()
         self.reader = reader
         self.buffers = BufferPool()
         self._pool = ThreadPoolExecutor(workers, initializer=_one_torch_thread, thread_name_prefix="loraship-compute")
