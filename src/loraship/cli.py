@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from loraship import __version__
-from loraship.errors import LorashipError
+from loraship.errors import LorashipError, VerificationFailed
 
 DTYPE_CHOICES = ("keep", "bfloat16", "float16", "float32")
 
@@ -44,6 +44,33 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    verify = sub.add_parser(
+        "verify", help="check that a merged folder behaves like base + adapter (weights, then outputs)"
+    )
+    verify.add_argument("--base", required=True, type=Path, metavar="BASE_DIR", help="base model folder")
+    verify.add_argument("--adapter", required=True, type=Path, metavar="ADAPTER_DIR", help="PEFT adapter folder")
+    verify.add_argument("--merged", required=True, type=Path, metavar="MERGED_DIR", help="merged model folder")
+    verify.add_argument("--prompts", type=Path, help="prompts: one per line, or .json / .jsonl (default: built in)")
+    verify.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    verify.add_argument(
+        "--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+        help="dtype to run the models in (default: the merged model's)",
+    )  # fmt: skip
+    verify.add_argument("--report", type=Path, metavar="JSON", help="write the report as JSON here")
+    verify.add_argument("--markdown", type=Path, metavar="MD", help="write the report as Markdown here")
+    verify.add_argument("--weights-only", action="store_true", help="skip the output-level comparison")
+    verify.add_argument("--weight-atol", type=float, default=0.0, help="accept merged weights within this |Δ|")
+    verify.add_argument(
+        "--max-error-ratio", type=float, help="override the dtype's limit on merge error / adapter effect"
+    )
+    verify.add_argument("--min-top1", type=float, help="override the dtype's top-1 agreement threshold (0..1)")
+    verify.add_argument("--generation-tokens", type=int, help="greedy tokens that must match (default 32)")
+    verify.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let transformers run Python code shipped in the model repo (only for repos you trust)",
+    )  # fmt: skip
+    verify.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights")
+
     demo = sub.add_parser("demo", help="offline end-to-end run: tiny model + adapter, merged and checked against PEFT")
     demo.add_argument("--workdir", type=Path, help="keep the generated files here (default: a temporary folder)")
     return parser
@@ -66,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plan(args)
         if args.command == "merge":
             return cmd_merge(args)
+        if args.command == "verify":
+            return cmd_verify(args)
         if args.command == "demo":
             from loraship.demo import run_demo
 
@@ -75,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: {e.message}", file=sys.stderr)
         if e.fix:
             print(f"Fix: {e.fix}", file=sys.stderr)
+        if args.command == "verify" and not isinstance(e, VerificationFailed):
+            return 2  # verify: 1 means "does not match", 2 means "could not verify"
         return e.exit_code
     except KeyboardInterrupt:
         print("Interrupted: nothing was written.", file=sys.stderr)
@@ -114,6 +145,31 @@ def cmd_merge(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(format_merge_result(result))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from loraship.output_check import load_prompts
+    from loraship.verify import raise_if_failed, render_text, verify, write_report
+
+    prompts = load_prompts(args.prompts) if args.prompts else None
+    overrides: dict[str, float | int] = {
+        name: value
+        for name, value in (
+            ("max_error_ratio", args.max_error_ratio),
+            ("min_top1", args.min_top1),
+            ("generation_tokens", args.generation_tokens),
+        )
+        if value is not None
+    }
+    report = verify(
+        args.base, args.adapter, args.merged, outputs=not args.weights_only, prompts=prompts, device=args.device,
+        dtype=args.dtype, threshold_overrides=overrides, weight_atol=args.weight_atol,
+        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+    )  # fmt: skip
+    print(render_text(report))
+    write_report(report, json_path=args.report, markdown_path=args.markdown)
+    raise_if_failed(report)
     return 0
 
 

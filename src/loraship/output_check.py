@@ -1,0 +1,378 @@
+"""Output-level verification: run base + adapter (PEFT, unmerged) and the merged folder (plain
+transformers), one model in memory at a time, on the same inputs, and compare their outputs.
+
+For causal language models the reference also generates a greedy continuation; the merged model
+is then run over prompt + that continuation in one pass: its greedy generation is identical as long
+as its argmax equals the reference's token at every step.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from loraship.errors import InputError
+from loraship.metrics import GenerationAgreement, OutputStats, combine, compare_outputs, greedy_agreement
+
+#: Default prompts: short, varied (prose, code, instructions, lists, a question).
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Translate to German: The weather is nice today.",
+    "List three prime numbers and explain why they are prime.",
+    "Q: Why is the sky blue?\nA:",
+)
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When outputs count as the same. Defaults per dtype: :data:`THRESHOLDS`.
+
+    The merge error is measured relative to the adapter's own effect on the outputs (base + adapter
+    vs the base alone): absolute KL values depend on how peaked a model's outputs are, the ratio
+    does not. A merge that changes nothing scores 1.
+
+    Attributes:
+        max_error_ratio: Largest allowed mean KL(reference ‖ merged) / mean KL(reference ‖ base);
+            for outputs that are not logits (hidden states), the same ratio of mean absolute differences.
+        min_top1: Smallest allowed share of positions where merged and reference pick the same top-1.
+        generation_tokens: New tokens the merged model must generate as the reference does.
+        tie_fraction: A greedy difference is a tie (allowed) when the reference's two logits are
+            within this fraction of the standard deviation of its logits at that step.
+    """
+
+    max_error_ratio: float
+    min_top1: float
+    generation_tokens: int = 32
+    tie_fraction: float = 0.0
+
+
+#: Chosen from benchmarks/verify_calibration.py on real-size layers (README, "Verification").
+THRESHOLDS: dict[str, Thresholds] = {
+    "float32": Thresholds(max_error_ratio=0.01, min_top1=0.95, tie_fraction=0.01),
+    "bfloat16": Thresholds(max_error_ratio=0.2, min_top1=0.9, tie_fraction=0.1),
+    "float16": Thresholds(max_error_ratio=0.1, min_top1=0.9, tie_fraction=0.05),
+}
+
+
+@dataclass(frozen=True)
+class OutputReport:
+    """What the output-level comparison measured."""
+
+    model_class: str
+    device: str
+    dtype: str
+    inputs: str
+    prompts: int
+    stats: OutputStats
+    effect: OutputStats
+    logits: bool
+    generation: tuple[GenerationAgreement, ...] = ()
+    thresholds: Thresholds | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def load_prompts(path: Path) -> list[Prompt]:
+    """Prompts from a file: ``.json`` (a list of strings or message lists), ``.jsonl`` (one string,
+    ``{"prompt": ...}`` or ``{"messages": [...]}`` per line), else plain text, one prompt per line.
+
+    Raises:
+        InputError: The file cannot be read, is malformed, or holds no prompts.
+    """
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InputError(
+            f"Cannot read the prompts file `{path}`: {e.strerror or e}.",
+            fix="Pass --prompts a readable file with one prompt per line (or JSON / JSONL).",
+        ) from e
+    try:
+        if path.suffix == ".json":
+            items: list[Any] = json.loads(text)
+            if not isinstance(items, list):
+                raise ValueError("not a list")
+        elif path.suffix == ".jsonl":
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            items = [line for line in text.splitlines() if line.strip()]
+        prompts = [_prompt(item) for item in items]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(
+            f"The prompts file `{path}` is not in a format loraship reads ({e}).",
+            fix="Use one prompt per line, or JSON: a list of strings or of chat message lists "
+            '([{"role": "user", "content": "..."}]).',
+        ) from e
+    if not prompts:
+        raise InputError(
+            f"The prompts file `{path}` holds no prompts.",
+            fix="Write at least one prompt in it, or leave out --prompts to use the default prompts.",
+        )
+    return prompts
+
+
+def _prompt(item: Any) -> Prompt:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict):
+        if "messages" in item:
+            return _prompt(item["messages"])
+        return str(item["prompt"])
+    if isinstance(item, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in item):
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in item]
+    raise ValueError(f"unexpected prompt entry {item!r:.60}")
+
+
+def check_outputs(*args: Any, **kwargs: Any) -> OutputReport:
+    """Compare base + adapter (PEFT, unmerged) with the merged folder (plain transformers).
+
+    Arguments as :func:`compare`; library warnings raised while loading models are silenced (the
+    report says what matters).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return compare(*args, **kwargs)
+
+
+def compare(
+    base: Path,
+    adapter: Path,
+    merged: Path,
+    *,
+    prompts: Sequence[Prompt] | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    thresholds: Thresholds | None = None,
+    overrides: Mapping[str, float | int] | None = None,
+    trust_remote_code: bool = False,
+) -> OutputReport:
+    """Compare base + adapter (PEFT, unmerged) with the merged folder (plain transformers).
+
+    Args:
+        prompts: Prompts (strings or chat message lists); :data:`DEFAULT_PROMPTS` when None.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``; on CUDA models are placed with
+            accelerate's ``device_map="auto"`` (GPUs first, then CPU offload).
+        dtype: ``auto`` (the merged model's dtype) or a dtype name.
+        thresholds: Replaces the dtype's defaults (:data:`THRESHOLDS`); ``overrides`` change single fields.
+        trust_remote_code: Allow model classes defined by code in the model repo.
+
+    Raises:
+        InputError: The model class cannot be loaded (e.g. it needs remote code).
+    """
+    import torch
+
+    config = json.loads((merged / "config.json").read_text())
+    cls = model_class(config, merged, trust_remote_code=trust_remote_code)
+    run_dtype = _run_dtype(dtype, config)
+    run_device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    limits = thresholds or THRESHOLDS.get(run_dtype, THRESHOLDS["bfloat16"])
+    if overrides:
+        limits = replace(limits, **overrides)  # type: ignore[arg-type]
+    load: dict[str, Any] = {"dtype": getattr(torch, run_dtype), "trust_remote_code": trust_remote_code}
+    if run_device == "cuda":
+        load["device_map"] = "auto"  # accelerate: fill the GPU(s), then offload to CPU
+    notes: list[str] = []
+
+    # Reference: base + adapter through PEFT, unmerged.
+    from peft import PeftModel
+
+    base_config = json.loads((base / "config.json").read_text())
+    head: dict[str, Any] = {k: config[k] for k in ("id2label", "label2id") if k in config and k not in base_config}
+    if "id2label" in head:  # the adapter brings a classifier head: the reference gets one of that size
+        head["num_labels"] = len(head["id2label"])
+    reference = cls.from_pretrained(str(base), **load, **head)
+    vocab = _vocab(config)
+    if vocab is not None and vocab != _vocab(base_config) and hasattr(reference, "resize_token_embeddings"):
+        reference.resize_token_embeddings(vocab, mean_resizing=False)
+    reference = PeftModel.from_pretrained(reference, str(adapter)).eval()
+    inputs, description = _inputs(reference, merged, config, prompts)
+    causal = _is_causal(cls, config)
+    ref_outputs: list[torch.Tensor] = []
+    base_outputs: list[torch.Tensor] = []
+    continuations: list[torch.Tensor] = []
+    logits = True
+    with torch.no_grad():
+        for i, item in enumerate(inputs):
+            if causal and limits.generation_tokens > 0:
+                ids = item["input_ids"]
+                new = reference.generate(
+                    **_to(item, reference),
+                    max_new_tokens=limits.generation_tokens,
+                    min_new_tokens=limits.generation_tokens,
+                    do_sample=False,
+                    pad_token_id=_pad_id(reference.config),
+                )
+                continuation = new[0, ids.shape[1] :].cpu()
+                inputs[i] = item = {"input_ids": torch.cat([ids, continuation[None]], dim=1)}
+                continuations.append(continuation)
+            out, logits = _main_output(reference(**_to(item, reference)))
+            ref_outputs.append(out.float().cpu())
+            with reference.disable_adapter():  # the base alone: the yardstick for the adapter's effect
+                base_outputs.append(_main_output(reference(**_to(item, reference)))[0].float().cpu())
+    del reference
+    _free()
+
+    # Candidate: the merged folder with plain transformers; PEFT plays no part in this load.
+    candidate = cls.from_pretrained(str(merged), **load).eval()
+    stats: list[Any] = []
+    effect = [compare_outputs(r, b, logits=logits) for r, b in zip(ref_outputs, base_outputs, strict=True)]
+    generation: list[GenerationAgreement] = []
+    with torch.no_grad():
+        for i, item in enumerate(inputs):
+            out, _ = _main_output(candidate(**_to(item, candidate)))
+            cand = out.float().cpu()
+            stats.append(compare_outputs(ref_outputs[i], cand, logits=logits))
+            if continuations:
+                predicting = slice(-len(continuations[i]) - 1, -1)  # positions predicting each new token
+                agreement = greedy_agreement(
+                    ref_outputs[i][0, predicting],
+                    cand[0, predicting],
+                    continuations[i],
+                    tie_fraction=limits.tie_fraction,
+                )
+                generation.append(agreement)
+    del candidate
+    _free()
+    if not causal:
+        notes.append("not a causal language model: outputs compared, no generation")
+    return OutputReport(
+        model_class=cls.__name__,
+        device=run_device,
+        dtype=run_dtype,
+        inputs=description,
+        prompts=len(inputs),
+        stats=combine(stats),
+        effect=combine(effect),
+        logits=logits,
+        generation=tuple(generation),
+        thresholds=limits,
+        notes=tuple(notes),
+    )
+
+
+def model_class(config: Mapping[str, Any], folder: Path, *, trust_remote_code: bool) -> Any:
+    """The transformers class named by config.json's ``architectures``.
+
+    Raises:
+        InputError: transformers has no such class and remote code is not allowed.
+    """
+    import transformers
+
+    names = list(config.get("architectures") or [])
+    for name in names:
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    if trust_remote_code and config.get("auto_map"):
+        auto_map = config["auto_map"]
+        for auto in ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoModel"):
+            if auto in auto_map:
+                return getattr(transformers, auto)
+    shown = names[0] if names else "(config.json names no architecture)"
+    raise InputError(
+        f"transformers cannot load the model class {shown} of `{folder}` without running code from the model repo.",
+        fix="If you trust the base model's repository, pass --trust-remote-code: transformers then imports "
+        "and runs the Python files the repo ships (auto_map in config.json), with your permissions.",
+    )
+
+
+def _is_causal(cls: Any, config: Mapping[str, Any]) -> bool:
+    name = cls.__name__
+    return not config.get("is_encoder_decoder") and (name.endswith("ForCausalLM") or name.endswith("LMHeadModel"))
+
+
+def _run_dtype(dtype: str, config: Mapping[str, Any]) -> str:
+    if dtype != "auto":
+        return dtype
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return name if name in THRESHOLDS else "float32"
+
+
+def _vocab(config: Mapping[str, Any]) -> int | None:
+    value = config.get("vocab_size")
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get("vocab_size")
+    return int(value) if isinstance(value, int) else None
+
+
+def _pad_id(config: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(config, name, None)
+        if isinstance(value, list):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _inputs(
+    model: Any, merged: Path, config: Mapping[str, Any], prompts: Sequence[Prompt] | None
+) -> tuple[list[dict[str, Any]], str]:
+    """The model's inputs: tokenized prompts (chat template applied), or fixed random inputs."""
+    import torch
+
+    main = getattr(model, "main_input_name", "input_ids")
+    g = torch.Generator().manual_seed(0)
+    if main == "pixel_values":
+        size = int(config.get("image_size") or 64)
+        channels = int(config.get("num_channels") or 3)
+        return [{"pixel_values": torch.randn(2, channels, size, size, generator=g)}], "fixed random images"
+    if main == "input_values":
+        return [{"input_values": torch.randn(2, 4000, generator=g)}], "fixed random audio"
+    tokenizer = _tokenizer(merged)
+    if tokenizer is None:
+        vocab = _vocab(config) or 1000
+        count = len(prompts) if prompts else len(DEFAULT_PROMPTS)
+        items = [{"input_ids": torch.randint(0, vocab, (1, 16), generator=g)} for _ in range(count)]
+        return items, "fixed random token ids (the model has no tokenizer)"
+    items = []
+    template = bool(getattr(tokenizer, "chat_template", None))
+    for prompt in prompts or DEFAULT_PROMPTS:
+        if template:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+            ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
+        else:
+            text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        items.append({"input_ids": ids})
+    source = "your prompts" if prompts else "the default prompts"
+    return items, source + (" with the chat template" if template else "")
+
+
+def _tokenizer(folder: Path) -> Any:
+    from loraship.repo_files import TOKENIZER_FILES
+
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _to(item: Mapping[str, Any], model: Any) -> dict[str, Any]:
+    device = getattr(model, "device", None)
+    return {k: v.to(device) if device is not None else v for k, v in item.items()}
+
+
+def _main_output(out: Any) -> tuple[Any, bool]:
+    value = getattr(out, "logits", None)
+    if value is not None:
+        return value, True
+    return out.last_hidden_state, False
+
+
+def _free() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover
+        pass

@@ -1,0 +1,473 @@
+"""``loraship verify``: prove that a merged folder behaves like base + adapter.
+
+Two levels. **Weights** (streaming, any model size): every tensor the adapter changes is computed
+again from base + adapter and compared bit for bit with the merged file; every other tensor must
+be byte-identical to the base's; names, shapes and dtypes must match; no NaN/Inf; and a tensor
+the adapter changes must differ from the base (a merge that changed nothing is the most common
+silent failure). **Outputs**: base + adapter run through PEFT unmerged against the merged folder
+loaded with plain transformers (:mod:`loraship.output_check`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from loraship import __version__
+from loraship.errors import InputError, LorashipError, VerificationFailed
+from loraship.merge import PreparedMerge, prepare_merge
+from loraship.output_check import OutputReport, Prompt, Thresholds, check_outputs, model_class
+from loraship.plan import CODE_NAMES, TensorPlan
+from loraship.safetensors_io import FLOAT_CODES, Checkpoint, TensorInfo, TensorReader, read_checkpoint, weight_files
+
+_COMPARE_CHUNK = 16 << 20
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verification check.
+
+    Attributes:
+        level: ``weights`` or ``outputs``.
+        name: What is checked.
+        passed: True, False, or None when the check is informative only or skipped.
+        measured: What was measured, for people.
+        required: What it must be.
+        detail: The first offenders (tensor names, prompts), when it failed.
+    """
+
+    level: Literal["weights", "outputs"]
+    name: str
+    passed: bool | None
+    measured: str
+    required: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class WeightReport:
+    """What the weight-level comparison found."""
+
+    tensors: int
+    changed: int
+    untouched: int
+    exact: int
+    close: int
+    max_abs_diff: float
+    mismatched: tuple[tuple[str, float], ...]
+    untouched_mismatched: tuple[str, ...]
+    missing: tuple[str, ...]
+    extra: tuple[str, ...]
+    wrong_layout: tuple[str, ...]
+    change_missing: tuple[str, ...]
+    same_as_base: int
+    non_finite: tuple[str, ...]
+    adapter_tensors: int
+    adapter_applied: int
+    adapter_ignored: int
+    dtype: str | None
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The whole verification: identities, every check, the measurements behind them."""
+
+    base: str
+    adapter: str
+    merged: str
+    checks: tuple[Check, ...]
+    weights: WeightReport
+    outputs: OutputReport | None
+    loraship_version: str = __version__
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed is not False for c in self.checks)
+
+    @property
+    def failed_checks(self) -> list[str]:
+        return [f"{c.level}: {c.name}" for c in self.checks if c.passed is False]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["passed"] = self.passed
+        data["failed_checks"] = self.failed_checks
+        return data
+
+    def to_markdown(self) -> str:
+        return render_markdown(self)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def load_merged(folder: Path) -> Checkpoint:
+    """The merged folder's weight headers.
+
+    Raises:
+        InputError: The folder is missing or incomplete.
+        CorruptFileError: A weight file is truncated or malformed.
+    """
+    if not folder.is_dir():
+        raise InputError(
+            f"The merged folder `{folder}` does not exist.",
+            fix="Pass --merged the folder `loraship merge --output` wrote.",
+        )
+    if not (folder / "config.json").is_file():
+        raise InputError(
+            f"The merged folder `{folder}` is incomplete: it has no config.json.",
+            fix="Merge again (`loraship merge ... --overwrite`) or download the complete folder.",
+        )
+    try:
+        files = weight_files(folder)
+    except LorashipError as e:
+        raise InputError(
+            f"The merged folder `{folder}` is incomplete: {e.message}",
+            fix="Merge again (`loraship merge ... --overwrite`) or download the complete folder.",
+        ) from e
+    if files is None:
+        raise InputError(
+            f"The merged folder `{folder}` is incomplete: it has no model.safetensors and no "
+            "model.safetensors.index.json.",
+            fix="Merge again (`loraship merge ... --overwrite`) or download the complete folder.",
+        )
+    return read_checkpoint(folder, files)
+
+
+def merged_dtype(prepared: PreparedMerge, merged: Checkpoint) -> str | None:
+    """The ``--dtype`` the merged folder was written with, if not the base's own dtypes."""
+    found = {
+        (t.source.dtype, merged.tensors[t.name].dtype)
+        for t in prepared.plan.tensors
+        if t.source is not None and t.source.dtype in FLOAT_CODES and t.name in merged.tensors
+    }
+    targets = {dst for src, dst in found if dst != src}
+    if len(targets) == 1 and all(dst in targets for _, dst in found):
+        return CODE_NAMES.get(targets.pop())
+    return None
+
+
+def verify_weights(prepared: PreparedMerge, merged: Checkpoint, *, atol: float = 0.0) -> WeightReport:
+    """Compare every merged tensor with its recomputation from base + adapter (streaming)."""
+    import torch
+
+    from loraship.stream import TensorStreamer
+    from loraship.writer import CopyChunk, DataChunk
+
+    plan = prepared.plan
+    planned = {t.name: t for t in plan.tensors}
+    missing = tuple(n for n in planned if n not in merged.tensors)
+    extra = tuple(n for n in merged.tensors if n not in planned)
+    wrong_layout = tuple(
+        f"{n} ({merged.tensors[n].dtype} {list(merged.tensors[n].shape)}, expected {t.dtype} {list(t.shape)})"
+        for n, t in planned.items()
+        if n in merged.tensors and (merged.tensors[n].shape != t.shape or merged.tensors[n].dtype != t.dtype)
+    )
+    comparable = [t for t in plan.tensors if t.name in merged.tensors and not _layout_differs(t, merged)]
+    exact = close = same_as_base = 0
+    max_diff = 0.0
+    mismatched: list[tuple[str, float]] = []
+    untouched_bad: list[str] = []
+    change_missing: list[str] = []
+    non_finite: list[str] = []
+    with TensorReader() as reader, TensorStreamer(reader) as streamer:
+        for t in comparable:
+            actual_info = merged.tensors[t.name]
+            if t.copies_bytes and t.source is not None:
+                if not _same_bytes(reader, t.source, actual_info):
+                    untouched_bad.append(t.name)
+                continue
+            offset = 0
+            diff = 0.0
+            equal = as_base = expected_is_base = True
+            finite = True
+            comparable_to_base = t.source is not None and t.source.shape == t.shape and t.source.dtype == t.dtype
+            for work, _ in streamer.work(t):
+                chunks = work.result() if not isinstance(work, list) else work
+                for chunk in chunks:
+                    assert isinstance(chunk, DataChunk) and not isinstance(chunk, CopyChunk)
+                    expected = chunk.tensor.reshape(-1)
+                    length = expected.numel() * expected.element_size()
+                    actual = _read_flat(reader, actual_info, offset, length, expected.dtype)
+                    if not torch.equal(_bits(actual), _bits(expected)):
+                        equal = False
+                        delta = (actual.double() - expected.double()).abs().nan_to_num(nan=math.inf)
+                        diff = max(diff, float(delta.max()))
+                    if actual.is_floating_point() and not bool(torch.isfinite(actual).all()):
+                        finite = False
+                    if comparable_to_base and t.source is not None:
+                        base_part = _read_flat(reader, t.source, offset, length, expected.dtype)
+                        as_base &= bool(torch.equal(_bits(actual), _bits(base_part)))
+                        expected_is_base &= bool(torch.equal(_bits(expected), _bits(base_part)))
+                    if chunk.release is not None:
+                        chunk.release()
+                    offset += length
+            max_diff = max(max_diff, diff)
+            if equal:
+                exact += 1
+            elif diff <= atol:
+                close += 1
+            else:
+                mismatched.append((t.name, diff))
+            if not finite:
+                non_finite.append(t.name)
+            if comparable_to_base and as_base:
+                same_as_base += 1
+                if not expected_is_base:
+                    change_missing.append(t.name)
+    ignored = sum(1 for v in plan.accounting.values() if v.startswith("(ignored"))
+    changed = [t for t in plan.tensors if not t.copies_bytes]
+    return WeightReport(
+        tensors=len(plan.tensors),
+        changed=len(changed),
+        untouched=len(plan.tensors) - len(changed),
+        exact=exact,
+        close=close,
+        max_abs_diff=max_diff,
+        mismatched=tuple(mismatched),
+        untouched_mismatched=tuple(untouched_bad),
+        missing=missing,
+        extra=extra,
+        wrong_layout=wrong_layout,
+        change_missing=tuple(change_missing),
+        same_as_base=same_as_base,
+        non_finite=tuple(non_finite),
+        adapter_tensors=len(plan.accounting),
+        adapter_applied=len(plan.accounting) - ignored,
+        adapter_ignored=ignored,
+        dtype=None,
+    )
+
+
+def _layout_differs(t: TensorPlan, merged: Checkpoint) -> bool:
+    found = merged.tensors[t.name]
+    return found.shape != t.shape or found.dtype != t.dtype
+
+
+def _same_bytes(reader: TensorReader, a: TensorInfo, b: TensorInfo) -> bool:
+    if a.nbytes != b.nbytes:
+        return False
+    for start in range(0, a.nbytes, _COMPARE_CHUNK):
+        length = min(_COMPARE_CHUNK, a.nbytes - start)
+        if reader.read_bytes(a, start, length) != reader.read_bytes(b, start, length):
+            return False
+    return True
+
+
+def _read_flat(reader: TensorReader, info: TensorInfo, start: int, length: int, dtype: Any) -> Any:
+    import torch
+
+    data = reader.read_bytes(info, start, length)
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtype) if length else torch.empty(0, dtype=dtype)
+
+
+def _bits(t: Any) -> Any:
+    import torch
+
+    size = t.element_size()
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]) if t.numel() else t
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def weight_checks(w: WeightReport) -> list[Check]:
+    names = ", ".join(w.missing[:5] + w.extra[:5] + w.wrong_layout[:5])
+    exactness = "bit-identical" if not w.close else "bit-identical (or within --weight-atol)"
+    return [
+        Check("weights", "tensor names, shapes, dtypes", not (w.missing or w.extra or w.wrong_layout),
+              f"{w.tensors - len(w.missing)} of {w.tensors} as planned"
+              + (f"; {len(w.missing)} missing, {len(w.extra)} extra, {len(w.wrong_layout)} different" if names else ""),
+              "same as base + adapter", names),
+        Check("weights", "adapter tensors applied", True,
+              f"{w.adapter_applied} of {w.adapter_tensors}"
+              + (f" ({w.adapter_ignored} PEFT bookkeeping copies ignored)" if w.adapter_ignored else ""),
+              "every adapter tensor lands in the model"),
+        Check("weights", "changed tensors recomputed", not w.mismatched,
+              f"{w.exact} of {w.changed} bit-identical" + (f", {w.close} within tolerance" if w.close else "")
+              + (f"; max |Δ| {w.max_abs_diff:.3g}" if w.max_abs_diff else ""),
+              exactness, ", ".join(f"{n} (max |Δ| {d:.3g})" for n, d in w.mismatched[:5])),
+        Check("weights", "untouched tensors", not w.untouched_mismatched,
+              f"{w.untouched - len(w.untouched_mismatched)} of {w.untouched} byte-identical to the base",
+              "byte-identical to the base", ", ".join(w.untouched_mismatched[:5])),
+        Check("weights", "adapter changes present", not w.change_missing and not _no_op(w),
+              f"{w.changed - w.same_as_base} of {w.changed} changed tensors differ from the base"
+              + (" (a no-op merge)" if _no_op(w) else ""),
+              "every tensor the adapter changes differs from the base", ", ".join(w.change_missing[:5])),
+        Check("weights", "finite values", not w.non_finite,
+              "no NaN or Inf" if not w.non_finite else f"NaN/Inf in {len(w.non_finite)} tensors",
+              "no NaN or Inf", ", ".join(w.non_finite[:5])),
+    ]  # fmt: skip
+
+
+def _no_op(w: WeightReport) -> bool:
+    return w.changed > 0 and w.same_as_base == w.changed
+
+
+def error_ratio(o: OutputReport) -> float | None:
+    """Merge error relative to the adapter's effect; None when the adapter changes no output."""
+    if o.logits:
+        error, effect = o.stats.mean_kl or 0.0, o.effect.mean_kl or 0.0
+    else:
+        error, effect = o.stats.mean_abs, o.effect.mean_abs
+    return error / effect if effect > 1e-12 else None
+
+
+def output_checks(o: OutputReport) -> list[Check]:
+    t = o.thresholds
+    assert t is not None
+    s, e = o.stats, o.effect
+    ratio = error_ratio(o)
+    measure = "mean KL" if o.logits else "mean |Δ|"
+    error = (s.mean_kl or 0.0) if o.logits else s.mean_abs
+    effect = (e.mean_kl or 0.0) if o.logits else e.mean_abs
+    if ratio is None:  # the adapter does not move the outputs: only an exact match is evidence
+        passed = error <= 1e-9
+        measured = f"{measure} {error:.3g}; the adapter does not change the base's outputs (untrained?)"
+    else:
+        passed = ratio <= t.max_error_ratio
+        measured = f"{ratio:.2g} ({measure} {error:.3g} vs the adapter's effect {effect:.3g})"
+    checks = [Check("outputs", "merge error / adapter effect", passed, measured, f"≤ {t.max_error_ratio:g} (no-op: 1)")]
+    if o.logits and s.top1 is not None:
+        checks.append(
+            Check("outputs", "top-1 agreement", s.top1 >= t.min_top1, f"{s.top1:.1%} of {s.positions} positions",
+                  f"≥ {t.min_top1:.0%}")
+        )  # fmt: skip
+    if o.generation:
+        bad = [i for i, g in enumerate(o.generation) if not g.all_identical and not g.tied]
+        tied = sum(1 for g in o.generation if g.tied)
+        n = o.generation[0].compared
+        identical = sum(g.all_identical for g in o.generation)
+        measured = f"{identical} of {len(o.generation)} prompts identical for {n} tokens"
+        if tied:
+            measured += f"; {tied} diverge at a numerical tie"
+        detail = ", ".join(f"prompt {i + 1} differs at new token {o.generation[i].identical + 1}" for i in bad)
+        checks.append(Check("outputs", "greedy generation", not bad, measured, f"{n} identical new tokens", detail))
+    absolute = f"max |Δ| {s.max_abs:.3g}, mean |Δ| {s.mean_abs:.3g}"
+    if o.logits and s.mean_kl is not None and s.max_kl is not None:
+        absolute += f"; mean KL {s.mean_kl:.3g}, max KL {s.max_kl:.3g}"
+    checks.append(Check("outputs", "absolute differences", None, absolute, "reported"))
+    return checks
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def verify(
+    base: Path,
+    adapter: Path,
+    merged: Path,
+    *,
+    outputs: bool = True,
+    prompts: Sequence[Prompt] | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    thresholds: Thresholds | None = None,
+    threshold_overrides: Mapping[str, float | int] | None = None,
+    weight_atol: float = 0.0,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    labels: tuple[str, str, str] | None = None,
+) -> VerifyReport:
+    """Verify a merged folder against base + adapter; see the module docstring.
+
+    Args:
+        labels: How to name base, adapter and merged in the report (e.g. ``repo@sha``); paths when None.
+
+    Raises:
+        LorashipError: The inputs cannot be verified (missing or incomplete folders, corrupt files, an
+            adapter that does not fit the base): exit code 2 on the command line.
+    """
+    merged_ckpt = load_merged(merged)
+    if outputs:  # fail fast, before the weight pass, if the outputs cannot be compared at all
+        model_class(json.loads((merged / "config.json").read_text()), merged, trust_remote_code=trust_remote_code)
+    with tempfile.TemporaryDirectory(prefix="loraship-scratch-") as scratch:
+        prepared = prepare_merge(base, adapter, allow_pickle=allow_pickle, scratch=Path(scratch))
+        out_dtype = merged_dtype(prepared, merged_ckpt)
+        if out_dtype:
+            prepared = prepare_merge(base, adapter, dtype=out_dtype, allow_pickle=allow_pickle, scratch=Path(scratch))
+        weights = replace(verify_weights(prepared, merged_ckpt, atol=weight_atol), dtype=out_dtype)
+    checks = weight_checks(weights)
+    output_report = None
+    notes: list[str] = list(prepared.plan.notes)
+    if outputs:
+        output_report = check_outputs(
+            base, adapter, merged, prompts=prompts, device=device, dtype=dtype, thresholds=thresholds,
+            overrides=threshold_overrides, trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        checks += output_checks(output_report)
+        notes.extend(output_report.notes)
+    names = labels or (str(base), str(adapter), str(merged))
+    return VerifyReport(*names, checks=tuple(checks), weights=weights, outputs=output_report, notes=tuple(notes))
+
+
+def render_markdown(report: VerifyReport) -> str:
+    """The report as a Markdown table, for step summaries and model cards."""
+    verdict = "passed" if report.passed else "FAILED"
+    lines = [
+        f"### loraship verification: {verdict}",
+        "",
+        "| level | check | result | measured | required |",
+        "|---|---|---|---|---|",
+    ]
+    for c in report.checks:
+        result = "✅ pass" if c.passed else ("❌ FAIL" if c.passed is False else "ℹ️ info")
+        measured = c.measured + (f" — {c.detail}" if c.detail and c.passed is False else "")
+        lines.append(f"| {c.level} | {_md(c.name)} | {result} | {_md(measured)} | {_md(c.required)} |")
+    lines.append("")
+    o = report.outputs
+    if o is not None:
+        lines.append(
+            f"Reference: base + adapter through PEFT, unmerged. Merged: loaded with transformers "
+            f"`{o.model_class}`. Run in {o.dtype} on {o.device}, on {o.inputs} ({o.prompts} inputs)."
+        )
+    else:
+        lines.append("Outputs were not compared (weights only).")
+    lines.append(f"Base: `{report.base}`; adapter: `{report.adapter}`; merged: `{report.merged}`.")
+    return "\n".join(lines) + "\n"
+
+
+def render_text(report: VerifyReport) -> str:
+    """The report as a plain-text table for the terminal."""
+    from loraship.report import table
+
+    rows = [
+        (c.level, c.name, "pass" if c.passed else ("FAIL" if c.passed is False else "info"), c.measured, c.required)
+        for c in report.checks
+    ]
+    out = [table(("level", "check", "result", "measured", "required"), rows)]
+    for c in report.checks:
+        if c.passed is False and c.detail:
+            out.append(f"{c.name}: {c.detail}")
+    o = report.outputs
+    if o is not None:
+        out.append(f"Outputs: PEFT unmerged vs {o.model_class}, {o.dtype} on {o.device}, {o.inputs}.")
+    out.extend(f"Note: {n}" for n in report.notes)
+    out.append("Verification passed." if report.passed else "Verification FAILED: " + "; ".join(report.failed_checks))
+    return "\n".join(out)
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def write_report(report: VerifyReport, *, json_path: Path | None, markdown_path: Path | None) -> None:
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
+    if markdown_path is not None:
+        markdown_path.write_text(report.to_markdown())
+
+
+def raise_if_failed(report: VerifyReport) -> None:
+    if not report.passed:
+        raise VerificationFailed(
+            "The merged model does not match base + adapter: " + "; ".join(report.failed_checks) + ".",
+            fix="Do not publish it. Merge again with `loraship merge` (and check that the adapter and base are "
+            "the ones it was trained with); the report says which tensors or outputs differ.",
+        )

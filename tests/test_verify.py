@@ -1,0 +1,329 @@
+"""``loraship verify``: passes on correct merges; fails, naming the check, on broken ones; bad input
+exits 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BERT, GPT2, LLAMA, LLAMA_TIED, RESNET, peft_reference
+from safetensors.torch import load_file, save_file
+
+from loraship.cli import main
+from loraship.merge import merge
+from loraship.tiny import build_adapter, save_tokenizer
+from loraship.verify import verify
+
+FAST = ["--generation-tokens", "8"]
+
+
+def run_verify(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    code = main(["verify", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def edit_weights(folder: Path, fn) -> None:  # type: ignore[no-untyped-def]
+    """Change the tensors of a single-file model folder in place."""
+    path = folder / "model.safetensors"
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+@pytest.fixture
+def llama_case(model_cache, tmp_path: Path) -> tuple[Path, Path, Path]:
+    base = model_cache(LLAMA, tokenizer=True)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj", "down_proj"],
+                            use_rslora=True, r=4, lora_alpha=8)  # fmt: skip
+    merged = tmp_path / "merged"
+    merge(base, adapter, merged, progress=False)
+    return base, adapter, merged
+
+
+# --------------------------------------------------------------------------- passing
+
+
+@pytest.mark.parametrize(
+    ("config", "model_class", "lora", "dtype"),
+    [
+        (LLAMA, "AutoModelForCausalLM", {"target_modules": ["q_proj", "v_proj"]}, "float32"),
+        (LLAMA, "AutoModelForCausalLM", {"target_modules": ["q_proj", "up_proj"], "use_dora": True}, "bfloat16"),
+        (GPT2, "AutoModelForCausalLM", {"target_modules": ["c_attn"], "fan_in_fan_out": True}, "float16"),
+        (LLAMA_TIED, "AutoModelForCausalLM", {"target_modules": ["embed_tokens", "q_proj"]}, "float32"),
+        (BERT, "AutoModelForSequenceClassification", {"target_modules": ["query"], "task_type": "SEQ_CLS"}, "float32"),
+        (RESNET, "AutoModelForImageClassification", {"target_modules": ["convolution"]}, "float32"),
+    ],
+    ids=["llama-fp32", "llama-dora-bf16", "gpt2-fp16", "llama-tied-embedding-lora", "bert-seq-cls", "resnet"],
+)
+def test_correct_merges_pass(model_cache, tmp_path: Path, config, model_class, lora, dtype) -> None:
+    base = model_cache(config, model_class=model_class, dtype=dtype)
+    adapter = build_adapter(base, tmp_path / "adapter", model_class=model_class, **lora)
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    report = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 8})
+    assert report.passed, report.failed_checks
+    assert report.weights.exact == report.weights.changed > 0
+    assert report.outputs is not None and report.outputs.stats.positions > 0
+    assert [c.name for c in report.checks if c.level == "weights"] == [
+        "tensor names, shapes, dtypes", "adapter tensors applied", "changed tensors recomputed", "untouched tensors",
+        "adapter changes present", "finite values",
+    ]  # fmt: skip
+
+
+def test_cli_passes_and_writes_both_reports(llama_case, tmp_path: Path, capsys) -> None:
+    base, adapter, merged = llama_case
+    report_json, report_md = tmp_path / "report.json", tmp_path / "report.md"
+    code, out, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged, "--report",
+                                report_json, "--markdown", report_md, *FAST)  # fmt: skip
+    assert code == 0, err
+    assert out.endswith("Verification passed.\n")
+    data = json.loads(report_json.read_text())
+    assert data["passed"] is True and data["failed_checks"] == []
+    assert (data["base"], data["adapter"], data["merged"]) == (str(base), str(adapter), str(merged))
+    assert data["weights"]["exact"] == data["weights"]["changed"] == 6
+    assert data["outputs"]["thresholds"] == {
+        "max_error_ratio": 0.01, "min_top1": 0.95, "generation_tokens": 8, "tie_fraction": 0.01,
+    }  # fmt: skip
+    assert set(data["outputs"]["stats"]) == {"positions", "max_abs", "mean_abs", "mean_kl", "max_kl", "top1"}
+    assert data["outputs"]["inputs"] == "the default prompts with the chat template"
+    checks = {c["name"]: c for c in data["checks"]}
+    assert checks["merge error / adapter effect"]["passed"] is True
+    assert checks["greedy generation"]["measured"] == "5 of 5 prompts identical for 8 tokens"
+    markdown = report_md.read_text()
+    assert markdown.startswith("### loraship verification: passed\n\n| level | check | result | measured | required |")
+    assert "| weights | changed tensors recomputed | ✅ pass | 6 of 6 bit-identical | bit-identical |" in markdown
+
+
+def test_weights_only_and_dtype_conversion(model_cache, tmp_path: Path, capsys) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    main(["merge", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "m"), "--dtype",
+          "bfloat16", "--quiet"])  # fmt: skip
+    code, out, _ = run_verify(
+        capsys, "--base", base, "--adapter", adapter, "--merged", tmp_path / "m", "--weights-only"
+    )
+    assert code == 0
+    assert "outputs" not in out.split("Verification")[0].replace("Outputs", "")
+    report = verify(base, adapter, tmp_path / "m", outputs=False)
+    assert report.weights.dtype == "bfloat16" and report.passed
+
+
+def test_prompts_file_and_token_ids_without_tokenizer(model_cache, tmp_path: Path) -> None:
+    from loraship.output_check import load_prompts
+
+    base = model_cache(LLAMA)  # no tokenizer: fixed random token ids
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["v_proj"])
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    report = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 4})
+    assert report.passed and report.outputs is not None
+    assert report.outputs.inputs == "fixed random token ids (the model has no tokenizer)"
+    (tmp_path / "p.jsonl").write_text('{"prompt": "w1 w2"}\n{"messages": [{"role": "user", "content": "w3"}]}\n"w4"\n')
+    assert load_prompts(tmp_path / "p.jsonl") == ["w1 w2", [{"role": "user", "content": "w3"}], "w4"]
+    (tmp_path / "p.json").write_text('["a", "b"]')
+    assert load_prompts(tmp_path / "p.json") == ["a", "b"]
+    (tmp_path / "p.txt").write_text("first prompt\n\nsecond prompt\n")
+    assert load_prompts(tmp_path / "p.txt") == ["first prompt", "second prompt"]
+
+
+def test_user_prompts_are_used(model_cache, tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(model_cache(LLAMA), base)
+    save_tokenizer(base, 64)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    report = verify(base, adapter, tmp_path / "merged", prompts=["w1 w2 w3", "w4"],
+                    threshold_overrides={"generation_tokens": 4})  # fmt: skip
+    assert report.passed and report.outputs is not None
+    assert (report.outputs.prompts, report.outputs.inputs) == (2, "your prompts with the chat template")
+
+
+# --------------------------------------------------------------------------- failing
+
+
+def failed(report) -> list[str]:  # type: ignore[no-untyped-def]
+    return report.failed_checks
+
+
+def test_one_tensor_slightly_perturbed(llama_case) -> None:
+    base, adapter, merged = llama_case
+    name = "model.layers.1.self_attn.q_proj.weight"
+    edit_weights(merged, lambda t: t[name].add_(1e-3 * torch.randn_like(t[name])))
+    report = verify(base, adapter, merged, threshold_overrides={"generation_tokens": 4})
+    assert "weights: changed tensors recomputed" in failed(report)
+    (check,) = [c for c in report.checks if c.name == "changed tensors recomputed"]
+    assert check.detail.startswith(f"{name} (max |Δ| ")
+    assert check.measured.startswith("5 of 6 bit-identical; max |Δ| ")
+
+
+def test_base_copied_as_merged_is_a_no_op(llama_case, capsys) -> None:
+    base, adapter, merged = llama_case
+    shutil.rmtree(merged)
+    shutil.copytree(base, merged)
+    code, out, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged, *FAST)
+    assert code == 1
+    assert "adapter changes present       FAIL    0 of 6 changed tensors differ from the base (a no-op merge)" in out
+    assert err == (
+        "Error: The merged model does not match base + adapter: weights: changed tensors recomputed; weights: "
+        "adapter changes present; outputs: merge error / adapter effect; outputs: top-1 agreement; outputs: greedy "
+        "generation.\n"
+        "Fix: Do not publish it. Merge again with `loraship merge` (and check that the adapter and base are the ones "
+        "it was trained with); the report says which tensors or outputs differ.\n"
+    )
+
+
+@pytest.mark.parametrize("broken", ["rslora-ignored", "delta-twice"])
+def test_wrong_scale_and_double_delta_fail_weights_and_outputs(llama_case, tmp_path: Path, broken: str) -> None:
+    base, adapter, merged = llama_case
+    bad = tmp_path / "bad"
+    if broken == "rslora-ignored":
+        ignored = tmp_path / "ignored"
+        shutil.copytree(adapter, ignored)
+        config = json.loads((ignored / "adapter_config.json").read_text())
+        (ignored / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": False}))
+        merge(base, ignored, bad, progress=False)
+    else:
+        merge(merged, adapter, bad, progress=False)
+    report = verify(base, adapter, bad, threshold_overrides={"generation_tokens": 4})
+    assert "weights: changed tensors recomputed" in failed(report)
+    assert "outputs: merge error / adapter effect" in failed(report)
+
+
+def test_untouched_tensor_changed_and_nan(llama_case) -> None:
+    base, adapter, merged = llama_case
+
+    def damage(t):  # type: ignore[no-untyped-def]
+        t["model.norm.weight"][0] += 1.0
+        t["model.layers.0.self_attn.v_proj.weight"][0, 0] = float("nan")
+
+    edit_weights(merged, damage)
+    report = verify(base, adapter, merged, outputs=False)
+    assert failed(report) == [
+        "weights: changed tensors recomputed",
+        "weights: untouched tensors",
+        "weights: finite values",
+    ]
+    checks = {c.name: c for c in report.checks}
+    assert checks["untouched tensors"].detail == "model.norm.weight"
+    assert checks["finite values"].detail == "model.layers.0.self_attn.v_proj.weight"
+
+
+def test_missing_and_extra_tensors(llama_case) -> None:
+    base, adapter, merged = llama_case
+
+    def reshape(t):  # type: ignore[no-untyped-def]
+        t["lm_head.extra"] = torch.zeros(2)
+        del t["model.norm.weight"]
+
+    edit_weights(merged, reshape)
+    report = verify(base, adapter, merged, outputs=False)
+    assert failed(report) == ["weights: tensor names, shapes, dtypes"]
+    (check,) = [c for c in report.checks if not c.passed and c.passed is not None]
+    assert check.measured == "20 of 21 as planned; 1 missing, 1 extra, 0 different"
+    assert check.detail == "model.norm.weight, lm_head.extra"
+
+
+def test_peft_merge_of_a_tied_model_fails_verification(model_cache, tmp_path: Path) -> None:
+    """PEFT's merge_and_unload folds an embedding LoRA into the tied lm_head too: verify catches it."""
+    base = model_cache(LLAMA_TIED)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["embed_tokens"])
+    peft_reference(base, adapter, tmp_path / "peft-merged")
+    report = verify(base, adapter, tmp_path / "peft-merged", threshold_overrides={"generation_tokens": 4})
+    assert "weights: tensor names, shapes, dtypes" in failed(report)  # lm_head.weight missing: still tied
+    assert "outputs: merge error / adapter effect" in failed(report)
+
+
+# --------------------------------------------------------------------------- could not verify: exit 2
+
+
+def test_merged_folder_missing(llama_case, tmp_path: Path, capsys) -> None:
+    base, adapter, _ = llama_case
+    code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", tmp_path / "nope")
+    assert code == 2
+    assert err == (
+        f"Error: The merged folder `{tmp_path / 'nope'}` does not exist.\n"
+        "Fix: Pass --merged the folder `loraship merge --output` wrote.\n"
+    )
+
+
+def test_merged_folder_without_weights(llama_case, capsys) -> None:
+    base, adapter, merged = llama_case
+    (merged / "model.safetensors").unlink()
+    code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged)
+    assert code == 2
+    assert err == (
+        f"Error: The merged folder `{merged}` is incomplete: it has no model.safetensors and no "
+        "model.safetensors.index.json.\n"
+        "Fix: Merge again (`loraship merge ... --overwrite`) or download the complete folder.\n"
+    )
+
+
+def test_merged_folder_without_config(llama_case, capsys) -> None:
+    base, adapter, merged = llama_case
+    (merged / "config.json").unlink()
+    code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged)
+    assert code == 2
+    assert err.startswith(f"Error: The merged folder `{merged}` is incomplete: it has no config.json.\n")
+
+
+def test_merged_folder_missing_a_shard(model_cache, tmp_path: Path, capsys) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    merge(base, adapter, tmp_path / "merged", max_shard_size="10KB", progress=False)
+    (tmp_path / "merged" / "model-00002-of-00003.safetensors").unlink()
+    code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", tmp_path / "merged")
+    assert code == 2
+    assert err == (
+        f"Error: The merged folder `{tmp_path / 'merged'}` is incomplete: `{tmp_path / 'merged'}/"
+        f"model.safetensors.index.json` lists 1 weight file(s) missing from `{tmp_path / 'merged'}`: "
+        "model-00002-of-00003.safetensors.\n"
+        "Fix: Merge again (`loraship merge ... --overwrite`) or download the complete folder.\n"
+    )
+
+
+def test_adapter_does_not_fit_base(llama_case, model_cache, tmp_path: Path, capsys) -> None:
+    _, adapter, merged = llama_case
+    gpt2 = model_cache(GPT2)
+    code, _, err = run_verify(capsys, "--base", gpt2, "--adapter", adapter, "--merged", merged)
+    assert code == 2
+    assert err.startswith("Error: None of the 6 modules the adapter changes exist in the base model")
+
+
+@pytest.mark.parametrize("content", [None, "", "\n\n"], ids=["unreadable", "empty", "blank"])
+def test_bad_prompts_file(llama_case, tmp_path: Path, capsys, content) -> None:
+    base, adapter, merged = llama_case
+    prompts = tmp_path / "prompts.txt"
+    if content is None:
+        prompts.mkdir()
+    else:
+        prompts.write_text(content)
+    code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged, "--prompts", prompts)
+    assert code == 2
+    if content is None:
+        assert err == (
+            f"Error: Cannot read the prompts file `{prompts}`: Is a directory.\n"
+            "Fix: Pass --prompts a readable file with one prompt per line (or JSON / JSONL).\n"
+        )
+    else:
+        assert err == (
+            f"Error: The prompts file `{prompts}` holds no prompts.\n"
+            "Fix: Write at least one prompt in it, or leave out --prompts to use the default prompts.\n"
+        )
+
+
+def test_model_class_needing_remote_code(llama_case, capsys) -> None:
+    base, adapter, merged = llama_case
+    config = json.loads((merged / "config.json").read_text())
+    config["architectures"] = ["MyCustomForCausalLM"]
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.MyCustomForCausalLM"}
+    (merged / "config.json").write_text(json.dumps(config))
+    code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged)
+    assert code == 2
+    assert err == (
+        f"Error: transformers cannot load the model class MyCustomForCausalLM of `{merged}` without running code "
+        "from the model repo.\n"
+        "Fix: If you trust the base model's repository, pass --trust-remote-code: transformers then imports and "
+        "runs the Python files the repo ships (auto_map in config.json), with your permissions.\n"
+    )
