@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -11,7 +12,14 @@ from typing import Any
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Before huggingface_hub is imported (it reads these at import): a throwaway cache, plain LFS uploads
+# (the local test Hub does not speak xet), and a dead default endpoint so that nothing reaches the
+# real Hub by accident; tests pass the local Hub's URL explicitly.
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="loraship-tests-hf-home-")
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
@@ -151,6 +159,22 @@ def _main_output(out: Any) -> torch.Tensor:
         if value is not None:
             return value
     raise AssertionError(f"no logits in {type(out)}")
+
+
+TOKENS = {"alice": "hf_alice_write_token", "alice-read": "hf_alice_read_token", "bob": "hf_bob_write_token"}
+
+
+@pytest.fixture
+def hub_server():  # type: ignore[no-untyped-def]
+    """A fresh local Hub on 127.0.0.1 with users alice (org `team`), a read-only alice token, and bob."""
+    from hub_server import start_hub, stop
+
+    running = start_hub()
+    running.hub.add_user(TOKENS["alice"], "alice", orgs=("team",))
+    running.hub.add_user(TOKENS["alice-read"], "alice", orgs=("team",), role="read")
+    running.hub.add_user(TOKENS["bob"], "bob")
+    yield running.hub
+    stop(running.server, running.thread)
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,27 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     verify.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights")
 
+    run = sub.add_parser(
+        "run", help="the main job: pull base and adapter from the Hub, merge, verify, publish one commit"
+    )
+    run.add_argument("--config", type=Path, help="loraship.yaml with one or more jobs")
+    run.add_argument("--job", help="run only this job of the config file")
+    run.add_argument("--adapter", help="adapter repo id (org/name[@revision]) or local folder")
+    run.add_argument("--base", help="base repo id or local folder (default: the adapter's base_model_name_or_path)")
+    run.add_argument("--output", help="output repo id (org/name), or dir:PATH to write the repo's folder locally")
+    run.add_argument("--dtype", choices=DTYPE_CHOICES, help="output dtype (default: keep)")
+    run.add_argument("--private", action="store_true", default=None, help="create the output repo private")
+    run.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    run.add_argument("--tag", help="tag the published commit")
+    run.add_argument("--commit-message", help="commit title (the provenance is appended)")
+    run.add_argument("--no-verify", action="store_true", help="publish without verification (not recommended)")
+    run.add_argument("--dry-run", action="store_true", help="do everything but publish; keep the staged folder")
+    run.add_argument("--overwrite", action="store_true", help="for dir: outputs, replace a non-empty folder")
+    run.add_argument("--token", help="Hugging Face token (default: HF_TOKEN); never printed")
+    run.add_argument("--workdir", type=Path, help="where to stage the merged folder (default: a temporary folder)")
+    run.add_argument("--result", type=Path, metavar="JSON", help="write the run's results as JSON here")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
     demo = sub.add_parser("demo", help="offline end-to-end run: tiny model + adapter, merged and checked against PEFT")
     demo.add_argument("--workdir", type=Path, help="keep the generated files here (default: a temporary folder)")
     return parser
@@ -95,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_merge(args)
         if args.command == "verify":
             return cmd_verify(args)
+        if args.command == "run":
+            return cmd_run(args)
         if args.command == "demo":
             from loraship.demo import run_demo
 
@@ -145,6 +168,63 @@ def cmd_merge(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(format_merge_result(result))
+    return 0
+
+
+def run_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The job fields the `run` flags set (nested like loraship.yaml)."""
+    values: dict[str, object] = {}
+    for name in ("adapter", "base", "output", "dtype", "private"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    publish: dict[str, object] = {}
+    if args.create_pr:
+        publish["mode"] = "pr"
+    if args.tag:
+        publish["tag"] = args.tag
+    if args.commit_message:
+        publish["commit_message"] = args.commit_message
+    if publish:
+        values["publish"] = publish
+    if args.no_verify:
+        values["verify"] = {"enabled": False}
+    return values
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import json
+
+    from loraship.errors import ConfigError
+    from loraship.pipeline import run
+    from loraship.report import format_run_results
+    from loraship.spec import job_from_values, load_jobs
+
+    overrides = run_overrides(args)
+    if args.config:
+        jobs = load_jobs(args.config, overrides)
+        if args.job:
+            if args.job not in jobs:
+                raise ConfigError(
+                    f"`{args.config}` has no job `{args.job}` (it has: {', '.join(jobs)}).",
+                    fix="Pass --job one of the names under `jobs:`.",
+                )
+            jobs = {args.job: jobs[args.job]}
+    else:
+        jobs = {"default": job_from_values(overrides)}
+    hub = None
+    if args.token or any(not j.output_target.is_local or not j.adapter_source.is_local for j in jobs.values()):
+        from loraship.hub import Hub
+
+        hub = Hub(token=args.token)
+    results = []
+    for job in jobs.values():
+        log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+        workdir = args.workdir / job.name if args.workdir else None
+        results.append(run(job, hub=hub, workdir=workdir, dry_run=args.dry_run, overwrite=args.overwrite,
+                           progress=not args.quiet, log=log))  # fmt: skip
+        if args.result:
+            args.result.write_text(json.dumps({"results": [r.to_json() for r in results]}, indent=2) + "\n")
+    print(format_run_results(results))
     return 0
 
 

@@ -17,14 +17,16 @@ class LorashipError(Exception):
     Args:
         message: What failed, naming the file, tensor, repo or revision involved.
         fix: What the user can do about it, as one or more sentences.
+        transient: Trying again later may succeed (the Hub was down, the network failed).
     """
 
     exit_code: ClassVar[int] = 1
     title: ClassVar[str] = "loraship failed"
 
-    def __init__(self, message: str, *, fix: str | None = None) -> None:
+    def __init__(self, message: str, *, fix: str | None = None, transient: bool = False) -> None:
         self.message = message
         self.fix = fix
+        self.transient = transient
         super().__init__(str(self))
 
     def __str__(self) -> str:

@@ -13,7 +13,6 @@ import contextlib
 import functools
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 from loraship.adapter import AdapterSpec, load_adapter
 from loraship.architecture import inspect_architecture, needs_architecture
-from loraship.errors import BaseModelError, InputError, OutputError
+from loraship.errors import BaseModelError, OutputError
 from loraship.plan import MergePlan, NameResolver, TensorPlan, plan_merge
 from loraship.repo_files import CONFIG_NAME, FileChoice, choose_files, copy_files
 from loraship.report import human_bytes
@@ -40,6 +39,7 @@ from loraship.safetensors_io import (
     tensor_bytes,
     weight_files,
 )
+from loraship.spec import parse_size
 from loraship.writer import CopyChunk, OrderedWriter
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -265,27 +265,6 @@ def shard_layout(plan: MergePlan, max_shard_size: int | str) -> dict[str, list[T
         fname: sorted((by_name[n] for n in names), key=lambda t: not t.copies_bytes)
         for fname, names in split.filename_to_tensors.items()
     }
-
-
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-
-
-def parse_size(value: str | int) -> int:
-    """``5GB`` -> bytes (decimal units as transformers' ``max_shard_size``; ``GiB`` binary).
-
-    Raises:
-        InputError: The value is not a positive size.
-    """
-    if isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
-    unit = match.group(2).upper() if match else ""
-    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
-        raise InputError(
-            f"--max-shard-size {value!r} is not a size.", fix="Use a number with a unit, e.g. 5GB or 500MB."
-        )
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def execute(

@@ -176,7 +176,7 @@ class MergePlan:
 # --------------------------------------------------------------------------- base checks
 
 
-def check_base(config: Mapping[str, Any], base: Checkpoint, *, where: str) -> None:
+def check_base(config: Mapping[str, Any], *, where: str) -> None:
     """Refuse bases whose weights cannot take a LoRA delta (quantized checkpoints).
 
     Raises:
@@ -288,7 +288,7 @@ def plan_merge(
         UnsupportedError: A layer kind loraship cannot merge.
         BaseModelError: The base is quantized.
     """
-    check_base(base_config, base, where=base_label)
+    check_base(base_config, where=base_label)
     resolver = NameResolver(base.tensors)
     planner = _Planner(base, base_config, adapter, resolver, arch, base_label)
     return planner.build(dtype)

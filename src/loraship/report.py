@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from loraship.merge import MergeResult, PreparedMerge
+    from loraship.pipeline import RunResult
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -70,4 +71,20 @@ def format_merge_result(result: MergeResult) -> str:
     if result.left_out:
         out.append("Not carried over: " + "; ".join(f"{p} ({why})" for p, why in result.left_out) + ".")
     out.extend(f"Note: {n}" for n in plan.notes)
+    return "\n".join(out)
+
+
+def format_run_results(results: Sequence[RunResult]) -> str:
+    rows = [
+        (
+            r.job,
+            r.status,
+            r.output,
+            (r.commit_sha or "")[:12] or (r.pr_url or r.folder or ""),
+            {True: "passed", False: "FAILED", None: "not run"}[r.verified],
+        )
+        for r in results
+    ]
+    out = [table(("job", "status", "output", "commit / PR / folder", "verification"), rows)]
+    out.extend(r.message for r in results if r.message)
     return "\n".join(out)

@@ -1,0 +1,276 @@
+"""Everything loraship asks of the Hugging Face Hub, through huggingface_hub (the only module that
+calls it). Client errors become :class:`~loraship.errors.HubError` messages that name the repo and
+say what to do; tokens never appear in them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loraship import __version__
+from loraship.errors import HubError
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class RepoState:
+    """A repo pinned to one commit."""
+
+    repo_id: str
+    sha: str
+    requested: str | None
+    private: bool
+    gated: str | bool
+    files: tuple[str, ...]
+    card_data: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}@{self.sha}"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who the token belongs to."""
+
+    name: str
+    orgs: tuple[str, ...]
+    can_write: bool
+
+
+@dataclass(frozen=True)
+class Publication:
+    """A commit (or pull request) of the output repo."""
+
+    repo_url: str
+    commit_sha: str | None
+    pr_url: str | None = None
+    tag: str | None = None
+
+
+class Hub:
+    """The Hugging Face Hub, through huggingface_hub's own client.
+
+    Args:
+        token: The token (``HF_TOKEN`` when None); never logged.
+        endpoint: The Hub's URL (``HF_ENDPOINT`` when None, else https://huggingface.co).
+    """
+
+    def __init__(self, *, token: str | None = None, endpoint: str | None = None) -> None:
+        from huggingface_hub import HfApi
+
+        self.token = token if token is not None else os.environ.get("HF_TOKEN") or None
+        self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+        self.api = HfApi(endpoint=self.endpoint, token=self.token or False, library_name="loraship",
+                         library_version=__version__)  # fmt: skip
+
+    def url(self, repo_id: str) -> str:
+        return f"{self.endpoint}/{repo_id}"
+
+    # -- reading
+
+    def whoami(self) -> Identity:
+        """The token's account.
+
+        Raises:
+            HubError: No token, or the Hub rejects it.
+        """
+        if not self.token:
+            raise HubError(
+                "Publishing to the Hub needs a Hugging Face token, and none was given.",
+                fix="Set HF_TOKEN (or pass --token) to a token with write access: "
+                "https://huggingface.co/settings/tokens.",
+            )
+        with self._errors("check the token"):
+            info = self.api.whoami()
+        orgs = tuple(str(o.get("name")) for o in info.get("orgs") or [] if o.get("name"))
+        role = ((info.get("auth") or {}).get("accessToken") or {}).get("role")
+        return Identity(name=str(info.get("name")), orgs=orgs, can_write=role != "read")
+
+    def repo(self, repo_id: str, revision: str | None = None) -> RepoState:
+        """The repo at ``revision`` (default branch when None), pinned to its commit SHA.
+
+        Raises:
+            HubError: The repo or revision does not exist, or the token cannot see it.
+        """
+        with self._errors("read", repo_id, revision):
+            info = self.api.model_info(repo_id, revision=revision, files_metadata=False)
+        card = info.card_data.to_dict() if info.card_data is not None else {}
+        files = tuple(s.rfilename for s in info.siblings or [])
+        gated = info.gated if info.gated is not None else False
+        return RepoState(repo_id=repo_id, sha=str(info.sha), requested=revision, private=bool(info.private),
+                         gated=gated, files=files, card_data=card)  # fmt: skip
+
+    def fetch(self, repo: RepoState, files: Sequence[str]) -> Path:
+        """Download ``files`` of the repo at its pinned SHA (into the Hugging Face cache).
+
+        Raises:
+            HubError: Access denied (gated, private) or a download failed.
+        """
+        from huggingface_hub import snapshot_download
+
+        with self._errors("download", repo.repo_id, repo.sha):
+            path = snapshot_download(repo.repo_id, revision=repo.sha, allow_patterns=list(files),
+                                     token=self.token or False, endpoint=self.endpoint)  # fmt: skip
+        return Path(path)
+
+    def find_publication(self, repo_id: str, key: str) -> Publication | None:
+        """A commit on the default branch, or an open pull request, whose title carries ``key``."""
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        with self._errors("read", repo_id):
+            try:
+                commits = self.api.list_repo_commits(repo_id)
+            except RepositoryNotFoundError:
+                return None
+            for commit in commits:
+                if key in commit.title or key in commit.message:
+                    return Publication(repo_url=self.url(repo_id), commit_sha=commit.commit_id)
+            for pr in self.api.get_repo_discussions(repo_id, discussion_type="pull_request", discussion_status="open"):
+                if key in pr.title:
+                    return Publication(repo_url=self.url(repo_id), commit_sha=None, pr_url=pr.url)
+        return None
+
+    def head(self, repo_id: str) -> str | None:
+        """The default branch's commit SHA, or None when the repo does not exist."""
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        with self._errors("read", repo_id):
+            try:
+                return str(self.api.model_info(repo_id).sha)
+            except RepositoryNotFoundError:
+                return None
+
+    # -- writing
+
+    def publish(
+        self,
+        folder: Path,
+        repo_id: str,
+        *,
+        private: bool,
+        gated: str | None,
+        title: str,
+        description: str,
+        create_pr: bool,
+        tag: str | None,
+        parent_commit: str | None,
+    ) -> Publication:
+        """Create the repo if needed, gate it, push ``folder`` as one commit (or PR), then tag it.
+
+        Raises:
+            HubError: The token may not write there, the tag points elsewhere, or the Hub failed.
+        """
+        with self._errors("create", repo_id):
+            self.api.create_repo(repo_id, private=private, exist_ok=True)
+        if gated:
+            with self._errors("gate", repo_id):
+                self.api.update_repo_settings(repo_id, gated=gated)  # type: ignore[arg-type]
+        with self._errors("push to", repo_id):
+            info = self.api.upload_folder(
+                repo_id=repo_id, folder_path=str(folder), commit_message=title, commit_description=description,
+                create_pr=create_pr, parent_commit=parent_commit if not create_pr else None,
+            )  # fmt: skip
+        sha = str(info.oid)
+        if tag:
+            self._tag(repo_id, tag, sha)
+        return Publication(repo_url=self.url(repo_id), commit_sha=sha, pr_url=info.pr_url, tag=tag)
+
+    def _tag(self, repo_id: str, tag: str, sha: str) -> None:
+        with self._errors("tag", repo_id):
+            refs = self.api.list_repo_refs(repo_id)
+            existing = next((t for t in refs.tags if t.name == tag), None)
+            if existing is not None:
+                if existing.target_commit == sha:
+                    return
+                raise HubError(
+                    f"Tag `{tag}` of `{repo_id}` already points to commit {existing.target_commit}, not to the new "
+                    f"commit {sha}.",
+                    fix="Use another --tag, or delete the old tag on the Hub if it is wrong.",
+                )
+            self.api.create_tag(repo_id, tag=tag, revision=sha)
+
+    def comment(self, repo_id: str, title: str, body: str) -> str:
+        """Comment on the repo's discussion called ``title`` (opened if missing); returns its URL."""
+        with self._errors("comment on", repo_id):
+            for discussion in self.api.get_repo_discussions(repo_id, discussion_type="discussion"):
+                if discussion.title == title and discussion.status == "open":
+                    self.api.comment_discussion(repo_id, discussion.num, body)
+                    return str(discussion.url)
+            created = self.api.create_discussion(repo_id, title=title, description=body)
+            return str(created.url)
+
+    # -- errors
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, repo_id: str | None = None, revision: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except HubError:
+            raise
+        except Exception as e:
+            translated = self._translate(e, action, repo_id, revision)
+            if translated is None:
+                raise
+            raise translated from e
+
+    def _translate(self, error: Exception, action: str, repo_id: str | None, revision: str | None) -> HubError | None:
+        import httpx2 as httpx
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            RemoteEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        who = "the given token" if self.token else "an anonymous request (no token given)"
+        repo = f"`{repo_id}`" if repo_id else "the Hub"
+        target = f"{action} {repo}" if repo_id else action
+        if isinstance(error, RevisionNotFoundError):
+            return HubError(
+                f"{repo} has no revision `{revision}`.",
+                fix=f"Use a branch, tag or commit of the repo (see {self.url(repo_id or '')}/tree/main).",
+            )
+        if isinstance(error, GatedRepoError):
+            return HubError(
+                f"{repo} is gated, and {who} has no access to it.",
+                fix=f"Request access at {self.url(repo_id or '')}, then set HF_TOKEN (or --token) to a token of the "
+                "account that was granted access.",
+            )
+        if isinstance(error, RepositoryNotFoundError):
+            return HubError(
+                f"{repo} was not found on {self.endpoint}, or it is private and {who} cannot see it.",
+                fix="Check the repo id. For a private repo, set HF_TOKEN (or --token) to a token that can read it.",
+            )
+        if isinstance(error, RemoteEntryNotFoundError):
+            return HubError(f"A file is missing from {repo} at `{revision}`.", fix="Check the repo's files.")
+        if isinstance(error, HfHubHTTPError):
+            status = error.response.status_code if error.response is not None else None
+            if status == 401:
+                return HubError(
+                    f"The Hub rejected the token while trying to {target} (401: invalid or expired token).",
+                    fix="Create a token at https://huggingface.co/settings/tokens and set HF_TOKEN (or --token).",
+                )
+            if status == 403:
+                return HubError(
+                    f"The token's account may not {target} (403 Forbidden).",
+                    fix="Use a token with write access to that namespace, or publish to a repo in your own namespace.",
+                )
+            return HubError(
+                f"The Hub answered {status} when trying to {target}.",
+                fix="Try again in a while; if it persists, check https://status.huggingface.co.",
+                transient=status is None or status >= 500 or status == 429,
+            )
+        if isinstance(error, (httpx.ConnectError, httpx.TimeoutException)):
+            return HubError(
+                f"Cannot reach the Hub at {self.endpoint} to {target}: {type(error).__name__}.",
+                fix="Check the network (and HF_ENDPOINT), then run again.",
+                transient=True,
+            )
+        return None

@@ -1,0 +1,363 @@
+"""``MergeJob``: what to merge, where to publish it, how to check it. Validated once, frozen.
+
+Jobs come from ``loraship.yaml`` (one file can hold several, under ``jobs:``), from command-line
+flags, or from the GitHub Action's inputs; flags fill or override the same fields. Unknown keys and
+wrong types are errors that name the key and the file line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from loraship.errors import ConfigError, InputError
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
+DTYPES = ("keep", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model or adapter comes from: a Hub repo (at a revision) or a local folder."""
+
+    repo_id: str | None = None
+    revision: str | None = None
+    path: Path | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return self.path is not None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        return f"{self.repo_id}@{self.revision}" if self.revision else str(self.repo_id)
+
+
+def parse_source(text: str, *, field: str = "adapter") -> Source:
+    """``org/name``, ``org/name@revision``, or a local folder (``./x``, ``/x``, ``~/x``, or an existing folder).
+
+    Raises:
+        ValueError: Neither a repo id nor a local folder.
+    """
+    text = text.strip()
+    if text.startswith(("./", "../", "/", "~")) or text in (".", "..") or Path(text).expanduser().is_dir():
+        return Source(path=Path(text).expanduser())
+    repo, _, revision = text.partition("@")
+    if _REPO_ID.fullmatch(repo) and ("@" not in text or revision):
+        return Source(repo_id=repo, revision=revision or None)
+    raise ValueError(
+        f"{text!r} is neither a Hub repo id (`org/name`, optionally `@revision`) nor an existing local folder "
+        "(write local folders as ./path or /path)"
+    )
+
+
+def parse_output(text: str) -> Source:
+    """``org/name`` (a Hub repo) or ``dir:PATH`` (write the repo's folder locally)."""
+    text = text.strip()
+    if text.startswith("dir:"):
+        if not text[4:]:
+            raise ValueError("dir: needs a path, e.g. dir:./merged")
+        return Source(path=Path(text[4:]).expanduser())
+    if _REPO_ID.fullmatch(text):
+        return Source(repo_id=text)
+    raise ValueError(f"{text!r} is neither a Hub repo id (`org/name`) nor `dir:PATH`")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PublishSpec(_Spec):
+    """How the merged model is published."""
+
+    mode: Literal["commit", "pr"] = "commit"
+    tag: str | None = None
+    commit_message: str | None = None
+    gated: Literal["inherit", "auto", "manual", "off"] = "inherit"
+
+
+class VerifySpec(_Spec):
+    """How the merged model is checked before publishing (see ``loraship verify``)."""
+
+    enabled: bool = True
+    outputs: bool = True
+    prompts: list[str | list[dict[str, str]]] | str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    max_error_ratio: float | None = Field(default=None, gt=0)
+    min_top1: float | None = Field(default=None, ge=0, le=1)
+    generation_tokens: int | None = Field(default=None, ge=0)
+    weight_atol: float = Field(default=0.0, ge=0)
+
+    def threshold_overrides(self) -> dict[str, float | int]:
+        values = {
+            "max_error_ratio": self.max_error_ratio,
+            "min_top1": self.min_top1,
+            "generation_tokens": self.generation_tokens,
+        }
+        return {k: v for k, v in values.items() if v is not None}
+
+
+class CardSpec(_Spec):
+    """What the generated model card adds."""
+
+    tags: list[str] = Field(default_factory=list)
+    language: list[str] = Field(default_factory=list)
+    extra: str | None = None
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _one_language(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class MergeJob(_Spec):
+    """One merge: an adapter, its base, where the result goes, how it is checked and described."""
+
+    name: str = "default"
+    adapter: str
+    base: str | None = None
+    output: str
+    dtype: Literal["keep", "bfloat16", "float16", "float32"] = "keep"
+    private: bool = False
+    publish: PublishSpec = Field(default_factory=PublishSpec)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+    card: CardSpec = Field(default_factory=CardSpec)
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    max_shard_size: str = "5GB"
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, value: str) -> str:
+        parse_source(value)
+        return value
+
+    @field_validator("base")
+    @classmethod
+    def _base(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_source(value, field="base")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, value: str) -> str:
+        parse_output(value)
+        return value
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value: str) -> str:
+        try:
+            parse_size(value)
+        except InputError as e:
+            raise ValueError(f"{value!r} is not a size (use e.g. 5GB or 500MB)") from e
+        return value
+
+    @property
+    def adapter_source(self) -> Source:
+        return parse_source(self.adapter)
+
+    @property
+    def base_source(self) -> Source | None:
+        return parse_source(self.base, field="base") if self.base else None
+
+    @property
+    def output_target(self) -> Source:
+        return parse_output(self.output)
+
+    def job_hash(self) -> str:
+        """A short hash of everything that shapes the published files, besides the inputs' SHAs."""
+        shaping = {
+            "adapter": self.adapter_source.repo_id or "local",
+            "base": self.base_source.repo_id if self.base_source else None,
+            "dtype": self.dtype,
+            "max_shard_size": self.max_shard_size,
+            "card": self.card.model_dump(),
+        }
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        """The job as loraship.yaml would hold it (defaults left out), for 'how to reproduce'."""
+        import yaml
+
+        data = self.model_dump(exclude_defaults=True, exclude={"name"})
+        return str(yaml.safe_dump({"jobs": {self.name: data}}, sort_keys=False, allow_unicode=True))
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(value: str | int) -> int:
+    """``5GB`` -> bytes (decimal units as transformers' ``max_shard_size``; ``GiB`` binary).
+
+    Raises:
+        InputError: The value is not a positive size.
+    """
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise InputError(
+            f"--max-shard-size {value!r} is not a size.", fix="Use a number with a unit, e.g. 5GB or 500MB."
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+# --------------------------------------------------------------------------- loraship.yaml
+
+
+def load_jobs(path: Path, overrides: Mapping[str, Any] | None = None) -> dict[str, MergeJob]:
+    """Every job of a ``loraship.yaml``, with ``overrides`` (nested keys) applied to each.
+
+    The file holds either ``jobs: {name: {...}}`` or one job's keys at the top level.
+
+    Raises:
+        ConfigError: Unreadable file, bad YAML, unknown keys, wrong types (with the file line).
+    """
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(
+            f"Cannot read the job configuration `{path}`: {e.strerror or e}.",
+            fix="Pass --config the path of your loraship.yaml.",
+        ) from e
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"`{path}`{where} is not valid YAML: {getattr(e, 'problem', None) or e}.",
+            fix="Fix the YAML syntax (indentation, colons, quotes) at that line.",
+        ) from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"`{path}` does not hold a mapping of jobs.", fix="Start it with `jobs:` (see the README).")
+    if "jobs" in data:
+        jobs_data = data["jobs"]
+        prefix: tuple[str, ...] = ("jobs",)
+        if set(data) != {"jobs"}:
+            extra = sorted(k for k in data if k != "jobs")
+            raise ConfigError(
+                f"`{path}` line {lines.get((extra[0],), 1)}: unknown key `{extra[0]}` next to `jobs`.",
+                fix="Put every job's settings under `jobs: <name>:`.",
+            )
+        if not isinstance(jobs_data, dict) or not jobs_data:
+            raise ConfigError(f"`{path}`: `jobs` holds no jobs.", fix="Add at least one job under `jobs:`.")
+    else:
+        jobs_data, prefix = {"default": data}, ()
+    jobs: dict[str, MergeJob] = {}
+    problems: list[str] = []
+    for name, raw in jobs_data.items():
+        job_path: tuple[str, ...] = (*prefix, str(name)) if prefix else ()
+        if not isinstance(raw, dict):
+            problems.append(f"line {lines.get(job_path, 1)}: job `{name}` is not a mapping of settings")
+            continue
+        merged = _deep_update(dict(raw), overrides or {})
+        try:
+            jobs[str(name)] = MergeJob.model_validate({**merged, "name": str(name)})
+        except ValidationError as e:
+            problems.extend(_describe(e, job_path, lines))
+    if problems:
+        problems.sort(key=lambda p: int(p.split(":")[0].removeprefix("line ")) if p.startswith("line ") else 0)
+        raise ConfigError(
+            f"`{path}` has {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems),
+            fix="Correct the keys named above (the README lists every key of a job).",
+        )
+    return jobs
+
+
+def job_from_values(values: Mapping[str, Any], *, source: str = "the command line") -> MergeJob:
+    """A job from flags or action inputs alone.
+
+    Raises:
+        ConfigError: A value is missing or invalid.
+    """
+    try:
+        return MergeJob.model_validate(dict(values))
+    except ValidationError as e:
+        problems = _describe(e, (), {})
+        raise ConfigError(
+            f"The job given on {source} has {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems),
+            fix="Give at least --adapter and --output (or a --config file); see `loraship run --help`.",
+        ) from e
+
+
+def _deep_update(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            base[key] = _deep_update(dict(base[key]), value)
+        else:
+            base[key] = value
+    return base
+
+
+def _key_lines(node: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Line (1-based) of every key in a composed YAML document, by key path."""
+    import yaml
+
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key_path = (*path, str(key_node.value))
+            lines[key_path] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key_path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*path, str(i))] = item.start_mark.line + 1
+            lines.update(_key_lines(item, (*path, str(i))))
+    return lines
+
+
+_KNOWN_KEYS = {
+    (): sorted(MergeJob.model_fields),
+    ("publish",): sorted(PublishSpec.model_fields),
+    ("verify",): sorted(VerifySpec.model_fields),
+    ("card",): sorted(CardSpec.model_fields),
+}
+
+
+def _describe(error: ValidationError, where: tuple[str, ...], lines: Mapping[tuple[str, ...], int]) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = tuple(str(p) for p in item["loc"])
+        # pydantic adds the union member tried (e.g. 'str') to locations: keep the user's keys only
+        loc = tuple(p for p in loc if not p.startswith(("list[", "str", "dict[", "function-")))
+        full = (*where, *loc)
+        line = _line_for(full, lines)
+        at = f"line {line}: " if line else ""
+        key = ".".join(loc) or "(job)"
+        if item["type"] == "extra_forbidden":
+            known = _KNOWN_KEYS.get(loc[:-1], [])
+            hint = f" (known keys: {', '.join(k for k in known if k != 'name')})" if known else ""
+            problems.append(f"{at}unknown key `{key}`{hint}")
+        elif item["type"] == "missing":
+            problems.append(f"{at}`{key}` is required")
+        else:
+            message = str(item["msg"]).removeprefix("Value error, ")
+            given = item.get("input")
+            shown = f" (got {given!r})" if given is not None and item["type"] != "value_error" else ""
+            problems.append(f"{at}`{key}`: {message[0].lower() + message[1:]}{shown}")
+    return problems
+
+
+def _line_for(path: tuple[str, ...], lines: Mapping[tuple[str, ...], int]) -> int | None:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path[:-1]
+    return None

@@ -1,0 +1,70 @@
+"""The generated model card: a golden file, and metadata the Hub's own parser reads."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from huggingface_hub import ModelCard
+
+from loraship import __version__
+from loraship.adapter import PREFIX, parse_adapter
+from loraship.card import CardInputs, lora_summary, modules_summary, render_card
+from loraship.safetensors_io import TensorInfo
+from loraship.spec import MergeJob
+
+GOLDEN = Path(__file__).parent / "golden" / "model_card.md"
+
+
+def _info(name: str, shape: tuple[int, ...]) -> TensorInfo:
+    return TensorInfo(name, "F32", shape, Path("/x"), 0, 4 * math.prod(shape))
+
+
+def card_inputs() -> CardInputs:
+    tensors = {}
+    for layer in range(2):
+        for module, out_f in (("q_proj", 64), ("v_proj", 16)):
+            name = f"{PREFIX}model.layers.{layer}.self_attn.{module}"
+            tensors[f"{name}.lora_A.weight"] = _info(f"{name}.lora_A.weight", (16, 64))
+            tensors[f"{name}.lora_B.weight"] = _info(f"{name}.lora_B.weight", (out_f, 16))
+    config = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "use_rslora": True}
+    spec = parse_adapter(config, tensors, folder=Path("/adapter"))
+    job = MergeJob(name="chat", adapter="org/chat-lora@v1.2", output="org/chat-model", dtype="bfloat16",
+                   card={"tags": ["chat"], "language": "en", "extra": "Use the chat template."})  # fmt: skip
+    return CardInputs(
+        repo_id="org/chat-model", base="meta/tiny-base", adapter="org/chat-lora", spec=spec,
+        config={"architectures": ["LlamaForCausalLM"]}, dtype="bfloat16", job_yaml=job.to_yaml(),
+        job_hash=job.job_hash(), base_sha="a" * 40, adapter_sha="b" * 40,
+        base_card={"license": "other", "license_name": "tiny", "license_link": "LICENSE"},
+        adapter_card={"datasets": ["org/chats"], "language": ["de"]},
+        adapter_text="---\nlicense: mit\n---\n# org/chat-lora\n\nA chat adapter.\n\n## Training\n\n3 epochs.\n",
+        verification="### loraship verification: passed\n\n| level | check |\n|---|---|\n| weights | all |\n",
+        tags=job.card.tags, language=job.card.language, extra=job.card.extra,
+        notes=["The adapter resizes the vocabulary from 64 to 70 tokens: config.json follows."],
+    )  # fmt: skip
+
+
+def test_rendered_card_matches_the_golden_file() -> None:
+    rendered = render_card(card_inputs())
+    expected = GOLDEN.read_text().replace("{version}", __version__)
+    assert rendered == expected
+
+
+def test_card_metadata_reads_back_with_the_hub_parser(tmp_path: Path) -> None:
+    (tmp_path / "README.md").write_text(render_card(card_inputs()))
+    data = ModelCard.load(tmp_path / "README.md").data.to_dict()
+    assert data["base_model"] == "meta/tiny-base"
+    assert data["base_model_relation"] == "finetune"
+    assert (data["license"], data["license_name"], data["license_link"]) == ("other", "tiny", "LICENSE")
+    assert (data["library_name"], data["pipeline_tag"]) == ("transformers", "text-generation")
+    assert data["tags"] == ["lora", "merge", "loraship", "chat"]
+    assert (data["language"], data["datasets"]) == (["de", "en"], ["org/chats"])
+    assert data["loraship"] == {"version": __version__, "base": "meta/tiny-base", "base_sha": "a" * 40,
+                                "adapter": "org/chat-lora", "adapter_sha": "b" * 40,
+                                "job_hash": card_inputs().job_hash}  # fmt: skip
+
+
+def test_summaries() -> None:
+    spec = card_inputs().spec
+    assert lora_summary(spec) == "r = 16, alpha = 32, scale = 8 (rsLoRA)"
+    assert modules_summary(spec) == "`model.layers.*.self_attn.q_proj` ×2, `model.layers.*.self_attn.v_proj` ×2"

@@ -1,0 +1,358 @@
+"""``loraship run`` end to end: the real huggingface_hub client against a local Hub on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LLAMA, TOKENS, assert_same_tensors, load_tensors, peft_reference
+from huggingface_hub import ModelCard, snapshot_download
+
+from loraship.cli import main
+from loraship.tiny import build_adapter
+
+BASE_CARD = """---
+license: other
+license_name: tiny-license
+license_link: LICENSE
+pipeline_tag: text-generation
+---
+# Tiny base
+"""
+ADAPTER_CARD = """---
+datasets:
+- org/chat-data
+language:
+- en
+- de
+---
+# alice/lora
+
+A LoRA that makes the tiny base chattier. Trained for 3 epochs on org/chat-data.
+"""
+
+
+@dataclass
+class Seeded:
+    url: str
+    base: Path
+    adapter: Path
+    base_sha: str
+    adapter_sha: str
+
+
+@pytest.fixture
+def seeded(hub_server, model_cache, tmp_path: Path, monkeypatch) -> Seeded:
+    """meta/base (license other, tokenizer) and alice/lora (tag v1) on the local Hub; HF_* set for it."""
+    base = tmp_path / "base"
+    shutil.copytree(model_cache(LLAMA, tokenizer=True), base)
+    (base / "README.md").write_text(BASE_CARD)
+    (base / "LICENSE").write_text("Tiny license text.\n")
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta/base"}))
+    (adapter / "README.md").write_text(ADAPTER_CARD)
+    base_sha = hub_server.seed("meta/base", base)
+    adapter_sha = hub_server.seed("alice/lora", adapter, tags=("v1",))
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setenv("HF_TOKEN", TOKENS["alice"])
+    return Seeded(hub_server.url, base, adapter, base_sha, adapter_sha)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    code = main(["run", *map(str, args), "--quiet"])
+    captured = capsys.readouterr()
+    for token in TOKENS.values():  # tokens never appear in any output
+        assert token not in captured.out and token not in captured.err
+    return code, captured.out, captured.err
+
+
+def test_run_publishes_one_verified_commit_and_reruns_are_no_ops(seeded, hub_server, tmp_path: Path, capsys) -> None:
+    result_json = tmp_path / "result.json"
+    config = tmp_path / "loraship.yaml"
+    config.write_text("jobs:\n  chat:\n    adapter: alice/lora@v1\n    output: alice/merged\n"
+                      "    publish:\n      tag: v1\n    verify:\n      generation_tokens: 4\n")  # fmt: skip
+    code, out, err = run_cli(capsys, "--config", config, "--result", result_json)
+    assert code == 0, err
+    commits = hub_server.commit_list("alice/merged")
+    assert [c.title for c in commits][1:] == ["initial commit"]  # exactly one new commit
+    ours = commits[0]
+    key = f"base {seeded.base_sha[:10]} adapter {seeded.adapter_sha[:10]}]"
+    assert ours.title.startswith("Merge alice/lora into meta/base [loraship ") and ours.title.endswith(key)
+    assert hub_server.repos["alice/merged"].tags == {"v1": ours.oid}
+
+    # Read the published repo back with the real client.
+    folder = Path(snapshot_download("alice/merged", endpoint=seeded.url, token=TOKENS["alice"],
+                                    cache_dir=tmp_path / "readback"))  # fmt: skip
+    assert_same_tensors(load_tensors(folder), peft_reference(seeded.base, seeded.adapter, tmp_path / "peft"))
+    assert (folder / "LICENSE").read_text() == "Tiny license text.\n"
+    assert (folder / "tokenizer.json").is_file()
+    card = ModelCard.load(folder / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == "meta/base" and data["base_model_relation"] == "finetune"
+    assert (data["license"], data["license_name"], data["license_link"]) == ("other", "tiny-license", "LICENSE")
+    assert (data["library_name"], data["pipeline_tag"]) == ("transformers", "text-generation")
+    assert data["tags"] == ["lora", "merge", "loraship"]
+    assert (data["datasets"], data["language"]) == (["org/chat-data"], ["en", "de"])
+    assert data["loraship"]["base_sha"] == seeded.base_sha and data["loraship"]["adapter_sha"] == seeded.adapter_sha
+    assert "### loraship verification: passed" in card.text
+    assert "A LoRA that makes the tiny base chattier." in card.text
+    assert "jobs:\n  chat:\n    adapter: alice/lora@v1\n" in card.text
+
+    result = json.loads(result_json.read_text())["results"][0]
+    assert (result["status"], result["commit_sha"], result["tag"], result["verified"]) == ("published", ours.oid, "v1",
+                                                                                            True)  # fmt: skip
+    assert result["repo_url"] == f"{seeded.url}/alice/merged" and result["report"]["passed"] is True
+    assert out.splitlines()[0].split() == [
+        "job",
+        "status",
+        "output",
+        "commit",
+        "/",
+        "PR",
+        "/",
+        "folder",
+        "verification",
+    ]
+    assert out.splitlines()[2].split() == ["chat", "published", "alice/merged", ours.oid[:12], "passed"]
+
+    # Rerun: nothing published, and the base is not even downloaded.
+    before = len(hub_server.requests)
+    code, out, _ = run_cli(capsys, "--config", config)
+    assert code == 0
+    assert f"Already published at {seeded.url}/alice/merged/commit/{ours.oid}: nothing to do." in out
+    assert len(hub_server.commit_list("alice/merged")) == 2
+    assert not [p for m, p in hub_server.requests[before:] if p.startswith("/meta/base/resolve")]
+
+
+def test_pull_request_mode(seeded, hub_server, capsys) -> None:
+    hub_server.seed("alice/merged", seeded.base)  # an existing, protected repo
+    code, out, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged", "--create-pr")
+    assert code == 0, err
+    repo = hub_server.repos["alice/merged"]
+    assert len(hub_server.commit_list("alice/merged")) == 1  # main untouched
+    assert list(repo.prs) == [1] and repo.discussions[0].is_pr
+    assert f"Published {seeded.url}/alice/merged/discussions/1." in out
+    code, out, _ = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged", "--create-pr")
+    assert "Already published at" in out and list(repo.prs) == [1]
+
+
+def test_gated_base_gates_the_output(seeded, hub_server, capsys) -> None:
+    hub_server.repos["meta/base"].gated = "manual"
+    hub_server.repos["meta/base"].granted.add("alice")
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "team/merged", "--no-verify")
+    assert code == 0, err
+    assert hub_server.repos["team/merged"].gated == "manual"
+
+
+def test_dry_run_publishes_nothing(seeded, hub_server, tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "alice/merged", "--dry-run", "--workdir",
+                             tmp_path / "work")  # fmt: skip
+    assert code == 0, err
+    assert "alice/merged" not in hub_server.repos
+    staged = tmp_path / "work" / "default" / "merged"
+    assert f"Dry run: the repo's files are in {staged}; nothing was published." in out
+    assert (staged / "README.md").is_file() and (staged / "model.safetensors").is_file()
+
+
+def test_several_jobs_and_a_local_output(seeded, hub_server, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "loraship.yaml"
+    config.write_text(
+        f"jobs:\n"
+        f"  local:\n    adapter: alice/lora@v1\n    output: dir:{tmp_path / 'out'}\n    verify:\n      enabled: false\n"
+        f"  hub:\n    adapter: {seeded.adapter}\n    base: {seeded.base}\n    output: team/merged\n"
+        f"    card:\n      tags: [chat]\n      extra: Merged for the demo.\n    verify:\n      generation_tokens: 4\n"
+    )
+    code, out, err = run_cli(capsys, "--config", config, "--result", tmp_path / "r.json")
+    assert code == 0, err
+    statuses = [(r["job"], r["status"]) for r in json.loads((tmp_path / "r.json").read_text())["results"]]
+    assert statuses == [("local", "written"), ("hub", "published")]
+    assert (tmp_path / "out" / "README.md").read_text().count("Not verified: verification was turned off") == 1
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.to_dict()["base_model"] == "meta/base"
+    hub_card = hub_server.file("team/merged", "README.md").decode()
+    assert "- chat" in hub_card and "Merged for the demo." in hub_card
+    assert "`" + str(seeded.base) + "` (a local folder)" in hub_card
+    code, out, err = run_cli(capsys, "--config", config, "--job", "local", "--overwrite")
+    assert code == 0 and "local  written" in out
+
+
+# --------------------------------------------------------------------------- bad input: exit 1, nothing published
+
+
+def assert_failed(code: int, err: str, expected: str) -> None:
+    assert code == 1
+    assert err.endswith(expected), err
+
+
+def test_unknown_repo(seeded, hub_server, capsys) -> None:
+    code, _, err = run_cli(capsys, "--adapter", "alice/nope", "--output", "alice/merged")
+    assert_failed(code, err, (
+        f"Error: `alice/nope` was not found on {seeded.url}, or it is private and the given token cannot see it.\n"
+        "Fix: Check the repo id. For a private repo, set HF_TOKEN (or --token) to a token that can read it.\n"
+    ))  # fmt: skip
+    assert "alice/merged" not in hub_server.repos
+
+
+def test_unknown_revision(seeded, hub_server, capsys) -> None:
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora@v9", "--output", "alice/merged")
+    assert_failed(code, err, (
+        "Error: `alice/lora` has no revision `v9`.\n"
+        f"Fix: Use a branch, tag or commit of the repo (see {seeded.url}/alice/lora/tree/main).\n"
+    ))  # fmt: skip
+    assert "alice/merged" not in hub_server.repos
+
+
+def test_private_adapter_without_token(seeded, hub_server, tmp_path: Path, capsys, monkeypatch) -> None:
+    hub_server.seed("bob/secret-lora", seeded.adapter, private=True)
+    monkeypatch.delenv("HF_TOKEN")
+    code, _, err = run_cli(capsys, "--adapter", "bob/secret-lora", "--output", f"dir:{tmp_path / 'out'}")
+    assert_failed(code, err, (
+        f"Error: `bob/secret-lora` was not found on {seeded.url}, or it is private and an anonymous request (no token "
+        "given) cannot see it.\n"
+        "Fix: Check the repo id. For a private repo, set HF_TOKEN (or --token) to a token that can read it.\n"
+    ))  # fmt: skip
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.loraship-staging-*"))
+
+
+def test_invalid_token(seeded, hub_server, capsys) -> None:
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "alice/merged", "--token", "hf_wrong")
+    assert_failed(code, err, (
+        "Error: The Hub rejected the token while trying to check the token (401: invalid or expired token).\n"
+        "Fix: Create a token at https://huggingface.co/settings/tokens and set HF_TOKEN (or --token).\n"
+    ))  # fmt: skip
+
+
+def test_gated_base_without_access(seeded, hub_server, capsys) -> None:
+    hub_server.repos["meta/base"].gated = "manual"
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "alice/merged")
+    assert_failed(code, err, (
+        "Error: `meta/base` is gated, and the given token has no access to it.\n"
+        f"Fix: Request access at {seeded.url}/meta/base, then set HF_TOKEN (or --token) to a token of the account "
+        "that was granted access.\n"
+    ))  # fmt: skip
+    assert "alice/merged" not in hub_server.repos
+
+
+def test_adapter_repo_that_is_not_an_adapter(seeded, hub_server, capsys) -> None:
+    hub_server.seed("alice/full-model", seeded.base)
+    code, _, err = run_cli(capsys, "--adapter", "alice/full-model", "--output", "alice/merged")
+    assert_failed(code, err, (
+        "Error: `alice/full-model` is not a PEFT adapter: it has no adapter_config.json (it looks like a full model: "
+        "it has config.json).\n"
+        "Fix: Point `adapter:` at the repo PeftModel.push_to_hub() wrote (adapter_config.json + "
+        "adapter_model.safetensors).\n"
+    ))  # fmt: skip
+
+
+def test_quantized_base(seeded, hub_server, tmp_path: Path, capsys) -> None:
+    quantized = tmp_path / "quantized"
+    shutil.copytree(seeded.base, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    sha = hub_server.seed("unsloth/base-bnb-4bit", quantized)
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--base", "unsloth/base-bnb-4bit", "--output",
+                           "alice/merged")  # fmt: skip
+    assert_failed(code, err, (
+        f"Error: The base model `unsloth/base-bnb-4bit@{sha}` is quantized (bitsandbytes, 4-bit; config.json has a "
+        "quantization_config): merging a LoRA delta into quantized weights loses most of it.\n"
+        "Fix: Set `base:` in the job (or --base) to the full-precision model (perhaps `unsloth/base`); adapters "
+        "trained on a quantized copy merge into the original weights.\n"
+    ))  # fmt: skip
+    base_weights = [p for _, p in hub_server.requests if p.startswith("/unsloth/") and p.endswith(".safetensors")]
+    assert base_weights == []  # refused before downloading the weights
+
+
+def test_verification_failure_publishes_nothing(seeded, hub_server, capsys) -> None:
+    config = seeded.base.parent / "strict.yaml"
+    config.write_text("adapter: alice/lora\noutput: alice/merged\nverify:\n  max_error_ratio: 1.0e-30\n"
+                      "  generation_tokens: 4\n")  # fmt: skip
+    code, _, err = run_cli(capsys, "--config", config)
+    assert_failed(code, err, (
+        "Error: The merged model does not match base + adapter: outputs: merge error / adapter effect.\n"
+        "Fix: Do not publish it. Merge again with `loraship merge` (and check that the adapter and base are the ones "
+        "it was trained with); the report says which tensors or outputs differ.\n"
+    ))  # fmt: skip
+    assert "alice/merged" not in hub_server.repos
+
+
+def test_output_repo_of_someone_else(seeded, hub_server, capsys) -> None:
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "bob/merged")
+    assert_failed(code, err, (
+        "Error: `alice` cannot publish `bob/merged`: the namespace `bob` is neither this account nor one of its "
+        "organizations (team).\n"
+        "Fix: Publish to `alice/merged` (or an organization you belong to), or use a token of a member of `bob`.\n"
+    ))  # fmt: skip
+    assert not [p for _, p in hub_server.requests if "/resolve/" in p]  # refused before any download
+
+
+def test_forbidden_by_the_hub(seeded, hub_server, capsys, monkeypatch) -> None:
+    """The Hub itself answers 403 (e.g. the repo exists but the account lost its rights)."""
+    hub_server.seed("team/merged", seeded.base)
+    hub_server.users[TOKENS["alice"]].orgs = ()
+    hub_server.users[TOKENS["alice"]].name = "team-admin"  # whoami passes for another namespace check below
+    monkeypatch.setattr("loraship.pipeline._Run._check_write_access", lambda self: None)
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "team/merged", "--no-verify")
+    assert_failed(code, err, (
+        "Error: The token's account may not push to `team/merged` (403 Forbidden).\n"
+        "Fix: Use a token with write access to that namespace, or publish to a repo in your own namespace.\n"
+    ))  # fmt: skip
+    assert len(hub_server.commit_list("team/merged")) == 1
+
+
+def test_read_only_token(seeded, hub_server, capsys) -> None:
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "alice/merged", "--token",
+                           TOKENS["alice-read"])  # fmt: skip
+    assert_failed(code, err, (
+        "Error: The token of `alice` is read-only: it cannot publish `alice/merged`.\n"
+        "Fix: Use a token with write access (https://huggingface.co/settings/tokens) in HF_TOKEN or --token.\n"
+    ))  # fmt: skip
+
+
+def test_config_with_unknown_key_and_wrong_type(seeded, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "loraship.yaml"
+    config.write_text("jobs:\n  chat:\n    adapter: alice/lora\n    output: alice/merged\n    privat: true\n"
+                      "    publish:\n      mode: push\n    verify:\n      generation_tokens: many\n")  # fmt: skip
+    code, _, err = run_cli(capsys, "--config", config)
+    assert_failed(code, err, (
+        f"Error: `{config}` has 3 problem(s):\n"
+        "  line 5: unknown key `privat` (known keys: adapter, allow_pickle, base, card, dtype, max_shard_size, output, "
+        "private, publish, trust_remote_code, verify)\n"
+        "  line 7: `publish.mode`: input should be 'commit' or 'pr' (got 'push')\n"
+        "  line 9: `verify.generation_tokens`: input should be a valid integer, unable to parse string as an integer "
+        "(got 'many')\n"
+        "Fix: Correct the keys named above (the README lists every key of a job).\n"
+    ))  # fmt: skip
+
+
+def test_output_dir_not_writable(seeded, tmp_path: Path, capsys) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    target = tmp_path / "a-file" / "merged"
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", f"dir:{target}")
+    assert_failed(code, err, (
+        f"Error: The output folder `{target}` cannot be written: File exists.\n"
+        "Fix: Choose an `output: dir:...` in a folder you can write to.\n"
+    ))  # fmt: skip
+
+
+def test_base_precision_guess() -> None:
+    from loraship.pipeline import full_precision_guess
+
+    assert full_precision_guess("unsloth/llama-3-8b-bnb-4bit") == "unsloth/llama-3-8b"
+    assert full_precision_guess("TheBloke/Llama-2-7B-GPTQ") == "TheBloke/Llama-2-7B"
+    assert full_precision_guess("org/model-awq-4bit-gemm") == "org/model"
+    assert full_precision_guess("meta/llama") is None
+
+
+def test_weights_are_those_of_peft_for_bf16(seeded, hub_server, model_cache, tmp_path: Path, capsys) -> None:
+    base = model_cache(LLAMA, dtype="bfloat16")
+    adapter = build_adapter(base, tmp_path / "a16", target_modules=["o_proj"])
+    code, _, err = run_cli(capsys, "--adapter", adapter, "--base", base, "--output", "alice/m16")
+    assert code == 0, err
+    folder = Path(snapshot_download("alice/m16", endpoint=seeded.url, token=TOKENS["alice"], cache_dir=tmp_path / "c"))
+    assert_same_tensors(load_tensors(folder), peft_reference(base, adapter, tmp_path / "p", dtype=torch.bfloat16))
