@@ -8,7 +8,7 @@ keeps its traceback.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class LorashipError(Exception):
@@ -78,9 +78,10 @@ class OutputError(LorashipError):
 
 
 class VerificationFailed(LorashipError):
-    """The merged model does not behave like base + adapter."""
+    """The merged model does not behave like base + adapter. ``report`` holds the VerifyReport."""
 
     title = "Verification failed"
+    report: Any = None
 
 
 class ConfigError(LorashipError):

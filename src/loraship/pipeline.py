@@ -71,6 +71,7 @@ def run(
     overwrite: bool = False,
     progress: bool = False,
     log: Log = print,
+    stage: Log | None = None,
 ) -> RunResult:
     """Carry out one job; see the module docstring.
 
@@ -79,7 +80,8 @@ def run(
         workdir: Where the merged folder is staged (a temporary folder when None).
         dry_run: Do everything but publish; the staged folder is kept and reported.
         overwrite: For ``dir:`` outputs, replace a non-empty folder.
-        log: Where stage messages go.
+        log: Where progress messages go.
+        stage: Called with each stage's name as it starts (resolve, fetch, merge, verify, publish).
 
     Raises:
         LorashipError: Any expected failure; nothing is published then.
@@ -91,7 +93,9 @@ def run(
     work = Path(tempfile.mkdtemp(prefix="loraship-run-")) if workdir is None else workdir
     work.mkdir(parents=True, exist_ok=True)
     try:
-        return _Run(job, hub, work, dry_run=dry_run, overwrite=overwrite, progress=progress, log=log).execute()
+        runner = _Run(job, hub, work, dry_run=dry_run, overwrite=overwrite, progress=progress, log=log)
+        runner.stage = stage or (lambda name: None)
+        return runner.execute()
     finally:
         if owned and not dry_run:
             shutil.rmtree(work, ignore_errors=True)
@@ -120,6 +124,7 @@ class _Run:
     ) -> None:
         self.job, self.hub, self.work, self.dry_run = job, hub, work, dry_run
         self.overwrite, self.progress, self.log = overwrite, progress, log
+        self.stage: Log = lambda name: None
         self.target = job.output_target
 
     def _hub(self) -> Hub:
@@ -139,6 +144,7 @@ class _Run:
 
     def _stages(self, staging: Path) -> RunResult:
         job = self.job
+        self.stage("Resolve")
         self.log(f"Resolving the adapter {job.adapter} ...")
         adapter = self._adapter()
         base_source = job.base_source or self._base_from_adapter(adapter)
@@ -152,7 +158,9 @@ class _Run:
             found = self._hub().find_publication(self.target.repo_id or "", key)
             if found is not None:
                 return self._already(found, key, labels)
+        self.stage("Fetch")
         base = self._base(base_source, base_state)
+        self.stage("Merge")
         self.log(f"Merging into {staging} ...")
         from loraship.merge import merge
 
@@ -160,6 +168,7 @@ class _Run:
                        max_shard_size=job.max_shard_size, overwrite=True, allow_pickle=job.allow_pickle,
                        progress=self.progress)  # fmt: skip
         notes = result.prepared.notes
+        self.stage("Verify")
         report = self._verify(base, adapter, staging)
         self.log("Writing the model card ...")
         (staging / CARD_NAME).write_text(self._card(base, adapter, staging, result, report, key))
@@ -356,6 +365,7 @@ class _Run:
             f"- base: {done.base}\n- adapter: {done.adapter}\n- job hash: {self.job.job_hash()}\n"
             f"- verification: {'passed' if done.verified else 'not run'}\n"
         )
+        self.stage("Publish")
         self.log(f"Publishing to {hub.url(repo_id)} ...")
         publication = hub.publish(
             staging, repo_id, private=self.job.private, gated=gated, title=title, description=description,

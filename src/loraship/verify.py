@@ -465,9 +465,12 @@ def write_report(report: VerifyReport, *, json_path: Path | None, markdown_path:
 
 
 def raise_if_failed(report: VerifyReport) -> None:
+    """Raise :class:`VerificationFailed`, carrying the report, unless every check passed."""
     if not report.passed:
-        raise VerificationFailed(
+        error = VerificationFailed(
             "The merged model does not match base + adapter: " + "; ".join(report.failed_checks) + ".",
             fix="Do not publish it. Merge again with `loraship merge` (and check that the adapter and base are "
             "the ones it was trained with); the report says which tensors or outputs differ.",
         )
+        error.report = report
+        raise error

@@ -1,0 +1,5 @@
+import sys
+
+from entrypoint.action import main
+
+sys.exit(main())

@@ -1,0 +1,292 @@
+"""The GitHub Action: ``python -m entrypoint`` run as the runner runs it, against a local Hub and a
+local GitHub API; action.yml, the Dockerfile and the example workflows linted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import LLAMA, TOKENS
+from github_server import FakeGitHub
+from hub_server import serve, stop
+
+from loraship.tiny import build_adapter
+
+ROOT = Path(__file__).resolve().parent.parent
+GH_TOKEN = "ghs_local_test_token_0123456789"
+EVENT_SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+@dataclass
+class ActionRun:
+    code: int
+    stdout: str
+    stderr: str
+    outputs: dict[str, str]
+    summary: str
+
+
+@pytest.fixture
+def github():  # type: ignore[no-untyped-def]
+    fake = FakeGitHub(token=GH_TOKEN)
+    url, server, thread = serve(fake.app())
+    fake.url = url
+    yield fake
+    stop(server, thread)
+
+
+@pytest.fixture
+def seeded(hub_server, model_cache, tmp_path: Path) -> Path:
+    """meta/base and alice/lora (tags v1.1 and v1.2) on the local Hub; returns the adapter folder."""
+    base = tmp_path / "base"
+    shutil.copytree(model_cache(LLAMA, tokenizer=True), base)
+    hub_server.seed("meta/base", base)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta/base"}))
+    hub_server.seed("alice/lora", adapter, tags=("v1.1",))
+    other = build_adapter(base, tmp_path / "adapter-v2", target_modules=["q_proj"], seed=7)
+    (other / "adapter_config.json").write_text(
+        (adapter / "adapter_config.json").read_text().replace("v_proj", "q_proj")
+    )
+    hub_server.seed("alice/lora", other, tags=("v1.2",))
+    return adapter
+
+
+def run_action(tmp_path: Path, hub_server, github, inputs: dict[str, str], *, tag: str | None = "v1.2") -> ActionRun:  # type: ignore[no-untyped-def]
+    workspace = tmp_path / "workspace"
+    workspace.mkdir(exist_ok=True)
+    output, summary, event = tmp_path / "github_output", tmp_path / "step_summary", tmp_path / "event.json"
+    output.write_text("")
+    summary.write_text("")
+    ref = f"refs/tags/{tag}" if tag else "refs/heads/main"
+    event.write_text(json.dumps({
+        "ref": ref, "before": "0" * 40, "after": EVENT_SHA, "created": True, "deleted": False,
+        "repository": {"full_name": "octo/trainer", "name": "trainer", "owner": {"login": "octo"}},
+        "pusher": {"name": "octo"}, "sender": {"login": "octo"},
+    }))  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INPUT_", "GITHUB_", "HF_TOKEN"))}
+    env.update({
+        "GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(workspace), "GITHUB_EVENT_NAME": "push",
+        "GITHUB_EVENT_PATH": str(event), "GITHUB_REF": ref, "GITHUB_REF_TYPE": "tag" if tag else "branch",
+        "GITHUB_REF_NAME": tag or "main", "GITHUB_SHA": EVENT_SHA, "GITHUB_REPOSITORY": "octo/trainer",
+        "GITHUB_SERVER_URL": "https://github.test", "GITHUB_RUN_ID": "42", "GITHUB_API_URL": github.url,
+        "GITHUB_OUTPUT": str(output), "GITHUB_STEP_SUMMARY": str(summary), "HF_ENDPOINT": hub_server.url,
+    })  # fmt: skip
+    env.update({f"INPUT_{name.upper()}": value for name, value in inputs.items()})  # hyphens kept, as the runner does
+    proc = subprocess.run([sys.executable, "-m", "entrypoint"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+    outputs = parse_outputs(output.read_text())
+    everything = proc.stdout + proc.stderr + output.read_text() + summary.read_text()
+    for secret in (*TOKENS.values(), GH_TOKEN):
+        assert secret not in everything.replace(f"::add-mask::{secret}", ""), "a token leaked"
+    return ActionRun(proc.returncode, proc.stdout, proc.stderr, outputs, summary.read_text())
+
+
+def parse_outputs(text: str) -> dict[str, str]:
+    values, lines = {}, iter(text.splitlines())
+    for line in lines:
+        name, delimiter = line.split("<<", 1)
+        value = []
+        for inner in lines:
+            if inner == delimiter:
+                break
+            value.append(inner)
+        values[name] = "\n".join(value)
+    return values
+
+
+BASIC = {"adapter": "alice/lora", "output-repo": "alice/merged", "hf-token": TOKENS["alice"], "github-token": GH_TOKEN}
+
+
+def test_tag_push_publishes_and_reports_back(seeded, hub_server, github, tmp_path: Path) -> None:
+    run = run_action(tmp_path, hub_server, github, {**BASIC, "github-release": "true"})
+    assert run.code == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[:2] == [f"::add-mask::{TOKENS['alice']}", f"::add-mask::{GH_TOKEN}"]  # masked first
+    groups = [line for line in lines if line.startswith("::group::")]
+    assert groups == ["::group::Configure", "::group::Resolve", "::group::Fetch", "::group::Merge",
+                      "::group::Verify", "::group::Publish"]  # fmt: skip
+    # The tag names the adapter revision and the output tag.
+    (commit, _) = hub_server.commit_list("alice/merged")
+    tag_sha = hub_server.repos["alice/lora"].tags["v1.2"]
+    assert commit.title.endswith(f"adapter {tag_sha[:10]}]")
+    assert hub_server.repos["alice/merged"].tags == {"v1.2": commit.oid}
+    assert run.outputs["status"] == "published"
+    assert run.outputs["repo-url"] == f"{hub_server.url}/alice/merged"
+    assert (run.outputs["commit-sha"], run.outputs["tag"], run.outputs["verified"]) == (commit.oid, "v1.2", "true")
+    assert run.outputs["pr-url"] == ""
+    assert run.outputs["report-path"] == "loraship-report.json"
+    report = json.loads((tmp_path / "workspace" / "loraship-report.json").read_text())
+    assert report["passed"] is True
+    assert float(run.outputs["max-kl"]) == pytest.approx(report["outputs"]["stats"]["max_kl"], rel=1e-5)
+    assert float(run.outputs["top1-agreement"]) == report["outputs"]["stats"]["top1"]
+    assert run.summary.startswith(f"## loraship: published [alice/merged]({hub_server.url}/alice/merged)")
+    assert "### loraship verification: passed" in run.summary
+    assert f"::notice::Published {hub_server.url}/alice/merged/commit/{commit.oid}." in run.stdout
+    # GitHub: a success status on the pushed commit, and the release with the report.
+    (status,) = github.statuses
+    assert (status["sha"], status["state"], status["context"]) == (EVENT_SHA, "success", "loraship")
+    assert status["description"] == "published: alice/merged (verified)"
+    assert status["target_url"] == f"{hub_server.url}/alice/merged/commit/{commit.oid}"
+    (release,) = github.releases.values()
+    assert (release["tag_name"], release["name"]) == ("v1.2", "v1.2: published: alice/merged (verified)")
+    assert "### loraship verification: passed" in release["body"]
+    (asset,) = github.assets.values()
+    assert asset["name"] == "loraship-report.json" and json.loads(asset["data"])["passed"] is True
+    # Again (a re-run of the workflow): nothing published; the release and its report stay as they are.
+    again = run_action(tmp_path, hub_server, github, {**BASIC, "github-release": "true"})
+    assert again.code == 0 and again.outputs["status"] == "already-published"
+    assert again.outputs["commit-sha"] == commit.oid and len(hub_server.commit_list("alice/merged")) == 2
+    assert list(github.releases.values()) == [release] and len(github.assets) == 1
+    assert [s["state"] for s in github.statuses] == ["success", "success"]
+    assert github.statuses[1]["description"] == "already published: alice/merged (not verified)"
+
+
+def test_inputs_with_underscores_config_and_explicit_revision(seeded, hub_server, github, tmp_path: Path) -> None:
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    (workspace / "loraship.yaml").write_text(
+        "jobs:\n  main:\n    adapter: alice/lora\n    output: alice/from-config\n"
+        "    verify:\n      generation_tokens: 4\n"
+        "  other:\n    adapter: alice/lora\n    output: alice/other\n"
+    )
+    inputs = {"config": "loraship.yaml", "job": "main", "adapter-revision": "v1.1", "create-pr": "false",
+              "tag": "release-1", "hf_token": TOKENS["alice"]}  # fmt: skip
+    run = run_action(tmp_path, hub_server, github, inputs, tag=None)
+    assert run.code == 0, run.stdout + run.stderr
+    (commit, _) = hub_server.commit_list("alice/from-config")
+    assert commit.title.endswith(f"adapter {hub_server.repos['alice/lora'].tags['v1.1'][:10]}]")  # adapter-revision
+    assert hub_server.repos["alice/from-config"].tags == {"release-1": run.outputs["commit-sha"]}
+    assert "alice/other" not in hub_server.repos
+    assert github.statuses == []  # no github-token: nothing reported
+
+
+def test_missing_token(seeded, hub_server, github, tmp_path: Path) -> None:
+    run = run_action(tmp_path, hub_server, github, {**BASIC, "hf-token": ""})
+    assert run.code == 1
+    assert (
+        "::error title=Bad input::Publishing to `alice/merged` needs a Hugging Face token, and the `hf-token` input "
+        "is empty.%0AFix: Add `hf-token: ${{ secrets.HF_TOKEN }}` under `with:`, with a token that can write to the "
+        "output repo (https://huggingface.co/settings/tokens)."
+    ) in run.stdout
+    assert run.summary.startswith("## loraship failed: Bad input\n\nPublishing to `alice/merged` needs")
+    assert "**How to fix it:** Add `hf-token: ${{ secrets.HF_TOKEN }}`" in run.summary
+    assert "alice/merged" not in hub_server.repos
+    (status,) = github.statuses
+    assert (status["state"], status["description"]) == ("failure", status["description"])
+    assert status["description"].startswith("Bad input: Publishing to `alice/merged` needs a Hugging Face token")
+
+
+def test_bad_repo_id(seeded, hub_server, github, tmp_path: Path) -> None:
+    run = run_action(tmp_path, hub_server, github, {**BASIC, "output-repo": "my model"})
+    assert run.code == 1
+    assert (
+        "::error title=Bad input::Input `output-repo`: 'my model' is neither a Hub repo id (`org/name`) nor "
+        "`dir:PATH`.%0AFix: Set `output-repo:` to a repo id such as org/name."
+    ) in run.stdout
+
+
+def test_unknown_input_value(seeded, hub_server, github, tmp_path: Path) -> None:
+    run = run_action(tmp_path, hub_server, github, {**BASIC, "dtype": "int8"})
+    assert run.code == 1
+    assert (
+        "::error title=Bad input::Input `dtype` must be one of keep, bfloat16, float16, float32, got 'int8'."
+        "%0AFix: Set `dtype:` to one of: keep, bfloat16, float16, float32."
+    ) in run.stdout
+    run = run_action(tmp_path, hub_server, github, {**BASIC, "private": "maybe"})
+    assert "::error title=Bad input::Input `private` must be true or false, got 'maybe'." in run.stdout
+
+
+def test_verification_failure(seeded, hub_server, github, tmp_path: Path) -> None:
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    (workspace / "strict.yaml").write_text("adapter: alice/lora\noutput: alice/merged\nverify:\n"
+                                           "  max_error_ratio: 1.0e-30\n  generation_tokens: 4\n")  # fmt: skip
+    inputs = {"config": "strict.yaml", "hf-token": TOKENS["alice"], "github-token": GH_TOKEN, "github-release": "true"}
+    run = run_action(tmp_path, hub_server, github, inputs)
+    assert run.code == 1
+    assert (
+        "::error title=Verification failed::The merged model does not match base + adapter: outputs: merge error / "
+        "adapter effect.%0AFix: Do not publish it."
+    ) in run.stdout
+    assert "### loraship verification: FAILED" in run.summary
+    assert (run.outputs["verified"], run.outputs["report-path"]) == ("false", "loraship-report.json")
+    assert "alice/merged" not in hub_server.repos  # nothing published
+    assert [s["state"] for s in github.statuses] == ["failure"] and github.releases == {}
+
+
+def test_bad_github_token(seeded, hub_server, github, tmp_path: Path) -> None:
+    run = run_action(tmp_path, hub_server, github, {**BASIC, "github-token": "ghs_wrong"})
+    assert run.code == 1
+    assert (
+        "::error title=GitHub error::GitHub rejected the token while trying to read the repository octo/trainer "
+        "(401 Bad credentials).%0AFix: Pass `github-token: ${{ secrets.GITHUB_TOKEN }}`"
+    ) in run.stdout
+
+
+def test_a_bug_exits_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    import io
+
+    from entrypoint import action
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("loraship.pipeline.run", broken)
+    out = io.StringIO()
+    env = {"INPUT_ADAPTER": "./adapter", "INPUT_OUTPUT-REPO": "dir:./out", "GITHUB_WORKSPACE": str(tmp_path),
+           "GITHUB_STEP_SUMMARY": str(tmp_path / "summary")}  # fmt: skip
+    assert action.main(env, out) == 2
+    assert "RuntimeError: boom" in out.getvalue()
+    assert "::error title=loraship crashed (a bug)::An unexpected error stopped the action" in out.getvalue()
+
+
+# --------------------------------------------------------------------------- action.yml, Dockerfile, workflows
+
+
+def test_action_yml_declares_what_the_entrypoint_reads_and_writes() -> None:
+    from entrypoint.action import INPUTS, result_outputs
+
+    action = yaml.safe_load((ROOT / "action.yml").read_text())
+    assert tuple(action["inputs"]) == INPUTS
+    assert action["runs"] == {"using": "docker", "image": "Dockerfile"}
+
+    class Result:
+        report, status, repo_url, commit_sha, tag, pr_url, verified = None, "published", "", "", "", "", None
+
+    assert set(action["outputs"]) == set(result_outputs(Result(), ""))
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name) or str(Path(sys.executable).with_name(name))
+    assert Path(path).exists(), f"{name} is installed by the dev extra"
+    return path
+
+
+def test_action_yml_is_valid_for_github() -> None:
+    proc = subprocess.run([_tool("check-jsonschema"), "--builtin-schema", "vendor.github-actions", "action.yml"],
+                          cwd=ROOT, capture_output=True, text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_lints_clean() -> None:
+    proc = subprocess.run([_tool("hadolint"), "Dockerfile"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_workflows_lint_clean() -> None:
+    files = sorted((ROOT / "examples" / "workflows").glob("*.yml")) + sorted(
+        (ROOT / ".github" / "workflows").glob("*.yml")
+    )
+    assert len(files) >= 3
+    proc = subprocess.run([_tool("actionlint"), *map(str, files)], cwd=ROOT, capture_output=True, text=True,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
