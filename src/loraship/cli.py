@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--result", type=Path, metavar="JSON", help="write the run's results as JSON here")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    serve = sub.add_parser("serve", help="the Hub webhook bot: merge when a watched adapter repo gets a new tag")
+    serve.add_argument("--config", required=True, type=Path, help="bot.yaml (see examples/bot.yaml)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default: 8080)")
+
     demo = sub.add_parser("demo", help="offline end-to-end run: tiny model + adapter, merged and checked against PEFT")
     demo.add_argument("--workdir", type=Path, help="keep the generated files here (default: a temporary folder)")
     return parser
@@ -118,6 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_verify(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "serve":
+            from loraship.webhook.app import serve
+
+            serve(args.config, host=args.host, port=args.port)
+            return 0
         if args.command == "demo":
             from loraship.demo import run_demo
 
@@ -195,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import json
 
     from loraship.errors import ConfigError
-    from loraship.pipeline import run
+    from loraship.pipeline import RunResult, run
     from loraship.report import format_run_results
     from loraship.spec import job_from_values, load_jobs
 
@@ -216,14 +226,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         from loraship.hub import Hub
 
         hub = Hub(token=args.token)
-    results = []
+    results: list[RunResult] = []
+
+    def record(error: dict[str, object] | None = None) -> None:
+        if args.result:
+            data: dict[str, object] = {"results": [r.to_json() for r in results]}
+            if error is not None:
+                data["error"] = error
+            args.result.write_text(json.dumps(data, indent=2) + "\n")
+
     for job in jobs.values():
         log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
         workdir = args.workdir / job.name if args.workdir else None
-        results.append(run(job, hub=hub, workdir=workdir, dry_run=args.dry_run, overwrite=args.overwrite,
-                           progress=not args.quiet, log=log))  # fmt: skip
-        if args.result:
-            args.result.write_text(json.dumps({"results": [r.to_json() for r in results]}, indent=2) + "\n")
+        try:
+            results.append(run(job, hub=hub, workdir=workdir, dry_run=args.dry_run, overwrite=args.overwrite,
+                               progress=not args.quiet, log=log))  # fmt: skip
+        except LorashipError as e:  # the bot reads this to decide between retrying and giving up
+            record({"job": job.name, "title": e.title, "message": e.message, "fix": e.fix, "transient": e.transient})
+            raise
+        record()
     print(format_run_results(results))
     return 0
 

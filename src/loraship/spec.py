@@ -226,25 +226,7 @@ def load_jobs(path: Path, overrides: Mapping[str, Any] | None = None) -> dict[st
     Raises:
         ConfigError: Unreadable file, bad YAML, unknown keys, wrong types (with the file line).
     """
-    import yaml
-
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(
-            f"Cannot read the job configuration `{path}`: {e.strerror or e}.",
-            fix="Pass --config the path of your loraship.yaml.",
-        ) from e
-    try:
-        data = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(
-            f"`{path}`{where} is not valid YAML: {getattr(e, 'problem', None) or e}.",
-            fix="Fix the YAML syntax (indentation, colons, quotes) at that line.",
-        ) from e
+    data, lines = read_yaml(path, what="job configuration", flag="--config", name="loraship.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"`{path}` does not hold a mapping of jobs.", fix="Start it with `jobs:` (see the README).")
     if "jobs" in data:
@@ -272,13 +254,52 @@ def load_jobs(path: Path, overrides: Mapping[str, Any] | None = None) -> dict[st
             jobs[str(name)] = MergeJob.model_validate({**merged, "name": str(name)})
         except ValidationError as e:
             problems.extend(_describe(e, job_path, lines))
+    raise_problems(path, problems, fix="Correct the keys named above (the README lists every key of a job).")
+    return jobs
+
+
+def read_yaml(path: Path, *, what: str, flag: str, name: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+    """A YAML file's data and the line of every key (for messages that say where).
+
+    Raises:
+        ConfigError: The file cannot be read or is not valid YAML (with the line).
+    """
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(
+            f"Cannot read the {what} `{path}`: {e.strerror or e}.", fix=f"Pass {flag} the path of your {name}."
+        ) from e
+    try:
+        return yaml.safe_load(text), _key_lines(yaml.compose(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"`{path}`{where} is not valid YAML: {getattr(e, 'problem', None) or e}.",
+            fix="Fix the YAML syntax (indentation, colons, quotes) at that line.",
+        ) from e
+
+
+def raise_problems(path: Path, problems: list[str], *, fix: str) -> None:
+    """One ConfigError listing every problem, in line order."""
     if problems:
         problems.sort(key=lambda p: int(p.split(":")[0].removeprefix("line ")) if p.startswith("line ") else 0)
         raise ConfigError(
-            f"`{path}` has {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems),
-            fix="Correct the keys named above (the README lists every key of a job).",
+            f"`{path}` has {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems), fix=fix
         )
-    return jobs
+
+
+def describe_errors(
+    error: ValidationError,
+    where: tuple[str, ...],
+    lines: Mapping[tuple[str, ...], int],
+    known: Mapping[tuple[str, ...], list[str]] | None = None,
+) -> list[str]:
+    """pydantic's errors as ``line N: `key`: what is wrong`` lines."""
+    return _describe(error, where, lines, known)
 
 
 def job_from_values(values: Mapping[str, Any], *, source: str = "the command line") -> MergeJob:
@@ -324,15 +345,21 @@ def _key_lines(node: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], i
 
 
 _KNOWN_KEYS = {
-    (): sorted(MergeJob.model_fields),
+    (): sorted(k for k in MergeJob.model_fields if k != "name"),  # a job's name is its key under `jobs:`
     ("publish",): sorted(PublishSpec.model_fields),
     ("verify",): sorted(VerifySpec.model_fields),
     ("card",): sorted(CardSpec.model_fields),
 }
 
 
-def _describe(error: ValidationError, where: tuple[str, ...], lines: Mapping[tuple[str, ...], int]) -> list[str]:
+def _describe(
+    error: ValidationError,
+    where: tuple[str, ...],
+    lines: Mapping[tuple[str, ...], int],
+    known_keys: Mapping[tuple[str, ...], list[str]] | None = None,
+) -> list[str]:
     problems = []
+    known_keys = _KNOWN_KEYS if known_keys is None else known_keys
     for item in error.errors():
         loc = tuple(str(p) for p in item["loc"])
         # pydantic adds the union member tried (e.g. 'str') to locations: keep the user's keys only
@@ -342,8 +369,8 @@ def _describe(error: ValidationError, where: tuple[str, ...], lines: Mapping[tup
         at = f"line {line}: " if line else ""
         key = ".".join(loc) or "(job)"
         if item["type"] == "extra_forbidden":
-            known = _KNOWN_KEYS.get(loc[:-1], [])
-            hint = f" (known keys: {', '.join(k for k in known if k != 'name')})" if known else ""
+            known = known_keys.get(tuple(p for p in loc[:-1] if not p.isdigit()), [])
+            hint = f" (known keys: {', '.join(known)})" if known else ""
             problems.append(f"{at}unknown key `{key}`{hint}")
         elif item["type"] == "missing":
             problems.append(f"{at}`{key}` is required")
