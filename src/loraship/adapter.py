@@ -157,11 +157,6 @@ class AdapterSpec:
         return str(value) if value else None
 
     @property
-    def base_model_revision(self) -> str | None:
-        value = self.config.get("revision")
-        return str(value) if value else None
-
-    @property
     def base_model_class(self) -> str | None:
         mapping = self.config.get("auto_mapping") or {}
         value = mapping.get("base_model_class") if isinstance(mapping, dict) else None
@@ -170,10 +165,6 @@ class AdapterSpec:
     @property
     def ensure_weight_tying(self) -> bool:
         return bool(self.config.get("ensure_weight_tying"))
-
-    @property
-    def adapted_modules(self) -> tuple[str, ...]:
-        return tuple(m.module for m in self.lora_modules)
 
 
 # --------------------------------------------------------------------------- loading

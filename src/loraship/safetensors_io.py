@@ -22,10 +22,10 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from loraship.errors import BaseModelError, CorruptFileError
 
@@ -472,9 +472,3 @@ def copy_range(src_fd: int, offset: int, length: int, dst_fd: int) -> None:
             w = os.write(dst_fd, view)
             view = view[w:]
         done += len(chunk)
-
-
-def iter_chunks(f: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
-    """Fixed-size chunks of a binary file (for hashing without reading it whole)."""
-    while chunk := f.read(size):
-        yield chunk

@@ -16,7 +16,6 @@ embeddings, replacements) is computed whole on the main thread, as PEFT computes
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import threading
@@ -51,19 +50,6 @@ class BufferPool:
     def put(self, buf: torch.Tensor) -> None:
         with self._lock:
             self._free.append(buf)
-
-
-@contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run torch with ``count`` intra-op threads (in this thread) inside the block."""
-    previous = torch.get_num_threads()
-    if count != previous:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count != previous:
-            torch.set_num_threads(previous)
 
 
 def default_workers() -> int:
