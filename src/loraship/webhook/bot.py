@@ -88,17 +88,20 @@ class Bot:
                 self.queue.retry_later(job.id, delay, str(error))
                 return
             log.warning("job %s failed: %s", job.id, error.message)
-            self.queue.finish(job.id, "failed", error=str(error))
             self._comment(job, failure_comment(job, error))
+            self.queue.finish(job.id, "failed", error=str(error))
             return
         except Exception as error:  # a bug: record it, keep the bot alive
             log.exception("job %s crashed", job.id)
             self.queue.finish(job.id, "failed", error=f"internal error: {type(error).__name__}: {error}")
             return
-        self.queue.finish(job.id, outcome.state, result=outcome.result)
-        log.info("job %s %s", job.id, outcome.state)
+        # Report first, then record the job as done: whoever sees the final state (an API poller,
+        # a test) also sees the comment. A crash in between reruns the job, which finds the
+        # output already published and does not comment twice.
         if outcome.comment:
             self._comment(job, outcome.comment)
+        self.queue.finish(job.id, outcome.state, result=outcome.result)
+        log.info("job %s %s", job.id, outcome.state)
 
     def _comment(self, job: Job, body: str) -> None:
         if self.hub is None:
