@@ -225,11 +225,8 @@ def build_job(env: Mapping[str, str], ctx: Context) -> Any:
     if source.repo_id and not source.revision and (revision or ctx.event_tag):
         # `adapter-revision`, else a pushed tag, names the revision of an adapter that names none
         job = job.model_copy(update={"adapter": f"{source.repo_id}@{revision or ctx.event_tag}"})
-    if ctx.event_tag:  # a tag push also names the output tag, unless set explicitly
-        changes: dict[str, Any] = {}
-        if job.publish.tag is None:
-            changes["publish"] = job.publish.model_copy(update={"tag": ctx.event_tag})
-        job = job.model_copy(update=changes)
+    if ctx.event_tag and job.publish.tag is None:  # a tag push also names the output tag
+        job = job.model_copy(update={"publish": job.publish.model_copy(update={"tag": ctx.event_tag})})
     return job
 
 
@@ -243,6 +240,13 @@ def write_outputs(ctx: Context, values: Mapping[str, str]) -> None:
         for name, value in values.items():
             delimiter = f"ghadelimiter_{uuid.uuid4()}"
             f.write(f"{name}<<{delimiter}\n{value}\n{delimiter}\n")
+
+
+def write_report(ctx: Context, report: Mapping[str, Any]) -> Path:
+    """The verification report as JSON in the workspace (for later steps and the release)."""
+    path = ctx.workspace / REPORT_NAME
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return path
 
 
 def write_summary(ctx: Context, markdown: str) -> None:
@@ -337,9 +341,7 @@ def main(env: Mapping[str, str] | None = None, out: IO[str] | None = None) -> in
         write_summary(ctx, summary)
         report = getattr(error, "report", None)
         if report is not None:
-            path = ctx.workspace / REPORT_NAME
-            path.write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")
-            write_outputs(ctx, {"verified": "false", "report-path": REPORT_NAME})
+            write_outputs(ctx, {"verified": "false", "report-path": write_report(ctx, report.to_json()).name})
         try:
             report_to_github(env, ctx, state="failure", description=f"{error.title}: {error.message}", url=None,
                              summary=summary, report=None)  # fmt: skip
@@ -372,22 +374,17 @@ def _run(env: Mapping[str, str], ctx: Context, cmd: Commands) -> int:
             fix="Add `hf-token: ${{ secrets.HF_TOKEN }}` under `with:`, with a token that can write to the output "
             "repo (https://huggingface.co/settings/tokens).",
         )
-    needs_hub = not job.output_target.is_local or not job.adapter_source.is_local
-    hub = Hub(token=token) if needs_hub or token else None
-    result = run(job, hub=hub, log=cmd.log, stage=cmd.group)
+    # without a token, the pipeline connects to the Hub by itself where the job needs it
+    result = run(job, hub=Hub(token=token) if token else None, log=cmd.log, stage=cmd.group)
     cmd.endgroup()
-    report_path = ""
-    if result.report is not None:
-        (ctx.workspace / REPORT_NAME).write_text(json.dumps(result.report, indent=2, default=str) + "\n")
-        report_path = REPORT_NAME
-    write_outputs(ctx, result_outputs(result, report_path))
+    report = write_report(ctx, result.report) if result.report is not None else None
+    write_outputs(ctx, result_outputs(result, report.name if report else ""))
     summary = success_summary(result)
     write_summary(ctx, summary)
     cmd.notice(result.message)
     url = result.pr_url or (f"{result.repo_url}/commit/{result.commit_sha}" if result.commit_sha else result.repo_url)
     verdict = {True: "verified", False: "NOT verified", None: "not verified"}[result.verified]
     description = f"{result.status.replace('-', ' ')}: {result.output} ({verdict})"
-    report = ctx.workspace / REPORT_NAME if report_path else None
     for line in report_to_github(env, ctx, state="success", description=description, url=url, summary=summary,
                                  report=report, published=result.status == "published"):  # fmt: skip
         cmd.log(f"GitHub: {line}")

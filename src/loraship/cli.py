@@ -222,10 +222,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         jobs = {"default": job_from_values(overrides)}
     hub = None
-    if args.token or any(not j.output_target.is_local or not j.adapter_source.is_local for j in jobs.values()):
+    if args.token:  # else each job that needs the Hub connects with HF_TOKEN
         from loraship.hub import Hub
 
         hub = Hub(token=args.token)
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     results: list[RunResult] = []
 
     def record(error: dict[str, object] | None = None) -> None:
@@ -236,7 +237,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             args.result.write_text(json.dumps(data, indent=2) + "\n")
 
     for job in jobs.values():
-        log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
         workdir = args.workdir / job.name if args.workdir else None
         try:
             results.append(run(job, hub=hub, workdir=workdir, dry_run=args.dry_run, overwrite=args.overwrite,

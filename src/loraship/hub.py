@@ -52,6 +52,11 @@ class Publication:
     pr_url: str | None = None
     tag: str | None = None
 
+    @property
+    def link(self) -> str:
+        """Where people see it: the pull request, else the commit."""
+        return self.pr_url or f"{self.repo_url}/commit/{self.commit_sha}"
+
 
 class Hub:
     """The Hugging Face Hub, through huggingface_hub's own client.

@@ -17,14 +17,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from loraship.adapter import AdapterSpec, load_adapter
 from loraship.architecture import inspect_architecture, needs_architecture
 from loraship.errors import BaseModelError, OutputError
-from loraship.plan import MergePlan, NameResolver, TensorPlan, plan_merge
+from loraship.plan import ArchInfo, MergePlan, NameResolver, TensorPlan, plan_merge
 from loraship.repo_files import CONFIG_NAME, FileChoice, choose_files, copy_files
 from loraship.report import human_bytes
 from loraship.safetensors_io import (
@@ -57,10 +57,17 @@ class PreparedMerge:
     adapter: AdapterSpec
     plan: MergePlan
     files: tuple[FileChoice, ...]
+    arch: ArchInfo | None = None
+    arch_problem: str | None = None
 
     @property
     def notes(self) -> tuple[str, ...]:
         return self.plan.notes
+
+    def with_dtype(self, dtype: str) -> PreparedMerge:
+        """The same inputs planned for another output dtype (nothing is read or converted again)."""
+        plan = _plan(self.base, self.base_config, self.adapter, self.arch, self.arch_problem, dtype, self.base_dir)
+        return replace(self, plan=plan)
 
 
 @dataclass(frozen=True)
@@ -159,21 +166,28 @@ def prepare_merge(
     """Read base and adapter, and plan the merge. Reads no tensor data (except opted-in pickles)."""
     adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle, scratch=scratch / "adapter" if scratch else None)
     base, config = load_base(base_dir, allow_pickle=allow_pickle, scratch=scratch / "base" if scratch else None)
-    resolver = NameResolver(base.tensors)
-    arch = None
-    extra_notes: tuple[str, ...] = ()
-    if needs_architecture(config, adapter, resolver):
+    arch, problem = None, None
+    if needs_architecture(config, adapter, NameResolver(base.tensors)):
         arch, problem = inspect_architecture(base_dir, adapter)
-        if problem:
-            extra_notes = (f"Embedding tying unknown: {problem}.",)
-    plan = plan_merge(base, config, adapter, arch=arch, dtype=dtype, base_label=str(base_dir))
-    if extra_notes:
-        from dataclasses import replace
-
-        plan = replace(plan, notes=plan.notes + extra_notes)
+    plan = _plan(base, config, adapter, arch, problem, dtype, base_dir)
     replaced = [p.relative_to(base_dir).as_posix() for p in base.files if p.is_relative_to(base_dir)]
     files = choose_files(base_dir, adapter_dir, replaced_weights=replaced)
-    return PreparedMerge(base_dir, adapter_dir, base, config, adapter, plan, tuple(files))
+    return PreparedMerge(base_dir, adapter_dir, base, config, adapter, plan, tuple(files), arch, problem)
+
+
+def _plan(
+    base: Checkpoint,
+    config: Mapping[str, Any],
+    adapter: AdapterSpec,
+    arch: ArchInfo | None,
+    arch_problem: str | None,
+    dtype: str | None,
+    base_dir: Path,
+) -> MergePlan:
+    plan = plan_merge(base, config, adapter, arch=arch, dtype=dtype, base_label=str(base_dir))
+    if arch_problem:
+        plan = replace(plan, notes=(*plan.notes, f"Embedding tying unknown: {arch_problem}."))
+    return plan
 
 
 # --------------------------------------------------------------------------- output folder

@@ -18,6 +18,7 @@ from typing import Any
 
 from loraship.errors import InputError
 from loraship.metrics import GenerationAgreement, OutputStats, combine, compare_outputs, greedy_agreement
+from loraship.plan import vocab_size
 
 #: Default prompts: short, varied (prose, code, instructions, lists, a question).
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -187,8 +188,8 @@ def compare(
     if "id2label" in head:  # the adapter brings a classifier head: the reference gets one of that size
         head["num_labels"] = len(head["id2label"])
     reference = cls.from_pretrained(str(base), **load, **head)
-    vocab = _vocab(config)
-    if vocab is not None and vocab != _vocab(base_config) and hasattr(reference, "resize_token_embeddings"):
+    vocab = vocab_size(config)
+    if vocab is not None and vocab != vocab_size(base_config) and hasattr(reference, "resize_token_embeddings"):
         reference.resize_token_embeddings(vocab, mean_resizing=False)
     reference = PeftModel.from_pretrained(reference, str(adapter)).eval()
     inputs, description = _inputs(reference, merged, config, prompts)
@@ -293,13 +294,6 @@ def _run_dtype(dtype: str, config: Mapping[str, Any]) -> str:
     return name if name in THRESHOLDS else "float32"
 
 
-def _vocab(config: Mapping[str, Any]) -> int | None:
-    value = config.get("vocab_size")
-    if value is None and isinstance(config.get("text_config"), dict):
-        value = config["text_config"].get("vocab_size")
-    return int(value) if isinstance(value, int) else None
-
-
 def _pad_id(config: Any) -> int:
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
         value = getattr(config, name, None)
@@ -326,7 +320,7 @@ def _inputs(
         return [{"input_values": torch.randn(2, 4000, generator=g)}], "fixed random audio"
     tokenizer = _tokenizer(merged)
     if tokenizer is None:
-        vocab = _vocab(config) or 1000
+        vocab = vocab_size(config) or 1000
         count = len(prompts) if prompts else len(DEFAULT_PROMPTS)
         items = [{"input_ids": torch.randint(0, vocab, (1, 16), generator=g)} for _ in range(count)]
         return items, "fixed random token ids (the model has no tokenizer)"
@@ -368,11 +362,8 @@ def _main_output(out: Any) -> tuple[Any, bool]:
 
 
 def _free() -> None:
-    gc.collect()
-    try:
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -234,7 +234,7 @@ class _Run:
         from loraship.spec import parse_source
 
         try:
-            return parse_source(f"{name}@{revision}" if revision else str(name), field="base")
+            return parse_source(f"{name}@{revision}" if revision else str(name))
         except ValueError as e:
             raise AdapterError(
                 f"The adapter `{adapter.label}` names its base as `{name}`, which is neither a Hub repo nor a local "
@@ -371,9 +371,9 @@ class _Run:
             staging, repo_id, private=self.job.private, gated=gated, title=title, description=description,
             create_pr=self.job.publish.mode == "pr", tag=self.job.publish.tag, parent_commit=parent,
         )  # fmt: skip
-        where = publication.pr_url or f"{publication.repo_url}/commit/{publication.commit_sha}"
         return replace(done, status="published", repo_url=publication.repo_url, commit_sha=publication.commit_sha,
-                       tag=publication.tag, pr_url=publication.pr_url, message=f"Published {where}.")  # fmt: skip
+                       tag=publication.tag, pr_url=publication.pr_url,
+                       message=f"Published {publication.link}.")  # fmt: skip
 
     def _gating(self, base: _Input) -> str | None:
         mode = self.job.publish.gated
@@ -385,11 +385,11 @@ class _Run:
         return str(gated) if gated in ("auto", "manual") else None
 
     def _already(self, found: Publication, key: str, labels: tuple[str, str]) -> RunResult:
-        where = found.pr_url or f"{found.repo_url}/commit/{found.commit_sha}"
-        self.log(f"Already published at {where}: nothing to do.")
+        message = f"Already published at {found.link}: nothing to do."
+        self.log(message)
         return RunResult(job=self.job.name, status="already-published", output=self.job.output, base=labels[0],
                          adapter=labels[1], provenance=key, repo_url=found.repo_url, commit_sha=found.commit_sha,
-                         pr_url=found.pr_url, message=f"Already published at {where}: nothing to do.")  # fmt: skip
+                         pr_url=found.pr_url, message=message)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- pure helpers

@@ -676,13 +676,13 @@ class _Planner:
         known = self._embedding_names()
         if known:
             return name in known
-        vocab = _vocab_size(self.config)  # no architecture information: go by the vocabulary size
+        vocab = vocab_size(self.config)  # no architecture information: go by the vocabulary size
         return len(shape) == 2 and vocab is not None and shape[0] == vocab
 
     def _check_vocab(self, new_vocab: Mapping[str, int], updates: dict[str, Any]) -> None:
         if not new_vocab:
             return
-        old = _vocab_size(self.config)
+        old = vocab_size(self.config)
         sizes = set(new_vocab.values())
         tied_out = self.output_name or (f"{self.arch.output_embedding}.weight" if self.arch.output_embedding else None)
         behind = sorted(
@@ -764,7 +764,8 @@ def _head_class(architectures: list[str], task: str) -> str | None:
     return None
 
 
-def _vocab_size(config: Mapping[str, Any]) -> int | None:
+def vocab_size(config: Mapping[str, Any]) -> int | None:
+    """config.json's vocabulary size (or its text model's, for multimodal configs)."""
     value = config.get("vocab_size")
     if value is None and isinstance(config.get("text_config"), dict):
         value = config["text_config"].get("vocab_size")

@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loraship.errors import ConfigError, InputError
 
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
-DTYPES = ("keep", "bfloat16", "float16", "float32")
+#: A Hub repo id, ``org/name``.
+REPO_ID_PATTERN = r"[A-Za-z0-9][\w.\-]*/[\w.\-]+"
+_REPO_ID = re.compile(REPO_ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Source:
         return f"{self.repo_id}@{self.revision}" if self.revision else str(self.repo_id)
 
 
-def parse_source(text: str, *, field: str = "adapter") -> Source:
+def parse_source(text: str) -> Source:
     """``org/name``, ``org/name@revision``, or a local folder (``./x``, ``/x``, ``~/x``, or an existing folder).
 
     Raises:
@@ -145,7 +146,7 @@ class MergeJob(_Spec):
     @classmethod
     def _base(cls, value: str | None) -> str | None:
         if value is not None:
-            parse_source(value, field="base")
+            parse_source(value)
         return value
 
     @field_validator("output")
@@ -169,7 +170,7 @@ class MergeJob(_Spec):
 
     @property
     def base_source(self) -> Source | None:
-        return parse_source(self.base, field="base") if self.base else None
+        return parse_source(self.base) if self.base else None
 
     @property
     def output_target(self) -> Source:
@@ -253,7 +254,7 @@ def load_jobs(path: Path, overrides: Mapping[str, Any] | None = None) -> dict[st
         try:
             jobs[str(name)] = MergeJob.model_validate({**merged, "name": str(name)})
         except ValidationError as e:
-            problems.extend(_describe(e, job_path, lines))
+            problems.extend(describe_errors(e, job_path, lines))
     raise_problems(path, problems, fix="Correct the keys named above (the README lists every key of a job).")
     return jobs
 
@@ -292,16 +293,6 @@ def raise_problems(path: Path, problems: list[str], *, fix: str) -> None:
         )
 
 
-def describe_errors(
-    error: ValidationError,
-    where: tuple[str, ...],
-    lines: Mapping[tuple[str, ...], int],
-    known: Mapping[tuple[str, ...], list[str]] | None = None,
-) -> list[str]:
-    """pydantic's errors as ``line N: `key`: what is wrong`` lines."""
-    return _describe(error, where, lines, known)
-
-
 def job_from_values(values: Mapping[str, Any], *, source: str = "the command line") -> MergeJob:
     """A job from flags or action inputs alone.
 
@@ -311,7 +302,7 @@ def job_from_values(values: Mapping[str, Any], *, source: str = "the command lin
     try:
         return MergeJob.model_validate(dict(values))
     except ValidationError as e:
-        problems = _describe(e, (), {})
+        problems = describe_errors(e, (), {})
         raise ConfigError(
             f"The job given on {source} has {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems),
             fix="Give at least --adapter and --output (or a --config file); see `loraship run --help`.",
@@ -352,12 +343,13 @@ _KNOWN_KEYS = {
 }
 
 
-def _describe(
+def describe_errors(
     error: ValidationError,
     where: tuple[str, ...],
     lines: Mapping[tuple[str, ...], int],
     known_keys: Mapping[tuple[str, ...], list[str]] | None = None,
 ) -> list[str]:
+    """pydantic's errors as ``line N: `key`: what is wrong`` lines."""
     problems = []
     known_keys = _KNOWN_KEYS if known_keys is None else known_keys
     for item in error.errors():

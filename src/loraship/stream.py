@@ -27,7 +27,7 @@ import torch
 from loraship import lora_math
 from loraship.plan import LoraBiasStep, LoraStep, ReplaceStep, TensorPlan
 from loraship.safetensors_io import TensorInfo, TensorReader, torch_dtype
-from loraship.writer import Chunk, CopyChunk, DataChunk
+from loraship.writer import Chunk, DataChunk
 
 #: Rows are read, merged and written in groups of about this many bytes.
 GROUP_BYTES = 16 << 20
@@ -91,15 +91,15 @@ class TensorStreamer:
         self.close()
 
     def work(self, t: TensorPlan) -> Iterator[tuple[Future[list[Chunk]] | list[Chunk], int]]:
-        """The tensor's output, in order, as (work, bytes) pairs; work runs on the pool when it can."""
+        """The tensor's computed output, in order, as (work, bytes) pairs; work runs on the pool when it can.
+
+        Tensors copied as they are (``t.copies_bytes``) are the caller's: they need no torch.
+        """
         source = t.source
-        if t.copies_bytes and source is not None:
-            yield [CopyChunk(self.reader.fd(source.file), source.offset, source.nbytes)], 0
-            return
         if source is not None and len(source.shape) == 2 and source.shape[0] > 1:
             step = t.steps[0] if len(t.steps) == 1 else None
             if not t.steps:  # a dtype change only: elementwise, any blocks will do
-                yield from self._groups(t, source, lora_math.block_bounds(source.shape[0], _row_numel(source) * 4))
+                yield from self._groups(t, source, lora_math.block_bounds(source.shape[0], source.shape[1] * 4))
                 return
             if isinstance(step, LoraStep) and step.layout in ("linear", "conv1d") and not step.dora:
                 blocked = self._lora_work(t, source, step)
@@ -113,10 +113,10 @@ class TensorStreamer:
     ) -> Iterator[tuple[Future[list[Chunk]], int]] | None:
         m = step.module
         fifo = step.layout == "conv1d"
-        a32, b32 = self.reader.read(m.a).float(), self.reader.read(m.b).float()
         bounds = lora_math.block_bounds(source.shape[0], source.shape[1] * 4)
         if len(bounds) == 1:
             return None
+        a32, b32 = self.reader.read(m.a).float(), self.reader.read(m.b).float()
         key = (source.shape, a32.shape, fifo)
         if key not in self._blocks_ok:
             whole = lora_math.linear_delta(a32, b32, m.scale, fan_in_fan_out=fifo)
@@ -171,10 +171,6 @@ class TensorStreamer:
             scratch = torch.empty(numel, dtype=torch.float32)
             self._local.scratch = scratch
         return scratch
-
-
-def _row_numel(source: TensorInfo) -> int:
-    return source.numel // source.shape[0]
 
 
 def compute_tensor(t: TensorPlan, reader: TensorReader) -> torch.Tensor:

@@ -158,7 +158,7 @@ def verify_weights(prepared: PreparedMerge, merged: Checkpoint, *, atol: float =
     import torch
 
     from loraship.stream import TensorStreamer
-    from loraship.writer import CopyChunk, DataChunk
+    from loraship.writer import DataChunk
 
     plan = prepared.plan
     planned = {t.name: t for t in plan.tensors}
@@ -167,7 +167,7 @@ def verify_weights(prepared: PreparedMerge, merged: Checkpoint, *, atol: float =
     wrong_layout = tuple(
         f"{n} ({merged.tensors[n].dtype} {list(merged.tensors[n].shape)}, expected {t.dtype} {list(t.shape)})"
         for n, t in planned.items()
-        if n in merged.tensors and (merged.tensors[n].shape != t.shape or merged.tensors[n].dtype != t.dtype)
+        if n in merged.tensors and _layout_differs(t, merged)
     )
     comparable = [t for t in plan.tensors if t.name in merged.tensors and not _layout_differs(t, merged)]
     exact = close = same_as_base = 0
@@ -191,7 +191,7 @@ def verify_weights(prepared: PreparedMerge, merged: Checkpoint, *, atol: float =
             for work, _ in streamer.work(t):
                 chunks = work.result() if not isinstance(work, list) else work
                 for chunk in chunks:
-                    assert isinstance(chunk, DataChunk) and not isinstance(chunk, CopyChunk)
+                    assert isinstance(chunk, DataChunk)
                     expected = chunk.tensor.reshape(-1)
                     length = expected.numel() * expected.element_size()
                     actual = _read_flat(reader, actual_info, offset, length, expected.dtype)
@@ -310,23 +310,26 @@ def _no_op(w: WeightReport) -> bool:
     return w.changed > 0 and w.same_as_base == w.changed
 
 
+def _error_and_effect(o: OutputReport) -> tuple[float, float]:
+    """Mean KL (logits) or mean |Δ| (other outputs) of the merge error and of the adapter's effect."""
+    if o.logits:
+        return o.stats.mean_kl or 0.0, o.effect.mean_kl or 0.0
+    return o.stats.mean_abs, o.effect.mean_abs
+
+
 def error_ratio(o: OutputReport) -> float | None:
     """Merge error relative to the adapter's effect; None when the adapter changes no output."""
-    if o.logits:
-        error, effect = o.stats.mean_kl or 0.0, o.effect.mean_kl or 0.0
-    else:
-        error, effect = o.stats.mean_abs, o.effect.mean_abs
+    error, effect = _error_and_effect(o)
     return error / effect if effect > 1e-12 else None
 
 
 def output_checks(o: OutputReport) -> list[Check]:
     t = o.thresholds
     assert t is not None
-    s, e = o.stats, o.effect
+    s = o.stats
     ratio = error_ratio(o)
     measure = "mean KL" if o.logits else "mean |Δ|"
-    error = (s.mean_kl or 0.0) if o.logits else s.mean_abs
-    effect = (e.mean_kl or 0.0) if o.logits else e.mean_abs
+    error, effect = _error_and_effect(o)
     if ratio is None:  # the adapter does not move the outputs: only an exact match is evidence
         passed = error <= 1e-9
         measured = f"{measure} {error:.3g}; the adapter does not change the base's outputs (untrained?)"
@@ -391,7 +394,7 @@ def verify(
         prepared = prepare_merge(base, adapter, allow_pickle=allow_pickle, scratch=Path(scratch))
         out_dtype = merged_dtype(prepared, merged_ckpt)
         if out_dtype:
-            prepared = prepare_merge(base, adapter, dtype=out_dtype, allow_pickle=allow_pickle, scratch=Path(scratch))
+            prepared = prepared.with_dtype(out_dtype)
         weights = replace(verify_weights(prepared, merged_ckpt, atol=weight_atol), dtype=out_dtype)
     checks = weight_checks(weights)
     output_report = None

@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -102,10 +103,9 @@ def webhook_secret(env: dict[str, str] | None = None) -> str:
     return secret
 
 
-def serve(config_path: Any, *, host: str, port: int) -> None:
+def serve(config_path: Path, *, host: str, port: int) -> None:
     """``loraship serve``: load bot.yaml, start the workers, serve HTTP until stopped."""
     import logging
-    from pathlib import Path
 
     import uvicorn
 
@@ -116,7 +116,7 @@ def serve(config_path: Any, *, host: str, port: int) -> None:
     from loraship.webhook.queue import JobQueue
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = load_bot_config(Path(config_path))
+    config = load_bot_config(config_path)
     secret = webhook_secret()
     env = dict(os.environ)
     hub = Hub() if env.get("HF_TOKEN") else None

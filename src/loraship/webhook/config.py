@@ -13,9 +13,10 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from loraship.errors import ConfigError
-from loraship.spec import MergeJob, _Spec, describe_errors, raise_problems, read_yaml
+from loraship.spec import REPO_ID_PATTERN, MergeJob, _Spec, describe_errors, raise_problems, read_yaml
 
-_REPO = r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$"
+_REPO = f"^{REPO_ID_PATTERN}$"
+_FIX = "Correct the keys named above (examples/bot.yaml shows every key)."
 
 
 class WatchRule(_Spec):
@@ -115,13 +116,12 @@ def load_bot_config(path: Path) -> BotConfig:
     data, lines = read_yaml(path, what="bot configuration", flag="--config", name="bot.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"`{path}` does not hold a mapping.", fix="Start it with `watch:` (see examples/bot.yaml).")
-    problems: list[str] = []
     try:
         config = BotConfig.model_validate(data)
     except ValidationError as e:
-        problems.extend(describe_errors(e, (), lines, _KNOWN))
-        raise_problems(path, problems, fix="Correct the keys named above (examples/bot.yaml shows every key).")
-        raise AssertionError from e  # pragma: no cover - raise_problems raised
+        raise_problems(path, describe_errors(e, (), lines, _KNOWN), fix=_FIX)
+        raise AssertionError from e  # pragma: no cover - a ValidationError has at least one problem
+    problems: list[str] = []
     for i, rule in enumerate(config.watch):
         try:
             rule.merge_job("0" * 40, tag=None)
@@ -129,5 +129,5 @@ def load_bot_config(path: Path) -> BotConfig:
             problems.extend(
                 f"{p} (in the job of watch entry {i + 1})" for p in describe_errors(e, ("watch", str(i), "job"), lines)
             )
-    raise_problems(path, problems, fix="Correct the keys named above (examples/bot.yaml shows every key).")
+    raise_problems(path, problems, fix=_FIX)
     return config
