@@ -10,7 +10,8 @@ import pytest
 
 from loraship.adapter import PREFIX, parse_adapter
 from loraship.errors import IncompatibleError, UnsupportedError
-from loraship.plan import ArchInfo, LoraStep, NameResolver, plan_merge
+from loraship.model_map import ModelMap
+from loraship.plan import LoraStep, NameResolver, plan_merge
 from loraship.safetensors_io import Checkpoint, TensorInfo
 
 FOLDER = Path("/adapters/demo")
@@ -31,6 +32,12 @@ def lora(module: str, r: int, in_f: int, out_f: int, **config: Any) -> dict[str,
         f"{PREFIX}{module}.lora_A.weight": info(f"{PREFIX}{module}.lora_A.weight", (r, in_f)),
         f"{PREFIX}{module}.lora_B.weight": info(f"{PREFIX}{module}.lora_B.weight", (out_f, r)),
     }
+
+
+def model_map(*params: str, embed: str = "model.embed", head: str | None = "lm_head") -> ModelMap:
+    """transformers' view of an untied model whose parameters are stored under their own names."""
+    same = {p: p for p in params}
+    return ModelMap("TestForCausalLM", "model", tuple(params), same, same, input_embedding=embed, output_embedding=head)
 
 
 def adapter(tensors: dict[str, TensorInfo], **config: Any):  # type: ignore[no-untyped-def]
@@ -108,7 +115,7 @@ def test_every_adapter_tensor_is_accounted_for() -> None:
     }
     base = checkpoint(model__q__weight=(8, 8), lm_head__weight=(10, 8))
     plan = plan_merge(base, {"vocab_size": 10}, adapter(tensors, modules_to_save=["lm_head"]),
-                      arch=ArchInfo("model.embed", "lm_head", tied=False))  # fmt: skip
+                      model=model_map("model.q.weight", "lm_head.weight"))  # fmt: skip
     assert plan.accounting == {
         f"{PREFIX}model.q.lora_A.weight": "model.q.weight",
         f"{PREFIX}model.q.lora_B.weight": "model.q.weight",
@@ -132,7 +139,7 @@ def test_one_sided_vocabulary_resize_refused() -> None:
     tensors = {f"{PREFIX}model.embed.weight": info(f"{PREFIX}model.embed.weight", (12, 8))}
     with pytest.raises(IncompatibleError) as e:
         plan_merge(base, {"vocab_size": 10}, adapter(tensors, modules_to_save=["embed"]),
-                   arch=ArchInfo("model.embed", "lm_head", tied=False))  # fmt: skip
+                   model=model_map("model.embed.weight", "lm_head.weight"))  # fmt: skip
     assert e.value.message == (
         "The adapter resizes the vocabulary inconsistently: it saves `model.embed.weight` to 12 rows; "
         "`lm_head.weight` stays at 10 rows."

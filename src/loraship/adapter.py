@@ -189,6 +189,15 @@ def load_adapter(folder: Path, *, allow_pickle: bool = False, scratch: Path | No
             fix="Pass the folder that PeftModel.save_pretrained() wrote (or a Hub repo id with `loraship run`).",
         )
     config_path = folder / CONFIG_NAME
+    named = sorted(p.parent.name for p in folder.glob(f"*/{CONFIG_NAME}")) if not config_path.is_file() else []
+    if named:
+        raise AdapterError(
+            f"`{folder}` has no {CONFIG_NAME}, but its subfolder(s) "
+            + ", ".join(f"`{name}`" for name in named)
+            + " hold a PEFT adapter (save_pretrained() writes an adapter that is not named `default` into a "
+            "subfolder of its name).",
+            fix=f"Point --adapter at the adapter's own folder, e.g. `{folder / named[0]}`.",
+        )
     if not config_path.is_file():
         hint = (
             " (it holds a config.json: is it a full model rather than an adapter?)"
@@ -287,8 +296,10 @@ def check_method(config: Mapping[str, Any], where: Path | str) -> None:
             f"`{where}` uses the LoRA variant {', '.join(variants)}, whose merge loraship does not support.",
             fix="Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload().",
         )
-    if (isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS)) or config.get("lora_ga_config"):
-        method = "LoRA-GA" if config.get("lora_ga_config") else str(init)
+    # Saved converted (path_initial_model_for_weight_conversion), PEFT writes init_lora_weights=True:
+    # only an adapter that still names the base-rewriting init needs the rewritten base.
+    if isinstance(init, str) and init.lower().startswith((*_BASE_REWRITING_INITS, "lora_ga")):
+        method = "LoRA-GA" if init.lower() == "lora_ga" else str(init)
         raise UnsupportedError(
             f"`{where}` was initialised with {method}, which rewrites the base weights at the start of "
             "training: the adapter only fits that rewritten base, and merging it into the original base "
@@ -333,6 +344,7 @@ def parse_adapter(config: Mapping[str, Any], tensors: Mapping[str, TensorInfo], 
     modules_to_save = list(config.get("modules_to_save") or [])
     bias_mode = str(config.get("bias") or "none")
     target_parameters = list(config.get("target_parameters") or [])
+    ensure_tying = bool(config.get("ensure_weight_tying"))
 
     parts: dict[str, dict[str, TensorInfo]] = {}
     replacements: list[Replacement] = []
@@ -365,6 +377,10 @@ def parse_adapter(config: Mapping[str, Any], tensors: Mapping[str, TensorInfo], 
                 replacements.append(Replacement(module, param, info, "modules_to_save"))
             elif param == "bias" and bias_mode in ("all", "lora_only"):
                 replacements.append(Replacement(module, param, info, "bias"))
+            elif ensure_tying and modules_to_save:
+                # PEFT also saves the trained copy of the module tied to one in modules_to_save; where it
+                # lands (and that it is the tied one) is checked against PEFT when the merge is planned.
+                replacements.append(Replacement(module, param, info, "modules_to_save"))
             else:
                 unexplained.append(key)
     if unexplained:

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from loraship.adapter import AdapterSpec, load_adapter
-from loraship.architecture import inspect_architecture, needs_architecture
-from loraship.errors import BaseModelError, OutputError
-from loraship.plan import ArchInfo, MergePlan, NameResolver, TensorPlan, plan_merge
+from loraship.errors import BaseModelError, OutputError, UnsupportedError
+from loraship.model_map import ModelMap, ModelMapError, inspect_model
+from loraship.oracle import OracleReport, check_plan
+from loraship.plan import MergePlan, TensorPlan, plan_merge
 from loraship.repo_files import CONFIG_NAME, FileChoice, choose_files, copy_files
 from loraship.report import human_bytes
 from loraship.safetensors_io import (
@@ -57,8 +58,9 @@ class PreparedMerge:
     adapter: AdapterSpec
     plan: MergePlan
     files: tuple[FileChoice, ...]
-    arch: ArchInfo | None = None
-    arch_problem: str | None = None
+    model: ModelMap | None = None
+    model_problem: str | None = None
+    names: OracleReport | None = None
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -66,7 +68,7 @@ class PreparedMerge:
 
     def with_dtype(self, dtype: str) -> PreparedMerge:
         """The same inputs planned for another output dtype (nothing is read or converted again)."""
-        plan = _plan(self.base, self.base_config, self.adapter, self.arch, self.arch_problem, dtype, self.base_dir)
+        plan = _plan(self.base, self.base_config, self.adapter, self.model, self.model_problem, dtype, self.base_dir)
         return replace(self, plan=plan)
 
 
@@ -162,31 +164,54 @@ def prepare_merge(
     dtype: str | None = None,
     allow_pickle: bool = False,
     scratch: Path | None = None,
+    refuse_disagreement: bool = True,
 ) -> PreparedMerge:
-    """Read base and adapter, and plan the merge. Reads no tensor data (except opted-in pickles)."""
+    """Read base and adapter, plan the merge, and check the plan's names and tying against
+    transformers + PEFT (:mod:`loraship.oracle`). Reads no tensor data (except opted-in pickles).
+
+    Args:
+        refuse_disagreement: Raise when the plan and transformers + PEFT disagree; otherwise the
+            finding is returned in ``names`` (``verify`` reports it as a failed check).
+
+    Raises:
+        UnsupportedError: The plan disagrees with transformers + PEFT (with ``refuse_disagreement``).
+    """
     adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle, scratch=scratch / "adapter" if scratch else None)
     base, config = load_base(base_dir, allow_pickle=allow_pickle, scratch=scratch / "base" if scratch else None)
-    arch, problem = None, None
-    if needs_architecture(config, adapter, NameResolver(base.tensors)):
-        arch, problem = inspect_architecture(base_dir, adapter)
-    plan = _plan(base, config, adapter, arch, problem, dtype, base_dir)
+    model, problem = None, None
+    try:
+        model = inspect_model(base_dir, base.tensors, adapter.config)
+    except ModelMapError as e:  # the plan then matches names by a prefix at most, and refuses tied changes
+        problem = str(e)
+    plan = _plan(base, config, adapter, model, problem, dtype, base_dir)
     replaced = [p.relative_to(base_dir).as_posix() for p in base.files if p.is_relative_to(base_dir)]
     files = choose_files(base_dir, adapter_dir, replaced_weights=replaced)
-    return PreparedMerge(base_dir, adapter_dir, base, config, adapter, plan, tuple(files), arch, problem)
+    names = check_plan(base_dir, adapter, plan, model)
+    if refuse_disagreement and not names.agrees:
+        raise UnsupportedError(
+            "loraship's merge plan disagrees with transformers + PEFT about where the adapter lands: "
+            + "; ".join(names.disagreements[:5])
+            + (f" (and {len(names.disagreements) - 5} more)" if len(names.disagreements) > 5 else "")
+            + ". Nothing was written.",
+            fix="This is a loraship bug: please report it with the adapter's adapter_config.json and the base's "
+            "config.json. Until it is fixed, merge with PEFT (merge_and_unload) and check the result with "
+            "`loraship verify`.",
+        )
+    return PreparedMerge(base_dir, adapter_dir, base, config, adapter, plan, tuple(files), model, problem, names)
 
 
 def _plan(
     base: Checkpoint,
     config: Mapping[str, Any],
     adapter: AdapterSpec,
-    arch: ArchInfo | None,
-    arch_problem: str | None,
+    model: ModelMap | None,
+    model_problem: str | None,
     dtype: str | None,
     base_dir: Path,
 ) -> MergePlan:
-    plan = plan_merge(base, config, adapter, arch=arch, dtype=dtype, base_label=str(base_dir))
-    if arch_problem:
-        plan = replace(plan, notes=(*plan.notes, f"Embedding tying unknown: {arch_problem}."))
+    plan = plan_merge(base, config, adapter, model=model, dtype=dtype, base_label=str(base_dir))
+    if model_problem:
+        plan = replace(plan, notes=(*plan.notes, f"Names matched without transformers' model class: {model_problem}."))
     return plan
 
 

@@ -193,6 +193,9 @@ def compare(
         reference.resize_token_embeddings(vocab, mean_resizing=False)
     reference = PeftModel.from_pretrained(reference, str(adapter)).eval()
     inputs, description = _inputs(reference, merged, config, prompts)
+    if config.get("is_encoder_decoder"):
+        inputs = [_with_decoder_inputs(item, reference.config) for item in inputs]
+        description += ", with a fixed decoder prefix"
     causal = _is_causal(cls, config)
     ref_outputs: list[torch.Tensor] = []
     base_outputs: list[torch.Tensor] = []
@@ -316,6 +319,10 @@ def _inputs(
         size = int(config.get("image_size") or 64)
         channels = int(config.get("num_channels") or 3)
         return [{"pixel_values": torch.randn(2, channels, size, size, generator=g)}], "fixed random images"
+    if main == "input_features":  # speech encoders (Whisper): log-mel frames the encoder accepts
+        mels = int(config.get("num_mel_bins") or 80)
+        frames = 2 * int(config.get("max_source_positions") or 1500)
+        return [{"input_features": torch.randn(1, mels, frames, generator=g)}], "fixed random audio features"
     if main == "input_values":
         return [{"input_values": torch.randn(2, 4000, generator=g)}], "fixed random audio"
     tokenizer = _tokenizer(merged)
@@ -347,6 +354,21 @@ def _tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder))
+
+
+def _with_decoder_inputs(item: dict[str, Any], model_config: Any) -> dict[str, Any]:
+    """An encoder-decoder needs decoder inputs: its start token, then a few fixed token ids."""
+    import torch
+
+    start = getattr(model_config, "decoder_start_token_id", None)
+    if start is None:
+        start = _pad_id(model_config)
+    vocab = int(getattr(model_config, "vocab_size", 0) or 0) or 2
+    g = torch.Generator().manual_seed(1)
+    follow = torch.randint(0, vocab, (1, 7), generator=g)
+    batch = next(iter(item.values())).shape[0]
+    ids = torch.cat([torch.full((1, 1), int(start)), follow], dim=1).expand(batch, -1)
+    return {**item, "decoder_input_ids": ids}
 
 
 def _to(item: Mapping[str, Any], model: Any) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from loraship.adapter import AdapterSpec, LoraModule, TokenUpdate
 from loraship.errors import BaseModelError, IncompatibleError, UnsupportedError
+from loraship.model_map import ModelMap
 from loraship.safetensors_io import FLOAT_CODES, Checkpoint, TensorInfo, nbytes_of
 
 #: Model types whose attention/MLP projections are transformers' ``Conv1D`` (weights stored
@@ -29,23 +30,6 @@ DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64"
 CODE_NAMES = {v: k for k, v in DTYPE_NAMES.items()}
 
 Layout = Literal["linear", "conv1d", "conv", "embedding", "parameter", "experts", "experts_transposed"]
-
-
-@dataclass(frozen=True)
-class ArchInfo:
-    """What the planner needs to know about the model class, beyond the checkpoint's headers.
-
-    Attributes:
-        input_embedding: Module path of the input embedding in the adapter's naming.
-        output_embedding: Module path of the output embedding (``lm_head``), if the model has one.
-        tied: The output embedding shares the input embedding's weight.
-        transposed_experts: Expert modules whose 3-D parameters are stored (experts, in, out).
-    """
-
-    input_embedding: str | None = None
-    output_embedding: str | None = None
-    tied: bool = False
-    transposed_experts: frozenset[str] = frozenset()
 
 
 # --------------------------------------------------------------------------- steps
@@ -207,45 +191,32 @@ def check_base(config: Mapping[str, Any], *, where: str) -> None:
 
 
 class NameResolver:
-    """Maps adapter module paths to base tensor names.
+    """Maps adapter parameter names to base tensor names when transformers cannot build the model.
 
-    The adapter names modules as the model class it was trained on does; the base checkpoint may
-    carry a wrapper prefix more or less (``transformer.``, ``bert.``, ``model.``). Exact names win;
-    otherwise a name that differs only by such a prefix (at most two segments, none of them a
-    layer number) is accepted when it is unique. Anything looser could map a module of one layer
-    onto another layer's tensor.
+    transformers loads a checkpoint into a model whose names differ at most by the model's
+    ``base_model_prefix``, added or removed on one side (a ``BertModel`` checkpoint into
+    ``BertForSequenceClassification``). Without the class, any single leading segment that is not
+    a layer number stands in for that prefix: it is added to or removed from the adapter's name,
+    never removed from both sides (that would map ``classifier.dense`` onto ``lm_head.dense``).
     """
-
-    MAX_PREFIX = 2
 
     def __init__(self, names: Iterable[str]) -> None:
         self.names = set(names)
         self._by_tail: dict[str, list[str]] = {}
         for name in self.names:
-            pieces = name.split(".")
-            for i in range(1, min(self.MAX_PREFIX, len(pieces) - 1) + 1):
-                if _is_wrapper(pieces[:i]):
-                    self._by_tail.setdefault(".".join(pieces[i:]), []).append(name)
+            head, _, tail = name.partition(".")
+            if tail and not head.isdigit():
+                self._by_tail.setdefault(tail, []).append(name)
 
     def resolve(self, module: str, param: str) -> str | None:
         full = f"{module}.{param}" if module else param
         if full in self.names:
             return full
-        pieces = full.split(".")
-        for i in range(0, min(self.MAX_PREFIX, len(pieces) - 1) + 1):
-            if not _is_wrapper(pieces[:i]):
-                break
-            tail = ".".join(pieces[i:])
-            if i and tail in self.names:
-                return tail
-            found = self._by_tail.get(tail, [])
-            if len(found) == 1:
-                return found[0]
-        return None
-
-
-def _is_wrapper(segments: list[str]) -> bool:
-    return not any(s.isdigit() for s in segments)
+        head, _, tail = full.partition(".")
+        if tail and not head.isdigit() and tail in self.names:
+            return tail
+        found = self._by_tail.get(full, [])
+        return found[0] if len(found) == 1 else None
 
 
 # --------------------------------------------------------------------------- planning
@@ -261,6 +232,9 @@ class _Target:
     note: str | None = None
 
 
+#: A collected step: (order, step, first adapter key, all its adapter keys).
+_Entry = tuple[int, Step, str, list[str]]
+
 _ORDER = {ReplaceStep: 0, LoraStep: 1, LoraBiasStep: 2, TokenRowsStep: 3}
 
 
@@ -269,7 +243,7 @@ def plan_merge(
     base_config: Mapping[str, Any],
     adapter: AdapterSpec,
     *,
-    arch: ArchInfo | None = None,
+    model: ModelMap | None = None,
     dtype: str | None = None,
     base_label: str = "base",
 ) -> MergePlan:
@@ -279,7 +253,8 @@ def plan_merge(
         base: The base checkpoint's tensor headers.
         base_config: The base's config.json.
         adapter: The adapter.
-        arch: Embedding names and tying (needed when the adapter touches embeddings).
+        model: Names and tying as transformers has them (:func:`loraship.model_map.inspect_model`);
+            without it names are matched by a wrapper prefix at most, and tied embeddings are refused.
         dtype: Output dtype name (``bfloat16``, ``float16``, ``float32``); None keeps each tensor's.
         base_label: How to name the base in messages.
 
@@ -289,9 +264,16 @@ def plan_merge(
         BaseModelError: The base is quantized.
     """
     check_base(base_config, where=base_label)
-    resolver = NameResolver(base.tensors)
-    planner = _Planner(base, base_config, adapter, resolver, arch, base_label)
+    planner = _Planner(base, base_config, adapter, model, base_label)
     return planner.build(dtype)
+
+
+#: Steps on a tied parameter that PEFT's unmerged model applies to every module sharing it: a saved
+#: base layer is loaded into the shared parameter, trainable tokens wrap the tied layers too.
+def _is_shared_step(step: Step, ensure_weight_tying: bool) -> bool:
+    if isinstance(step, ReplaceStep) and step.origin == "saved_base_layer":
+        return True
+    return isinstance(step, TokenRowsStep) or ensure_weight_tying
 
 
 class _Planner:
@@ -300,86 +282,197 @@ class _Planner:
         base: Checkpoint,
         config: Mapping[str, Any],
         adapter: AdapterSpec,
-        resolver: NameResolver,
-        arch: ArchInfo | None,
+        model: ModelMap | None,
         base_label: str,
     ) -> None:
         self.base = base
         self.config = config
         self.adapter = adapter
-        self.resolver = resolver
-        self.arch = arch or ArchInfo()
+        self.model = model
+        self.resolver = NameResolver(base.tensors)
         self.base_label = base_label
         self.targets: dict[str, _Target] = {}
         self.unmatched: list[str] = []
         self.notes: list[str] = []
         self.accounting: dict[str, str] = {}
+        self.config_updates: dict[str, Any] = {}
         self.model_type = str(config.get("model_type", ""))
-        # The tied output embedding has no tensor of its own: steps on it are collected here.
-        self.tied_output: _Target | None = None
-        self.input_name: str | None = None
-        self.output_name: str | None = None
-        if self.arch.input_embedding:
-            self.input_name = resolver.resolve(self.arch.input_embedding, "weight")
-        if self.arch.output_embedding:
-            self.output_name = resolver.resolve(self.arch.output_embedding, "weight")
+        # Steps per model parameter name (``model.embed_tokens.weight``), before they are placed.
+        self.slots: dict[str, list[_Entry]] = {}
 
     # -- collection
 
-    def _target_for(self, module: str, param: str, *, allow_new: bool) -> _Target | None:
-        name = self.resolver.resolve(module, param)
-        is_output = module == self.arch.output_embedding or (name is not None and name == self.output_name)
-        if self.arch.tied and self.input_name and param == "weight" and is_output:
-            if self.tied_output is None:
-                out_name = self.output_name or f"{module}.weight"
-                self.tied_output = _Target(out_name, self.base.tensors[self.input_name])
-            return self.tied_output
-        if name is None:
-            if not allow_new:
-                return None
-            name = f"{module}.{param}"
-            if name not in self.targets:
-                self.targets[name] = _Target(name, None, note="new tensor from the adapter")
-            return self.targets[name]
-        if name not in self.targets:
-            self.targets[name] = _Target(name, self.base.tensors[name])
-        return self.targets[name]
-
-    def _add(self, target: _Target | None, step: Step, keys: Iterable[str]) -> None:
+    def _add(self, module: str, param: str, step: Step, keys: Iterable[str]) -> None:
         keys = list(keys)
-        if target is None:
-            self.unmatched.extend(keys)
-            return
-        target.steps.append((_ORDER[type(step)], step, keys[0]))
-        for key in keys:
-            self.accounting[key] = target.name
+        name = f"{module}.{param}" if module else param
+        self.slots.setdefault(name, []).append((_ORDER[type(step)], step, keys[0], keys))
 
     def collect(self) -> None:
         a = self.adapter
         for rep in a.replacements:
-            self._add(self._target_for(rep.module, rep.param, allow_new=True), ReplaceStep(rep.tensor, rep.origin),
-                      [rep.tensor.name])  # fmt: skip
+            self._add(rep.module, rep.param, ReplaceStep(rep.tensor, rep.origin), [rep.tensor.name])
         for mod in a.lora_modules:
             keys = [mod.a.name, mod.b.name] + ([mod.magnitude.name] if mod.magnitude else [])
-            target = self._target_for(mod.module, mod.param, allow_new=False)
-            if target is None and mod.param != "weight":
+            if mod.param != "weight" and self._resolve(f"{mod.module}.{mod.param}") is None:
                 self._refuse_converted_parameter(mod)
-            self._add(target, LoraStep(mod, "linear"), keys)
+            self._add(mod.module, mod.param, LoraStep(mod, "linear"), keys)
             if mod.bias is not None:
-                bias_target = self._target_for(mod.module, "bias", allow_new=False)
-                if bias_target is None and target is not None:
+                weight = self._resolve(f"{mod.module}.{mod.param}")
+                if self._resolve(f"{mod.module}.bias") is None and weight is not None:
                     raise IncompatibleError(
                         f"The adapter has a LoRA bias (lora_bias=True) for `{mod.module}`, but the base layer "
-                        f"`{target.name}` has no bias to add it to.",
+                        f"`{weight}` has no bias to add it to.",
                         fix="Use the base model the adapter was trained on"
                         + self._trained_on()
                         + "; PEFT cannot merge this adapter into this base either.",
                     )
-                self._add(bias_target, LoraBiasStep(mod), [mod.bias.name])
+                self._add(mod.module, "bias", LoraBiasStep(mod), [mod.bias.name])
         for upd in a.token_updates:
-            self._add(self._target_for(upd.module, "weight", allow_new=False), TokenRowsStep(upd), [upd.tensor.name])
+            self._add(upd.module, "weight", TokenRowsStep(upd), [upd.tensor.name])
         for key, why in a.ignored.items():
             self.accounting[key] = f"(ignored: {why})"
+
+    def _resolve(self, param: str) -> str | None:
+        """The base tensor a model parameter is loaded from, if the checkpoint stores it."""
+        if self.model is not None:
+            return self.model.stored.get(param)
+        module, _, name = param.rpartition(".")
+        return self.resolver.resolve(module, name)
+
+    # -- placement: steps on model parameters -> output tensors
+
+    def place(self) -> None:
+        grouped: dict[tuple[str, ...], dict[str, list[_Entry]]] = {}
+        for param, entries in self.slots.items():
+            group = self.model.group_of(param) if self.model is not None else (param,)
+            if len(group) > 1:
+                grouped.setdefault(group, {})[param] = entries
+                continue
+            self._place_single(param, entries)
+        both = self.adapter.ensure_weight_tying
+        one_sided_first = sorted(  # a group that unties decides tie_word_embeddings for the others
+            grouped.items(), key=lambda kv: all(_is_shared_step(e[1], both) for es in kv[1].values() for e in es)
+        )
+        for group, by_member in one_sided_first:
+            self._place_tied(group, by_member)
+        if self.config_updates.get("tie_word_embeddings") is False and self.model is not None:
+            for group in self.model.groups:  # untying by config splits groups the adapter does not touch too
+                if group not in grouped:
+                    self._place_tied(group, {})
+
+    def _target(self, name: str, source: TensorInfo | None, note: str | None = None) -> _Target:
+        if name not in self.targets:
+            self.targets[name] = _Target(name, source, note=note)
+        return self.targets[name]
+
+    def _place_single(self, param: str, entries: list[_Entry]) -> None:
+        name = self._resolve(param)
+        if name is None:
+            if not all(isinstance(e[1], ReplaceStep) for e in entries) or not self._may_be_new(param):
+                self.unmatched.extend(k for e in entries for k in e[3])
+                return
+            new = self.model.saved_as.get(param, param) if self.model is not None else param
+            target = self._target(new, None, note="new tensor from the adapter")
+        else:
+            target = self._target(name, self.base.tensors[name])
+        for order, step, label, keys in entries:
+            target.steps.append((order, step, label))
+            for key in keys:
+                self.accounting[key] = target.name
+
+    def _may_be_new(self, param: str) -> bool:
+        """A trained copy of a parameter the checkpoint lacks is a new head, if the model has it."""
+        return self.model is None or param in self.model.saved_as
+
+    def _place_tied(self, group: tuple[str, ...], by_member: Mapping[str, list[_Entry]]) -> None:
+        """Steps on parameters that share one tensor: shared steps apply to all; one-sided ones untie.
+
+        The reference is PEFT's *unmerged* model: a LoRA or a modules_to_save copy changes one module
+        only (unless the adapter was trained with ``ensure_weight_tying``), so the merged model must
+        store that module's weight on its own; merging it into the shared tensor (as PEFT's
+        ``merge_and_unload`` does) would change the other modules too.
+        """
+        assert self.model is not None
+        m = self.model
+        stored = {p: m.stored[p] for p in group if p in m.stored}
+        keys = [k for entries in by_member.values() for e in entries for k in e[3]]
+        if not stored:
+            self.unmatched.extend(keys)
+            return
+        source = self.base.tensors[next(iter(stored.values()))]
+        both = self.adapter.ensure_weight_tying
+        shared: list[_Entry] = []
+        own: dict[str, list[_Entry]] = {}
+        for param in group:  # the group's order: the input embedding's copy of a shared change wins
+            for entry in by_member.get(param, []):
+                if not _is_shared_step(entry[1], both):
+                    own.setdefault(param, []).append(entry)
+                elif any(type(s[1]) is type(entry[1]) for s in shared):
+                    if isinstance(entry[1], LoraStep):
+                        self._note_once(
+                            "The adapter ties the output embedding's LoRA to the input embedding's "
+                            "(ensure_weight_tying): the delta is applied once, to the shared weight."
+                        )
+                    self._account(entry[3], None)  # the same shared change saved twice: applied once
+                else:
+                    shared.append(entry)
+        direct = {p for p in group if m.saved_as.get(p) == stored.get(p)}
+        if not own and self.config_updates.get("tie_word_embeddings") is not False:
+            first = None
+            for name in dict.fromkeys(stored.values()):  # every stored copy of the group stays identical
+                target = self._target(name, self.base.tensors[name])
+                target.steps.extend(e[:3] for e in shared)
+                first = first or target.name
+            for entry in shared:
+                self._account(entry[3], first)
+            return
+        parts: list[tuple[str, ...]] = []
+        if m.untie_by_config:  # tie_word_embeddings=false, if it separates every changed parameter
+            parts = [tuple(p for p in g if p in group) for g in m.untied_groups if set(g) & set(group)]
+            parts += [(p,) for p in group if not any(p in part for part in parts)]
+            if any(len(part) > 1 and set(part) & set(own) for part in parts):
+                parts = []
+        by_config = bool(parts)
+        if by_config:
+            self.config_updates["tie_word_embeddings"] = False
+        else:  # transformers loads tied tensors that are stored with different values untied
+            rest = tuple(p for p in group if p not in own)
+            parts = [(p,) for p in group if p in own] + ([rest] if rest else [])
+        for part in parts:
+            changed = [p for p in part if p in own]
+            stored_here = [m.saved_as[p] for p in part if p in direct]
+            name = stored_here[0] if stored_here else m.saved_as.get(changed[0] if changed else part[0], part[0])
+            note = None if name == source.name else f"untied from {source.name}"
+            target = self._target(name, source, note=note)
+            entries = shared + (own[changed[0]] if changed else [])
+            target.steps.extend(e[:3] for e in entries)
+            for entry in entries:  # a shared change is accounted to the tensor that stored the group
+                if entry not in shared or name == source.name or not set(entry[3]) & set(self.accounting):
+                    self._account(entry[3], target.name)
+        if own:
+            names = ", ".join(f"`{m.saved_as.get(p, p)}`" for p in own)
+            how = (
+                "sets tie_word_embeddings=false"
+                if by_config
+                else f"keeps tie_word_embeddings ({m.model_class} ties them whatever it says, or reads more "
+                "from it); transformers loads tied tensors stored with different values untied"
+            )
+            self._note_once(
+                f"Untied the embeddings: `{source.name}` is shared by {len(group)} parameters, and the adapter "
+                f"changes {names} on its own, so the merged model stores them separately and {how} (as base + "
+                "adapter behaves; merging into the shared weight would change the others too)."
+            )
+
+    def _account(self, keys: Iterable[str], target: str | None) -> None:
+        for key in keys:
+            if target is not None:
+                self.accounting[key] = target
+            else:
+                self.accounting.setdefault(key, "(ignored: the same shared change, saved under both tied names)")
+
+    def _note_once(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)
 
     def _refuse_converted_parameter(self, mod: LoraModule) -> None:
         layer = mod.module.rsplit(".", 2)[0] + "."
@@ -404,7 +497,7 @@ class _Planner:
         modules = {m.module for m in a.lora_modules} | {r.module for r in a.replacements}
         matched = {k for k, v in self.accounting.items() if not v.startswith("(ignored")}
         if not matched:
-            trained = a.base_model_class
+            trained = self.model.model_class if self.model is not None else a.base_model_class
             archs = self.config.get("architectures") or [self.model_type or "unknown"]
             detail = f" (the adapter was trained on `{trained}`; the base is `{archs[0]}`)" if trained else ""
             raise IncompatibleError(
@@ -422,74 +515,21 @@ class _Planner:
             + "; merging without these tensors would silently drop part of the adapter.",
         )
 
-    # -- tied embeddings
-
-    def resolve_tying(self) -> dict[str, Any]:
-        """Split the steps on a tied input/output embedding pair; untie when they diverge.
-
-        The reference is PEFT's *unmerged* model: a saved base layer is loaded into the shared
-        parameter and trainable tokens wrap the tied output layer too, so both apply to both sides;
-        a LoRA or a modules_to_save copy changes one side only, unless the adapter was trained with
-        ``ensure_weight_tying``. Merging a one-sided change into the shared weight (as PEFT's
-        ``merge_and_unload`` does) would change the other side too.
-        """
-        if not (self.arch.tied and self.input_name):
-            return {}
-        inp = self.targets.get(self.input_name)
-        out = self.tied_output
-        if inp is None and out is None:
-            return {}
-        both = self.adapter.ensure_weight_tying
-
-        def shared(entry: tuple[int, Step, str]) -> bool:
-            step = entry[1]
-            if isinstance(step, ReplaceStep) and step.origin == "saved_base_layer":
-                return True
-            return isinstance(step, TokenRowsStep) or both
-
-        in_steps = inp.steps if inp else []
-        out_steps = out.steps if out else []
-        in_shared = [e for e in in_steps if shared(e)]
-        in_only = [e for e in in_steps if not shared(e)]
-        out_shared = [e for e in out_steps if shared(e)]
-        out_only = [e for e in out_steps if not shared(e)]
-        # The same shared parameter saved under both names, or ensure_weight_tying's tied LoRA copy
-        # on the output: one shared change, applied once.
-        for kind in (ReplaceStep, LoraStep):
-            if any(isinstance(e[1], kind) for e in in_shared):
-                dropped = [e for e in out_shared if isinstance(e[1], kind)]
-                out_shared = [e for e in out_shared if not isinstance(e[1], kind)]
-                if dropped and kind is LoraStep:
-                    self.notes.append(
-                        "The adapter ties the output embedding's LoRA to the input embedding's "
-                        "(ensure_weight_tying): the delta is applied once, to the shared weight."
-                    )
-        all_shared = in_shared + out_shared
-        in_name = self.input_name
-        out_name = self.output_name or f"{self.arch.output_embedding}.weight"
-        source = self.base.tensors[in_name]
-        out_steps_keys = [key for e in out_steps for key in _step_keys(e[1])]
-        if not in_only and not out_only:
-            self.targets[in_name] = _Target(in_name, source, list(all_shared))
-            if self.output_name:  # the checkpoint also stores the tied copy: keep it identical
-                self.targets[self.output_name] = _Target(
-                    self.output_name, source, list(all_shared), note=f"tied copy of {in_name}"
-                )
-            for key in out_steps_keys:
-                self.accounting[key] = in_name
-            return {}
-        self.targets[in_name] = _Target(in_name, source, all_shared + in_only)
-        self.targets[out_name] = _Target(out_name, source, all_shared + out_only, note=f"untied from {in_name}")
-        for key in out_steps_keys:
-            self.accounting[key] = out_name
-        changed = [n for n, steps in ((in_name, in_only), (out_name, out_only)) if steps]
-        self.notes.append(
-            f"Untied the embeddings: the base ties `{out_name}` to `{in_name}`, but the adapter changes "
-            f"{' and '.join(f'`{n}`' for n in changed)} on its own, so the merged model stores both and "
-            "sets tie_word_embeddings=false (as base + adapter behaves; merging into the shared weight "
-            "would change the other side too)."
-        )
-        return {"tie_word_embeddings": False}
+    def check_tying_known(self) -> None:
+        """Without transformers' view of the model, a change to a possibly tied embedding is refused."""
+        if self.model is not None or not self.config.get("tie_word_embeddings", True):
+            return
+        touched = [
+            t.name for t in self.targets.values()
+            if t.source is not None and len(t.source.shape) == 2 and t.source.shape[0] == vocab_size(self.config)
+        ]  # fmt: skip
+        if touched:
+            raise UnsupportedError(
+                f"The adapter changes {', '.join(f'`{n}`' for n in touched)}, which may be tied to the other "
+                "embedding, and transformers cannot build this model class to tell.",
+                fix="Install the transformers version that has this model class (or pass --trust-remote-code "
+                "where supported), or merge with PEFT and check the result with `loraship verify`.",
+            )
 
     # -- validation and layouts
 
@@ -545,7 +585,8 @@ class _Planner:
         if len(w) == 3 and mod.experts == w[0]:
             standard, transposed = w == (w[0], out_f, in_f), w == (w[0], in_f, out_f)
             if standard and transposed:
-                return "experts_transposed" if mod.module in self.arch.transposed_experts else "experts"
+                stored_transposed = self.model.transposed_experts if self.model is not None else frozenset()
+                return "experts_transposed" if mod.module in stored_transposed else "experts"
             if standard or transposed:
                 return "experts" if standard else "experts_transposed"
         self._shape_error(where, w, f"{mod.experts} expert(s) of lora_B {list(b)} @ lora_A {list(a)}")
@@ -564,17 +605,16 @@ class _Planner:
 
     def build(self, dtype: str | None) -> MergePlan:
         self.collect()
+        self.place()
         self.check_unmatched()
-        config_updates: dict[str, Any] = {}
-        config_updates.update(self.resolve_tying())
+        self.check_tying_known()
+        config_updates = self.config_updates
         out_code = DTYPE_NAMES[dtype] if dtype else None
         default_float = out_code or self._main_float_dtype()
         order = {name: i for i, name in enumerate(self.base.tensors)}
         plans: dict[str, TensorPlan] = {}
-        new_vocab: dict[str, int] = {}
         for name, target in self.targets.items():
-            plans[name] = self._tensor_plan(target, out_code, default_float, new_vocab)
-        self._check_vocab(new_vocab, config_updates)
+            plans[name] = self._tensor_plan(target, out_code, default_float)
         tensors: list[TensorPlan] = []
         for name, info in self.base.tensors.items():
             if name in plans:
@@ -583,6 +623,7 @@ class _Planner:
                 code = out_code if (out_code and info.dtype in FLOAT_CODES) else info.dtype
                 tensors.append(TensorPlan(name, info.shape, code, info))
         tensors.extend(p for n, p in plans.items() if n not in order)
+        self._check_vocab(tensors, config_updates)
         if dtype:
             config_updates["dtype"] = dtype
         if any(t.source is None for t in tensors):
@@ -596,9 +637,7 @@ class _Planner:
             adapter=self.adapter,
         )
 
-    def _tensor_plan(
-        self, target: _Target, out_code: str | None, default_float: str, new_vocab: dict[str, int]
-    ) -> TensorPlan:
+    def _tensor_plan(self, target: _Target, out_code: str | None, default_float: str) -> TensorPlan:
         steps = [s for _, s, _ in sorted(target.steps, key=lambda s: s[0])]
         kinds = Counter(type(s) for s in steps)
         if kinds[ReplaceStep] > 1:
@@ -616,15 +655,13 @@ class _Planner:
         for step in steps:
             if isinstance(step, ReplaceStep):
                 new_shape = step.tensor.shape
-                if shape is not None and new_shape != shape:
-                    if self._is_embedding(target.name, shape) and new_shape[1:] == shape[1:]:
-                        new_vocab[target.name] = new_shape[0]
-                    else:
-                        raise IncompatibleError(
-                            f"Shape mismatch for `{target.name}`: the base tensor is {list(shape)} but the "
-                            f"adapter's trained copy `{step.tensor.name}` is {list(new_shape)}.",
-                            fix="Use the base model the adapter was trained on" + self._trained_on() + ".",
-                        )
+                resized_vocab = shape is not None and self._is_embedding(target, shape) and new_shape[1:] == shape[1:]
+                if shape is not None and new_shape != shape and not resized_vocab:
+                    raise IncompatibleError(
+                        f"Shape mismatch for `{target.name}`: the base tensor is {list(shape)} but the "
+                        f"adapter's trained copy `{step.tensor.name}` is {list(new_shape)}.",
+                        fix="Use the base model the adapter was trained on" + self._trained_on() + ".",
+                    )
                 shape = new_shape
         if shape is None:  # pragma: no cover - a target always has a source or a replacement
             raise AssertionError(target.name)
@@ -655,7 +692,14 @@ class _Planner:
             code = out_code if (out_code and source.dtype in FLOAT_CODES) else source.dtype
         else:
             code = default_float
+        if resolved and self._kept_in_float32(target.name, code):
+            code = "F32"  # transformers loads it in float32 and PEFT merges it there: no rounding to half
         return TensorPlan(target.name, tuple(shape), code, source, tuple(resolved), target.note)
+
+    def _kept_in_float32(self, name: str, code: str) -> bool:
+        m = self.model
+        kept = m.keep_fp32.get(code, frozenset()) if m is not None else frozenset()
+        return any(m.saved_as.get(p) == name or m.stored.get(p) == name for p in kept) if m is not None else False
 
     def _check_float(self, target: _Target, source: TensorInfo | None) -> None:
         if source is not None and source.dtype not in FLOAT_CODES:
@@ -666,31 +710,33 @@ class _Planner:
                 "(in loraship.yaml: `base:`).",
             )
 
-    def _embedding_names(self) -> set[str]:
-        names = {n for n in (self.input_name, self.output_name) if n}
-        if self.arch.tied and self.arch.output_embedding:
-            names.add(self.output_name or f"{self.arch.output_embedding}.weight")
-        return names
+    def _embedding_sources(self) -> set[str]:
+        """Base tensors the input and output embeddings are loaded from."""
+        m = self.model
+        if m is None:
+            return set()
+        params = [f"{e}.weight" for e in (m.input_embedding, m.output_embedding) if e]
+        return {m.stored[p] for p in params if p in m.stored} | {m.saved_as[p] for p in params if p in m.saved_as}
 
-    def _is_embedding(self, name: str, shape: tuple[int, ...]) -> bool:
-        known = self._embedding_names()
+    def _is_embedding(self, target: _Target, shape: tuple[int, ...]) -> bool:
+        known = self._embedding_sources()
         if known:
-            return name in known
+            return target.name in known or (target.source is not None and target.source.name in known)
         vocab = vocab_size(self.config)  # no architecture information: go by the vocabulary size
         return len(shape) == 2 and vocab is not None and shape[0] == vocab
 
-    def _check_vocab(self, new_vocab: Mapping[str, int], updates: dict[str, Any]) -> None:
-        if not new_vocab:
-            return
+    def _check_vocab(self, tensors: list[TensorPlan], updates: dict[str, Any]) -> None:
+        """A resized vocabulary must resize every embedding the merged model stores."""
         old = vocab_size(self.config)
-        sizes = set(new_vocab.values())
-        tied_out = self.output_name or (f"{self.arch.output_embedding}.weight" if self.arch.output_embedding else None)
-        behind = sorted(
-            n for n in self._embedding_names()
-            if n not in new_vocab and not (self.arch.tied and n == tied_out and n not in self.targets)
-        )  # fmt: skip
+        embeddings = [t for t in tensors if self._is_embedding(self.targets.get(t.name) or _Target(t.name, t.source),
+                                                                t.source.shape if t.source else t.shape)]  # fmt: skip
+        resized = {t.name: t.shape[0] for t in embeddings if t.source is not None and t.shape[0] != t.source.shape[0]}
+        if not resized:
+            return
+        sizes = set(resized.values())
+        behind = sorted(t.name for t in embeddings if t.name not in resized and t.shape[0] == old)
         if len(sizes) > 1 or behind:
-            desc = ", ".join(f"`{n}` to {v} rows" for n, v in new_vocab.items())
+            desc = ", ".join(f"`{n}` to {v} rows" for n, v in resized.items())
             left = f"; {', '.join(f'`{n}`' for n in behind)} stays at {old} rows" if behind else ""
             raise IncompatibleError(
                 f"The adapter resizes the vocabulary inconsistently: it saves {desc}{left}.",
@@ -706,7 +752,8 @@ class _Planner:
         updates: dict[str, Any] = {}
         archs = list(self.config.get("architectures") or [])
         task = str(self.adapter.config.get("task_type") or "")
-        trained = self.adapter.base_model_class or _head_class(archs, task)
+        trained = self.model.model_class if self.model is not None else None
+        trained = trained or self.adapter.base_model_class or _head_class(archs, task)
         new = ", ".join(t.name for t in tensors if t.source is None)
         if trained and archs != [trained]:
             updates["architectures"] = [trained]

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from loraship import __version__
 from loraship.errors import InputError, LorashipError, VerificationFailed
 from loraship.merge import PreparedMerge, prepare_merge
+from loraship.oracle import OracleReport
 from loraship.output_check import OutputReport, Prompt, Thresholds, check_outputs, model_class
 from loraship.plan import CODE_NAMES, TensorPlan
 from loraship.safetensors_io import FLOAT_CODES, Checkpoint, TensorInfo, TensorReader, read_checkpoint, weight_files
@@ -306,6 +307,19 @@ def weight_checks(w: WeightReport) -> list[Check]:
     ]  # fmt: skip
 
 
+def names_check(names: OracleReport | None) -> Check:
+    """Where transformers + PEFT put each adapter tensor, derived apart from the plan, against the plan."""
+    required = "each adapter tensor where transformers + PEFT load it"
+    if names is None or names.skipped:
+        why = names.skipped if names is not None else "not run"
+        return Check("weights", "names and tying (transformers + PEFT)", None, f"not checked: {why}", required)
+    measured = f"{names.checked} adapter tensors placed as transformers + PEFT place them"
+    if names.disagreements:
+        measured = f"{len(names.disagreements)} disagreement(s) with transformers + PEFT"
+    return Check("weights", "names and tying (transformers + PEFT)", names.agrees, measured, required,
+                 "; ".join(names.disagreements[:3]))  # fmt: skip
+
+
 def _no_op(w: WeightReport) -> bool:
     return w.changed > 0 and w.same_as_base == w.changed
 
@@ -391,12 +405,14 @@ def verify(
     if outputs:  # fail fast, before the weight pass, if the outputs cannot be compared at all
         model_class(json.loads((merged / "config.json").read_text()), merged, trust_remote_code=trust_remote_code)
     with tempfile.TemporaryDirectory(prefix="loraship-scratch-") as scratch:
-        prepared = prepare_merge(base, adapter, allow_pickle=allow_pickle, scratch=Path(scratch))
+        prepared = prepare_merge(
+            base, adapter, allow_pickle=allow_pickle, scratch=Path(scratch), refuse_disagreement=False
+        )
         out_dtype = merged_dtype(prepared, merged_ckpt)
         if out_dtype:
             prepared = prepared.with_dtype(out_dtype)
         weights = replace(verify_weights(prepared, merged_ckpt, atol=weight_atol), dtype=out_dtype)
-    checks = weight_checks(weights)
+    checks = [*weight_checks(weights), names_check(prepared.names)]
     output_report = None
     notes: list[str] = list(prepared.plan.notes)
     if outputs:

@@ -1,0 +1,252 @@
+"""An independent check of a merge plan's names and tying, with transformers and PEFT themselves.
+
+The planner decides from tensor headers where each adapter tensor lands. A planning mistake there
+would check itself if ``verify`` recomputed tensors with the same plan. This module derives the
+same facts another way, from the libraries users load the result with: the base model class and
+the ``PeftModel`` around it are built on the meta device (no weights read, about a second), and
+for every adapter tensor it finds the module PEFT loads it into, the parameter that module
+changes, which parameters share that tensor, and the checkpoint tensors transformers loads them
+from. It also applies PEFT's own load-time validation (options PEFT refuses, shapes vs ``r``) and
+asks transformers which tensors the merged model's class expects. The plan must agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraship.adapter import PREFIX, AdapterSpec
+from loraship.errors import AdapterError
+from loraship.model_map import ModelMap, ModelMapError, build_meta_model
+from loraship.plan import MergePlan
+
+_CONFIG_UPDATES_FOR_CLASS = ("num_labels", "id2label", "label2id", "vocab_size", "tie_word_embeddings")
+
+
+@dataclass(frozen=True)
+class OracleReport:
+    """What the independent derivation found.
+
+    Attributes:
+        checked: Adapter tensors whose destination was checked.
+        disagreements: Each place where the plan and transformers + PEFT differ, in words.
+        skipped: Why the check could not run (the model class cannot be built), or None.
+    """
+
+    checked: int
+    disagreements: tuple[str, ...]
+    skipped: str | None = None
+
+    @property
+    def agrees(self) -> bool:
+        return not self.disagreements
+
+
+def peft_model_on_meta(
+    base_dir: Path, adapter: AdapterSpec, model_map: ModelMap, config_updates: Mapping[str, Any]
+) -> tuple[dict[str, Any], Any]:
+    """The PeftModel built on the meta device from the adapter's config, and the base model's
+    parameters by name (tied aliases included), taken before PEFT wraps any module.
+
+    Raises:
+        AdapterError: PEFT refuses the adapter's configuration.
+        ModelMapError: The class cannot be built.
+    """
+    import torch
+    from peft import PeftConfig, get_peft_model
+
+    overrides = {k: v for k, v in config_updates.items() if k in ("num_labels", "id2label", "label2id")}
+    if "id2label" in overrides:
+        overrides["num_labels"] = len(overrides["id2label"])
+    model = build_meta_model(base_dir, model_map.model_class, config_overrides=overrides)
+    if "vocab_size" in config_updates and hasattr(model, "resize_token_embeddings"):
+        with torch.device("meta"):
+            model.resize_token_embeddings(int(config_updates["vocab_size"]), mean_resizing=False)
+    try:
+        config = PeftConfig.from_peft_type(**_known_fields(adapter.config))
+    except (ValueError, TypeError) as e:
+        raise AdapterError(
+            f"PEFT refuses the configuration of `{adapter.folder}`: {e}",
+            fix="PEFT cannot load this adapter either: save it again with a configuration PEFT accepts.",
+        ) from e
+    config.init_lora_weights = True  # shapes only: no initialisation that rewrites base weights
+    config.inference_mode = True
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.device("meta"):
+        peft_model = get_peft_model(model, config)
+    return params, peft_model
+
+
+def _known_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    from peft import LoraConfig
+
+    fields = set(LoraConfig.__dataclass_fields__)
+    return {k: v for k, v in config.items() if k in fields}
+
+
+def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map: ModelMap | None) -> OracleReport:
+    """Derive each adapter tensor's destination with transformers + PEFT and compare with ``plan``.
+
+    Raises:
+        AdapterError: PEFT itself refuses the adapter (options it rejects, weights that do not fit ``r``).
+    """
+    if model_map is None:
+        return OracleReport(0, (), skipped="transformers cannot build the model class")
+    try:
+        params, peft_model = peft_model_on_meta(base_dir, adapter, model_map, plan.config_updates)
+    except ModelMapError as e:
+        return OracleReport(0, (), skipped=str(e))
+    _peft_validation(adapter, peft_model)
+    names_of: dict[int, list[str]] = {}
+    for name, p in params.items():
+        names_of.setdefault(id(p), []).append(name)
+    wrappers = _wrappers(peft_model)
+    tensors = {t.name: t for t in plan.tensors}
+    problems: list[str] = []
+    checked = 0
+    for key in adapter.tensors:
+        landed = plan.accounting.get(key, "")
+        if landed.startswith("(ignored"):
+            continue
+        found = _destination(key, wrappers, params)
+        if found is None:
+            problems.append(f"`{key}`: PEFT loads it into no module of {model_map.model_class}")
+            continue
+        module, param, param_obj, shared_change = found
+        checked += 1
+        own = f"{module}.{param}" if module else param
+        group = names_of.get(id(param_obj), [own])
+        stored = {model_map.stored[n] for n in group if n in model_map.stored}
+        expected = {model_map.saved_as.get(own, own)}
+        if shared_change or len(group) == 1:
+            expected |= stored
+        plan_tensor = tensors.get(landed)
+        if landed not in expected:
+            where = f"`{landed}`" if landed else "nowhere"
+            problems.append(
+                f"`{key}` changes `{own}`"
+                + (f" (shared with {', '.join(f'`{n}`' for n in group if n != own)})" if len(group) > 1 else "")
+                + f": transformers + PEFT put it in {' or '.join(f'`{e}`' for e in sorted(expected))}, "
+                f"the plan in {where}"
+            )
+        elif plan_tensor is not None:
+            source = plan_tensor.source.name if plan_tensor.source is not None else None
+            if (source not in stored) if stored else (source is not None):
+                problems.append(
+                    f"`{landed}` starts from `{source}` in the plan, but `{own}` is loaded from "
+                    + (" or ".join(f"`{s}`" for s in sorted(stored)) if stored else "no base tensor (it is new)")
+                )
+    problems.extend(_expected_keys(base_dir, plan, model_map))
+    return OracleReport(checked, tuple(problems))
+
+
+def _peft_validation(adapter: AdapterSpec, peft_model: Any) -> None:
+    """PEFT's load-time checks: every saved tensor has the shape the config gives it."""
+    from peft import get_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(peft_model)
+    wrong = [
+        f"`{k}` is {list(info.shape)}, PEFT expects {list(expected[k].shape)}"
+        for k, info in adapter.tensors.items()
+        if k in expected and tuple(expected[k].shape) != tuple(info.shape)
+    ]
+    if wrong:
+        raise AdapterError(
+            f"`{adapter.folder}` does not fit its own adapter_config.json (PEFT refuses to load it): "
+            + "; ".join(wrong[:5])
+            + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+            + ".",
+            fix="Restore adapter_config.json as PEFT saved it with these weights (r, rank_pattern, target_modules).",
+        )
+
+
+def _wrappers(peft_model: Any) -> dict[str, Any]:
+    """Module name (without PEFT's prefix) -> each PEFT layer or auxiliary wrapper."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    out: dict[str, Any] = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and name.startswith(PREFIX):
+            out[name[len(PREFIX) :]] = module
+    return out
+
+
+def _destination(key: str, wrappers: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[str, str, Any, bool] | None:
+    """The module an adapter tensor is loaded into, the base parameter it changes, and whether the
+    change is shared by every module tied to that parameter in PEFT's unmerged model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
+
+    path = key[len(PREFIX) :]
+    owner = max((n for n in wrappers if path.startswith(n + ".")), key=len, default=None)
+    if owner is None:  # a trained base parameter saved as it is (bias="all"): loaded under its own name
+        module, _, param = path.rpartition(".")
+        return (module, param, params[path], False) if path in params else None
+    layer = wrappers[owner]
+    rest = path[len(owner) + 1 :]
+    module = owner
+    while module.endswith(".base_layer"):  # nested wrappers (target_parameters): the outermost names it
+        module = module[: -len(".base_layer")]
+    if isinstance(layer, ModulesToSaveWrapper):  # the copy replaces the module's own parameter
+        inner, _, param = f"{module}.{rest}".rpartition(".")
+        return inner, param, layer.original_module.get_parameter(rest), False
+    if isinstance(layer, TrainableTokensWrapper):
+        return module, "weight", layer.get_base_layer().weight, True
+    assert isinstance(layer, BaseTunerLayer)
+    base = layer.get_base_layer()
+    while isinstance(base, BaseTunerLayer):
+        base = base.get_base_layer()
+    if rest.startswith("trainable_tokens"):  # rows of the embedding, in every layer tied to it
+        return module.removesuffix(".token_adapter"), "weight", base.weight, True
+    if rest.startswith("base_layer."):  # a saved base layer is loaded into the shared parameter itself
+        param = rest.rpartition(".")[2]
+        return module, param, getattr(base, param), True
+    if "." not in rest and not rest.startswith("lora_"):  # a trained parameter of the layer (bias="all")
+        return module, rest, getattr(base, rest), False
+    param = "bias" if rest == "lora_B.bias" else str(getattr(layer, "parameter_name", None) or "weight")
+    lora_a = getattr(layer, "lora_A", None) or getattr(layer, "lora_embedding_A", None)
+    shared = _lora_shared(layer, lora_a, wrappers)
+    return module, param, getattr(base, param), shared
+
+
+def _lora_shared(layer: Any, lora_a: Any, wrappers: Mapping[str, Any]) -> bool:
+    """``ensure_weight_tying``: another layer holds this layer's very LoRA parameters."""
+    if lora_a is None:
+        return False
+    mine = {id(p) for p in lora_a.parameters()}
+    for other in wrappers.values():
+        if other is layer:
+            continue
+        theirs = getattr(other, "lora_A", None) or getattr(other, "lora_embedding_A", None)
+        if theirs is not None and mine & {id(p) for p in theirs.parameters()}:
+            return True
+    return False
+
+
+def _expected_keys(base_dir: Path, plan: MergePlan, model_map: ModelMap) -> list[str]:
+    """Parameters the merged model's class would find no tensor for (initialised randomly on load)."""
+    from loraship.model_map import _key_renamer, _tied_groups
+
+    overrides = {k: v for k, v in plan.config_updates.items() if k in _CONFIG_UPDATES_FOR_CLASS}
+    if "id2label" in overrides:
+        overrides["num_labels"] = len(overrides["id2label"])
+    archs = plan.config_updates.get("architectures")
+    class_name = str(archs[0]) if isinstance(archs, list) and archs else model_map.model_class
+    try:
+        merged = build_meta_model(base_dir, class_name, config_overrides=overrides)
+    except ModelMapError as e:
+        return [f"the merged model's class cannot be built: {e}"]
+    to_model = _key_renamer(merged)
+    provided = {to_model(t.name) for t in plan.tensors}
+    missing = []
+    for group in [*_tied_groups(merged), *((n,) for n, _ in merged.named_parameters())]:
+        if not provided & set(group):
+            missing.append(group[0])
+    missing = list(dict.fromkeys(missing))
+    if not missing:
+        return []
+    shown = ", ".join(f"`{n}`" for n in missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+    return [f"{class_name} expects {shown}, which the merged checkpoint does not hold (it would load random values)"]
