@@ -249,6 +249,30 @@ def test_adapter_repo_that_is_not_an_adapter(seeded, hub_server, capsys) -> None
     ))  # fmt: skip
 
 
+@pytest.mark.parametrize("named", ["/etc", "../base", "./base"])
+def test_hub_adapter_naming_a_local_base_publishes_nothing_of_the_host(
+    named: str, seeded, hub_server, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """An adapter on the Hub must not make this machine's folders the base (and publish their files)."""
+    (tmp_path / "base" / "secret.txt").write_text("host secret\n")
+    monkeypatch.chdir(tmp_path / "adapter")
+    hostile = tmp_path / "hostile"
+    shutil.copytree(seeded.adapter, hostile)
+    config = json.loads((hostile / "adapter_config.json").read_text())
+    (hostile / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": named}))
+    hub_server.seed("mallory/lora", hostile)
+    code, _, err = run_cli(capsys, "--adapter", "mallory/lora", "--output", "alice/merged")
+    label = err.split("`")[1]
+    assert_failed(code, err, (
+        f"Error: The adapter `{label}` comes from the Hub but names a local folder as its base (`{named}` in "
+        "adapter_config.json): loraship takes a local base only from the job itself.\n"
+        "Fix: Set `base:` in the job (or --base) to the base model's Hub repo id, or to the local folder if you "
+        "mean it.\n"
+    ))  # fmt: skip
+    assert label.startswith("mallory/lora@")
+    assert not any(p.startswith("/api/models/alice/merged/commit") for _, p in hub_server.requests)
+
+
 def test_quantized_base(seeded, hub_server, tmp_path: Path, capsys) -> None:
     quantized = tmp_path / "quantized"
     shutil.copytree(seeded.base, quantized)

@@ -234,13 +234,23 @@ class _Run:
         from loraship.spec import parse_source
 
         try:
-            return parse_source(f"{name}@{revision}" if revision else str(name))
+            named = parse_source(f"{name}@{revision}" if revision else str(name))
         except ValueError as e:
             raise AdapterError(
                 f"The adapter `{adapter.label}` names its base as `{name}`, which is neither a Hub repo nor a local "
                 "folder here (it was probably a path on the machine that trained it).",
                 fix="Set `base:` in the job (or --base) to the base model's Hub repo id.",
             ) from e
+        if named.is_local and adapter.state is not None:
+            # A Hub adapter's config is written by whoever can push to it: a local path there would make
+            # this machine's folder (and every file in it) the base, and publish it with the merged model.
+            raise AdapterError(
+                f"The adapter `{adapter.label}` comes from the Hub but names a local folder as its base "
+                f"(`{name}` in {ADAPTER_CONFIG}): loraship takes a local base only from the job itself.",
+                fix="Set `base:` in the job (or --base) to the base model's Hub repo id, or to the local folder "
+                "if you mean it.",
+            )
+        return named
 
     def _base(self, source: Source, state: RepoState | None) -> _Input:
         if state is None:
