@@ -137,7 +137,7 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
     model = build_meta_model(folder, class_name)
     names = list(checkpoint_names)
     params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    to_model = _key_renamer(model)
+    to_model = key_renamer(model)
     stored: dict[str, str] = {}
     converted: dict[str, list[str]] = {}
     for key in names:
@@ -148,7 +148,7 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
         if target in stored and stored[target] != key:
             continue  # two checkpoint keys for one parameter: the first wins, as transformers' sorted load
         stored[target] = key
-    groups = _tied_groups(model)
+    groups = tied_groups(model)
     for group in groups:  # tied aliases load from whichever member the checkpoint stores
         keys = [stored[p] for p in group if p in stored]
         for p in group:
@@ -178,7 +178,7 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
     )
 
 
-def _key_renamer(model: Any) -> Any:
+def key_renamer(model: Any) -> Any:
     """checkpoint key -> model parameter name, exactly as ``from_pretrained`` renames keys."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -222,7 +222,7 @@ def _checkpoint_name(param: str, to_model: Any, model_of: Mapping[str, str]) -> 
     return max(fitting, key=lambda c: (firsts.get(c.split(".", 1)[0], 0), -len(c)))
 
 
-def _tied_groups(model: Any) -> tuple[tuple[str, ...], ...]:
+def tied_groups(model: Any) -> tuple[tuple[str, ...], ...]:
     by_id: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(name)
@@ -247,7 +247,7 @@ def _untied(folder: Path, class_name: str | None, model: Any, groups: tuple[tupl
             inner = {k for k in set(before[sub]) | set(after[sub]) if before[sub].get(k) != after[sub].get(k)}
             if inner <= {"tie_word_embeddings"}:
                 changed.discard(sub)
-    return _tied_groups(untied), not changed
+    return tied_groups(untied), not changed
 
 
 def _embeddings(model: Any) -> tuple[str | None, str | None]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from loraship.adapter import PREFIX, AdapterSpec
 from loraship.errors import AdapterError
-from loraship.model_map import ModelMap, ModelMapError, build_meta_model
+from loraship.model_map import ModelMap, ModelMapError, build_meta_model, key_renamer, tied_groups
 from loraship.plan import MergePlan
 
 _CONFIG_UPDATES_FOR_CLASS = ("num_labels", "id2label", "label2id", "vocab_size", "tie_word_embeddings")
@@ -228,8 +228,6 @@ def _lora_shared(layer: Any, lora_a: Any, wrappers: Mapping[str, Any]) -> bool:
 
 def _expected_keys(base_dir: Path, plan: MergePlan, model_map: ModelMap) -> list[str]:
     """Parameters the merged model's class would find no tensor for (initialised randomly on load)."""
-    from loraship.model_map import _key_renamer, _tied_groups
-
     overrides = {k: v for k, v in plan.config_updates.items() if k in _CONFIG_UPDATES_FOR_CLASS}
     if "id2label" in overrides:
         overrides["num_labels"] = len(overrides["id2label"])
@@ -239,10 +237,10 @@ def _expected_keys(base_dir: Path, plan: MergePlan, model_map: ModelMap) -> list
         merged = build_meta_model(base_dir, class_name, config_overrides=overrides)
     except ModelMapError as e:
         return [f"the merged model's class cannot be built: {e}"]
-    to_model = _key_renamer(merged)
+    to_model = key_renamer(merged)
     provided = {to_model(t.name) for t in plan.tensors}
     missing = []
-    for group in [*_tied_groups(merged), *((n,) for n, _ in merged.named_parameters())]:
+    for group in [*tied_groups(merged), *((n,) for n, _ in merged.named_parameters())]:
         if not provided & set(group):
             missing.append(group[0])
     missing = list(dict.fromkeys(missing))

@@ -781,17 +781,6 @@ class _Planner:
             raise AssertionError(f"adapter tensors not planned: {missing}")
 
 
-def _step_keys(step: Step) -> list[str]:
-    if isinstance(step, ReplaceStep):
-        return [step.tensor.name]
-    if isinstance(step, LoraStep):
-        m = step.module
-        return [m.a.name, m.b.name] + ([m.magnitude.name] if m.magnitude else [])
-    if isinstance(step, LoraBiasStep):
-        return [step.module.bias.name] if step.module.bias else []
-    return [step.update.tensor.name]
-
-
 _TASK_HEADS = {
     "SEQ_CLS": "ForSequenceClassification",
     "TOKEN_CLS": "ForTokenClassification",
