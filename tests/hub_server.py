@@ -16,7 +16,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +28,22 @@ from fastapi.responses import JSONResponse, Response
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt")
 _INVALID_TOKEN = {"X-Error-Message": "Invalid credentials in Authorization header"}
+
+
+@dataclass
+class Fault:
+    """What the next matching request gets instead of a normal reply.
+
+    ``drop``: the connection breaks mid-reply; ``bad-json``: a 200 whose body is not JSON;
+    ``lost-reply``: the request is carried out, then the client gets a 412 (its reply was lost and a
+    retry found the branch moved); ``pass``: only the hook. ``hook`` runs first (e.g. to kill the
+    client process, or to land another commit).
+    """
+
+    method: str
+    path_part: str
+    action: str
+    hook: Callable[[], None] | None = None
 
 
 @dataclass
@@ -101,6 +117,7 @@ class FakeHub:
         self.lfs: dict[str, bytes] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
+        self.faults: list[Fault] = []
         self.url = ""
         self._lock = threading.RLock()
         self._counter = itertools.count(1)
@@ -160,6 +177,13 @@ class FakeHub:
         return out
 
     # -- helpers
+
+    def _take_fault(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for i, fault in enumerate(self.faults):
+                if fault.method == method and fault.path_part in path:
+                    return self.faults.pop(i)
+        return None
 
     def _user(self, request: Request) -> User | Response | None:
         header = request.headers.get("authorization", "")
@@ -241,7 +265,20 @@ class FakeHub:
         @app.middleware("http")
         async def log(request: Request, call_next: Any) -> Any:
             hub.requests.append((request.method, request.url.path))
-            return await call_next(request)
+            fault = hub._take_fault(request.method, request.url.path)
+            if fault is None:
+                return await call_next(request)
+            if fault.hook is not None:
+                fault.hook()
+            if fault.action == "drop":  # declares 1000 bytes, sends 2: the client sees the connection break
+                return Response(b"{}", headers={"content-length": "1000"}, media_type="application/json")
+            if fault.action == "bad-json":
+                return Response(b"{not json", media_type="application/json")
+            if fault.action == "pass":
+                return await call_next(request)
+            assert fault.action == "lost-reply", fault.action
+            await call_next(request)
+            return JSONResponse({"error": "A commit has happened since. Please refresh and try again."}, 412)
 
         @app.get("/api/whoami-v2")
         def whoami(request: Request) -> Any:
@@ -585,13 +622,14 @@ class RunningHub:
         return self.hub.url
 
 
-def serve(app: Any) -> tuple[str, uvicorn.Server, threading.Thread]:
-    """Run an ASGI app on 127.0.0.1 (a free port) in a thread; returns its URL."""
+def serve(app: Any, config: uvicorn.Config | None = None) -> tuple[str, uvicorn.Server, threading.Thread]:
+    """Run an ASGI app on 127.0.0.1 (a free port) in a thread, with uvicorn ``config`` if given; returns its URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="off"))
+    config = config or uvicorn.Config(app, log_level="error", lifespan="off")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 10

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import LLAMA, TOKENS, assert_same_tensors, load_tensors, peft_reference
+from hub_server import Fault
 from huggingface_hub import ModelCard, snapshot_download
 
 from loraship.cli import main
@@ -124,9 +125,60 @@ def test_run_publishes_one_verified_commit_and_reruns_are_no_ops(seeded, hub_ser
     before = len(hub_server.requests)
     code, out, _ = run_cli(capsys, "--config", config)
     assert code == 0
-    assert f"Already published at {seeded.url}/alice/merged/commit/{ours.oid}: nothing to do." in out
+    assert f"Already published at {seeded.url}/alice/merged/commit/{ours.oid} (tag `v1`): nothing to do." in out
     assert len(hub_server.commit_list("alice/merged")) == 2
     assert not [p for m, p in hub_server.requests[before:] if p.startswith("/meta/base/resolve")]
+
+
+TAGGED_JOB = (
+    "jobs:\n  chat:\n    adapter: alice/lora@v1\n    output: alice/merged\n    publish:\n      tag: v1\n"
+    "    verify:\n      outputs: false\n"
+)
+
+
+def test_stopped_between_commit_and_tag_the_rerun_tags_the_commit(seeded, hub_server, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "loraship.yaml"
+    config.write_text(TAGGED_JOB)
+    hub_server.faults.append(Fault("POST", "/alice/merged/tag/", "drop"))
+    code, _, err = run_cli(capsys, "--config", config)
+    (ours, _) = hub_server.commit_list("alice/merged")
+    assert code == 1 and hub_server.repos["alice/merged"].tags == {}
+    assert f"Cannot reach the Hub at {seeded.url} to tag `alice/merged`: RemoteProtocolError." in err
+    code, out, err = run_cli(capsys, "--config", config)
+    assert code == 0, err
+    assert f"Already published at {seeded.url}/alice/merged/commit/{ours.oid} (tag `v1`): nothing to do." in out
+    assert hub_server.repos["alice/merged"].tags == {"v1": ours.oid}
+    assert len(hub_server.commit_list("alice/merged")) == 2
+
+
+def test_a_lost_commit_reply_is_found_not_failed(seeded, hub_server, tmp_path: Path, capsys) -> None:
+    """The commit lands, its reply is lost, the branch has moved (412): the provenance search decides."""
+    config = tmp_path / "loraship.yaml"
+    config.write_text(TAGGED_JOB)
+    hub_server.seed("alice/merged", tmp_path / "nothing")
+    hub_server.faults.append(Fault("POST", "/alice/merged/commit/main", "lost-reply"))
+    code, _, err = run_cli(capsys, "--config", config, "--result", tmp_path / "r.json")
+    assert code == 0, err
+    (ours, _) = hub_server.commit_list("alice/merged")
+    assert ours.title.startswith("Merge alice/lora into meta/base [loraship ")
+    assert hub_server.repos["alice/merged"].tags == {"v1": ours.oid}
+    result = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    assert (result["status"], result["commit_sha"], result["tag"]) == ("already-published", ours.oid, "v1")
+
+
+def test_a_commit_of_someone_else_in_between_is_a_transient_failure(seeded, hub_server, tmp_path: Path,
+                                                                    capsys) -> None:  # fmt: skip
+    config = tmp_path / "loraship.yaml"
+    config.write_text(TAGGED_JOB)
+    hub_server.seed("alice/merged", tmp_path / "nothing")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.md").write_text("someone else's commit\n")
+    hub_server.faults.append(Fault("POST", "/alice/merged/commit/main", "pass",
+                                   hook=lambda: hub_server.seed("alice/merged", tmp_path / "other")))  # fmt: skip
+    code, _, err = run_cli(capsys, "--config", config)
+    assert code == 1
+    assert "`alice/merged` got another commit while loraship was pushing to it (412 Precondition Failed)." in err
+    assert [c.title for c in hub_server.commit_list("alice/merged")] == ["Upload model", "Upload model"]
 
 
 def test_pull_request_mode(seeded, hub_server, capsys) -> None:

@@ -17,17 +17,17 @@ import httpx
 import pytest
 from conftest import LLAMA, TOKENS
 from github_server import FakeGitHub
-from hub_server import serve, stop
+from hub_server import Fault, serve, stop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loraship.errors import ConfigError, LorashipError
 from loraship.hub import Hub
 from loraship.tiny import build_adapter
-from loraship.webhook.app import create_app
+from loraship.webhook.app import create_app, server_config
 from loraship.webhook.bot import Bot
 from loraship.webhook.config import BotConfig, load_bot_config
-from loraship.webhook.executors import Outcome, make_executor
+from loraship.webhook.executors import Outcome, make_executor, merge_env
 from loraship.webhook.queue import JobQueue
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,6 +193,44 @@ def test_ignored_events_say_why(start_bot) -> None:
     assert bot.deliver(payload(ref="refs/tags/v2.0-rc1")).status_code == 202  # v* matches
 
 
+def test_slow_clients_are_cut_off_and_the_bot_keeps_answering(tmp_path: Path) -> None:
+    """Half-sent headers and bodies (more than the connection limit): 408 or closed after the read timeout."""
+    import socket
+
+    cfg = BotConfig.model_validate({**config().model_dump(), "read_timeout_seconds": 1, "max_connections": 20})
+    queue = JobQueue(tmp_path / "bot.db")
+    bot = Bot(cfg, queue, Recording(), None)
+    app = create_app(bot, SECRET)
+    url, server, thread = serve(app, server_config(app, cfg, host="127.0.0.1", port=0))
+    port = int(url.rsplit(":", 1)[1])
+    slow_body = b"POST /webhook HTTP/1.1\r\nHost: x\r\nX-Webhook-Secret: " + SECRET.encode() + \
+        b"\r\nContent-Length: 100\r\n\r\n{"  # fmt: skip
+    sockets = []
+    try:
+        for i in range(40):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(slow_body if i % 2 == 0 else b"GET /healthz HTTP/1.1\r\nHo")
+            sockets.append(sock)
+            if i == 1:  # these two are read before the others take every connection slot
+                time.sleep(0.3)
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("/healthz did not recover from slow clients")
+        sockets[0].settimeout(5)
+        assert sockets[0].recv(100).startswith(b"HTTP/1.1 408 Request Timeout")
+        sockets[1].settimeout(5)
+        assert sockets[1].recv(100) == b""  # half a header: closed without a reply
+    finally:
+        for sock in sockets:
+            sock.close()
+        stop(server, thread)
+        queue.close()
+
+
 def test_redelivery_is_one_job(start_bot) -> None:
     recording = Recording()
     bot = start_bot(config(), recording)
@@ -314,6 +352,95 @@ def test_transient_failures_are_retried_with_backoff(start_bot) -> None:
     assert (done["state"], done["attempts"], done["error"]) == ("failed", 2, "The Hub answered 503.")
 
 
+def _comments(hub_server: Any, repo: str = "alice/lora") -> list[str]:
+    return [e["data"]["latest"]["raw"] for d in hub_server.repos[repo].discussions for e in d.events]
+
+
+def test_a_dropped_connection_or_bad_json_while_commenting_is_retried(start_bot, hub_server, tmp_path: Path) -> None:
+    hub_server.seed("alice/lora", tmp_path)
+    hub = Hub(token=TOKENS["alice"], endpoint=hub_server.url)
+    hub_server.faults += [Fault("GET", "/alice/lora/discussions", "drop"),
+                          Fault("GET", "/alice/lora/discussions", "bad-json")]  # fmt: skip
+
+    class Publishes:
+        def run(self, job: Any, merge_job: Any) -> Outcome:
+            return Outcome("succeeded", {"n": 1}, f"published {job.ref}")
+
+    bot = start_bot(config(), Publishes(), hub)
+    (first,) = bot.deliver(payload(ref="refs/tags/v1")).json()["jobs"]
+    done = bot.wait(first["id"])
+    assert (done["state"], done["result"]) == ("succeeded", {"n": 1})
+    assert _comments(hub_server) == ["published refs/tags/v1"]
+    # The Hub keeps failing: the job is still done (it published), the report's failure is on record.
+    hub_server.faults += [Fault("GET", "/alice/lora/discussions", "drop") for _ in range(3)]
+    (second,) = bot.deliver(payload(ref="refs/tags/v2", sha="b" * 40)).json()["jobs"]
+    done = bot.wait(second["id"])
+    assert done["state"] == "succeeded"
+    assert done["result"] == {"n": 1, "comment_error": f"Cannot reach the Hub at {hub_server.url} to comment on "
+                                                       "`alice/lora`: RemoteProtocolError."}  # fmt: skip
+    assert bot.client.get("/healthz").json()["status"] == "ok"
+
+
+def test_a_crashing_executor_is_recorded_and_the_queue_goes_on(start_bot, hub_server, tmp_path: Path) -> None:
+    hub_server.seed("alice/lora", tmp_path)
+    hub = Hub(token=TOKENS["alice"], endpoint=hub_server.url)
+
+    class Crashes:
+        def run(self, job: Any, merge_job: Any) -> Outcome:
+            if job.ref.endswith("v1"):
+                raise KeyError("/home/runner/secret/path.py")
+            return Outcome("succeeded")
+
+    bot = start_bot(config(), Crashes(), hub)
+    (first,) = bot.deliver(payload(ref="refs/tags/v1")).json()["jobs"]
+    (second,) = bot.deliver(payload(ref="refs/tags/v2", sha="b" * 40)).json()["jobs"]
+    assert bot.wait(second["id"])["state"] == "succeeded"
+    done = bot.wait(first["id"])
+    assert (done["state"], done["error"]) == ("failed", "internal error: KeyError: '/home/runner/secret/path.py'")
+    assert _comments(hub_server) == [
+        f"**loraship** could not merge `alice/lora` at `{'a' * 12}` (tag `v1`): an internal error (KeyError) stopped "
+        "the bot's job.\n\n**How to fix it:** The bot's operator finds the details in its log; please report it to "
+        "loraship."
+    ]
+
+
+def test_healthz_reports_dead_and_stuck_workers(start_bot) -> None:
+    class Exits:
+        def run(self, job: Any, merge_job: Any) -> Outcome:
+            raise SystemExit(3)  # a library that calls sys.exit: the worker thread ends
+
+    bot = start_bot(config(), Exits())
+    assert bot.client.get("/healthz").json()["problems"] == []
+    bot.deliver(payload())
+    deadline = time.time() + 10
+    while bot.client.get("/healthz").status_code == 200 and time.time() < deadline:
+        time.sleep(0.05)
+    reply = bot.client.get("/healthz")
+    assert (reply.status_code, reply.json()["status"]) == (503, "unhealthy")
+    assert reply.json()["problems"] == ["worker loraship-worker-0 has stopped"]
+
+    class Hangs:
+        def run(self, job: Any, merge_job: Any) -> Outcome:
+            time.sleep(3)
+            return Outcome("succeeded")
+
+    cfg = BotConfig.model_validate({**config().model_dump(), "executor": {"timeout_minutes": 0.01}})  # 1.5 x 0.6 s
+    bot = start_bot(cfg, Hangs())
+    (job,) = bot.deliver(payload()).json()["jobs"]
+    time.sleep(1.5)
+    reply = bot.client.get("/healthz")
+    assert reply.status_code == 503
+    (problem,) = reply.json()["problems"]
+    assert problem.startswith(f"worker loraship-worker-0 has run job {job['id']} for ")
+    assert bot.wait(job["id"])["state"] == "succeeded"
+    assert bot.client.get("/healthz").status_code == 200
+
+
+def test_merge_process_gets_no_bot_secrets() -> None:
+    env = {"PATH": "/bin", "HF_TOKEN": "hf_x", "WEBHOOK_SECRET": "s", "GITHUB_TOKEN": "g", "GH_TOKEN": "h"}
+    assert merge_env(env) == {"PATH": "/bin", "HF_TOKEN": "hf_x"}
+
+
 def test_github_executor_dispatches_the_workflow(start_bot, hub_server, tmp_path: Path) -> None:
     github = FakeGitHub(token=GH_TOKEN)
     url, server, thread = serve(github.app())
@@ -338,6 +465,25 @@ def test_github_executor_dispatches_the_workflow(start_bot, hub_server, tmp_path
         stop(server, thread)
 
 
+def test_github_executor_unreachable_is_retried_then_reported(start_bot, hub_server, tmp_path: Path,
+                                                              monkeypatch) -> None:  # fmt: skip
+    closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    monkeypatch.setenv("GITHUB_API_URL", closed)
+    github_spec = {"repository": "octo/merges", "workflow": "merge.yml", "ref": "main"}
+    cfg = BotConfig.model_validate({**config().model_dump(), "executor": {"kind": "github", "github": github_spec}})
+    hub_server.seed("alice/lora", tmp_path)
+    hub = Hub(token=TOKENS["alice"], endpoint=hub_server.url)
+    bot = start_bot(cfg, make_executor(cfg, hub=hub, env={"GITHUB_TOKEN": GH_TOKEN}, workdir=tmp_path), hub)
+    (job,) = bot.deliver(payload()).json()["jobs"]
+    done = bot.wait(job["id"])
+    assert (done["state"], done["attempts"]) == ("failed", 2)
+    assert _comments(hub_server) == [
+        f"**loraship** could not merge `alice/lora` at `{'a' * 12}` (tag `v1.0`): Cannot reach GitHub at {closed} to "
+        "read the repository octo/merges: ConnectionError.\n\n**How to fix it:** Check the network (and "
+        "GITHUB_API_URL), then run again."
+    ]
+
+
 def test_hf_jobs_executor_starts_a_job(start_bot, hub_server, tmp_path: Path) -> None:
     cfg = BotConfig.model_validate({**config().model_dump(), "executor": {
         "kind": "hf-jobs", "hf_jobs": {"image": "ghcr.io/octo/loraship:0.1.0", "flavor": "l4x1"}}})  # fmt: skip
@@ -356,8 +502,9 @@ def test_hf_jobs_executor_starts_a_job(start_bot, hub_server, tmp_path: Path) ->
     assert TOKENS["alice"] not in json.dumps(started["environment"])
 
 
-def test_crash_while_running_is_picked_up_after_restart(seeded, hub_server, tmp_path: Path) -> None:
-    """kill -9 the bot (and its merge) in the middle of a job; restart: the job completes, published once."""
+@pytest.mark.parametrize("step", ["merging", "between commit and tag"])
+def test_killed_bot_is_picked_up_after_restart_and_reports_once(seeded, hub_server, tmp_path: Path, step: str) -> None:
+    """kill -9 the bot (and its merge) in the middle of a job; restart: published, tagged and reported once."""
     bot_yaml = tmp_path / "bot.yaml"
     bot_yaml.write_text(
         "state: bot.db\nretry:\n  attempts: 3\n  backoff_seconds: 0.1\nwatch:\n  - adapter: alice/lora\n"
@@ -381,17 +528,33 @@ def test_crash_while_running_is_picked_up_after_restart(seeded, hub_server, tmp_
     port = _free_port()
     proc = start(port)
     running = Running(None, f"http://127.0.0.1:{port}")  # type: ignore[arg-type]
+    if step == "between commit and tag":  # the Hub kills the bot when the tag request arrives
+        hub_server.faults.append(Fault("POST", "/alice/merged/tag/", "drop", hook=lambda: os.killpg(proc.pid, 9)))
     (job,) = running.deliver(payload(sha=seeded)).json()["jobs"]
-    running.wait(job["id"], states=("running",), timeout=30)
-    os.killpg(proc.pid, signal.SIGKILL)  # the bot and the merge it started
-    proc.wait()
-    assert "alice/merged" not in hub_server.repos or len(hub_server.commit_list("alice/merged")) <= 2
+    if step == "merging":
+        running.wait(job["id"], states=("running",), timeout=30)
+        os.killpg(proc.pid, signal.SIGKILL)  # the bot and the merge it started
+    proc.wait(timeout=180)
+    if step == "merging":
+        assert "alice/merged" not in hub_server.repos or len(hub_server.commit_list("alice/merged")) <= 2
+    else:
+        assert len(hub_server.commit_list("alice/merged")) == 2 and hub_server.repos["alice/merged"].tags == {}
     proc = start(port)
     try:
         done = running.wait(job["id"])
         assert done["state"] in ("succeeded", "skipped"), done["error"]
         assert done["attempts"] >= 2
-        assert len(hub_server.commit_list("alice/merged")) == 2  # the initial commit and one merge: published once
+        (ours, _) = hub_server.commit_list("alice/merged")  # the initial commit and one merge: published once
+        assert hub_server.repos["alice/merged"].tags == {"v1.0": ours.oid}
+        (comment,) = _comments(hub_server)
+        if done["state"] == "skipped":
+            assert comment == (
+                f"**loraship** published [alice/merged]({hub_server.url}/alice/merged/commit/{ours.oid}), tagged "
+                f"`v1.0` from `alice/lora` at `{seeded[:12]}` (tag `v1.0`) into `{done['result']['base']}`: an "
+                "earlier attempt published it and was stopped before it could report here."
+            )
+        else:
+            assert comment.startswith(f"**loraship** merged `alice/lora` at `{seeded[:12]}` (tag `v1.0`)")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -7,6 +7,7 @@ appears in them.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -105,6 +106,7 @@ class GitHub:
 
     @contextmanager
     def _errors(self, action: str) -> Iterator[None]:
+        import requests
         from github import BadCredentialsException, GithubException, UnknownObjectException
 
         try:
@@ -120,6 +122,18 @@ class GitHub:
             raise GitHubError(
                 f"GitHub answered 404 while trying to {action} of `{self.repository}`.",
                 fix="Check the repository name and that the token can see it.",
+            ) from e
+        except (requests.RequestException, ConnectionError, TimeoutError) as e:
+            raise GitHubError(
+                f"Cannot reach GitHub at {self.api_url} to {action}: {type(e).__name__}.",
+                fix="Check the network (and GITHUB_API_URL), then run again.",
+                transient=True,
+            ) from e
+        except json.JSONDecodeError as e:
+            raise GitHubError(
+                f"GitHub sent a reply that is not JSON while trying to {action}.",
+                fix="Try again in a while; if it persists, check https://www.githubstatus.com.",
+                transient=True,
             ) from e
         except GithubException as e:
             if e.status == 403:

@@ -6,6 +6,7 @@ say what to do; tokens never appear in them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,10 @@ from loraship import __version__
 from loraship.errors import HubError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+class CommitConflict(HubError):
+    """The output repo's branch moved between reading its head and committing (HTTP 412)."""
 
 
 @dataclass(frozen=True)
@@ -183,10 +188,15 @@ class Hub:
             )  # fmt: skip
         sha = str(info.oid)
         if tag:
-            self._tag(repo_id, tag, sha)
+            self.ensure_tag(repo_id, tag, sha)
         return Publication(repo_url=self.url(repo_id), commit_sha=sha, pr_url=info.pr_url, tag=tag)
 
-    def _tag(self, repo_id: str, tag: str, sha: str) -> None:
+    def ensure_tag(self, repo_id: str, tag: str, sha: str) -> None:
+        """Tag ``sha`` (nothing to do when the tag is already there).
+
+        Raises:
+            HubError: The tag exists and points elsewhere.
+        """
         with self._errors("tag", repo_id):
             refs = self.api.list_repo_refs(repo_id)
             existing = next((t for t in refs.tags if t.name == tag), None)
@@ -276,15 +286,27 @@ class Hub:
                     f"The token's account may not {target} (403 Forbidden).",
                     fix="Use a token with write access to that namespace, or publish to a repo in your own namespace.",
                 )
+            if status == 412:
+                return CommitConflict(
+                    f"{repo} got another commit while loraship was pushing to it (412 Precondition Failed).",
+                    fix="Run again: loraship checks whether that commit already holds this merge before pushing.",
+                    transient=True,
+                )
             return HubError(
                 f"The Hub answered {status} when trying to {target}.",
                 fix="Try again in a while; if it persists, check https://status.huggingface.co.",
                 transient=status is None or status >= 500 or status == 429,
             )
-        if isinstance(error, (httpx.ConnectError, httpx.TimeoutException)):
+        if isinstance(error, (httpx.TransportError, ConnectionError, TimeoutError)):
             return HubError(
                 f"Cannot reach the Hub at {self.endpoint} to {target}: {type(error).__name__}.",
                 fix="Check the network (and HF_ENDPOINT), then run again.",
+                transient=True,
+            )
+        if isinstance(error, json.JSONDecodeError):
+            return HubError(
+                f"The Hub sent a reply that is not JSON when trying to {target}.",
+                fix="Try again in a while; if it persists, check https://status.huggingface.co.",
                 transient=True,
             )
         return None

@@ -26,7 +26,7 @@ from loraship import __version__
 from loraship.adapter import CONFIG_NAME as ADAPTER_CONFIG
 from loraship.adapter import PICKLE_NAME, WEIGHTS_NAME
 from loraship.errors import AdapterError, BaseModelError, HubError, OutputError
-from loraship.hub import Hub, Publication, RepoState
+from loraship.hub import CommitConflict, Hub, Publication, RepoState
 from loraship.plan import CODE_NAMES, check_base
 from loraship.repo_files import CARD_NAME, CHAT_TEMPLATE_FILES, TOKENIZER_FILES, WEIGHT_DIRS, WEIGHT_SUFFIXES
 from loraship.spec import MergeJob, Source
@@ -377,10 +377,17 @@ class _Run:
         )
         self.stage("Publish")
         self.log(f"Publishing to {hub.url(repo_id)} ...")
-        publication = hub.publish(
-            staging, repo_id, private=self.job.private, gated=gated, title=title, description=description,
-            create_pr=self.job.publish.mode == "pr", tag=self.job.publish.tag, parent_commit=parent,
-        )  # fmt: skip
+        try:
+            publication = hub.publish(
+                staging, repo_id, private=self.job.private, gated=gated, title=title, description=description,
+                create_pr=self.job.publish.mode == "pr", tag=self.job.publish.tag, parent_commit=parent,
+            )  # fmt: skip
+        except CommitConflict:
+            # Someone committed first: maybe this very merge (an earlier attempt whose reply was lost).
+            found = hub.find_publication(repo_id, key)
+            if found is None:
+                raise
+            return self._already(found, key, (done.base, done.adapter))
         return replace(done, status="published", repo_url=publication.repo_url, commit_sha=publication.commit_sha,
                        tag=publication.tag, pr_url=publication.pr_url,
                        message=f"Published {publication.link}.")  # fmt: skip
@@ -395,11 +402,15 @@ class _Run:
         return str(gated) if gated in ("auto", "manual") else None
 
     def _already(self, found: Publication, key: str, labels: tuple[str, str]) -> RunResult:
+        tag = self.job.publish.tag
         message = f"Already published at {found.link}: nothing to do."
+        if tag and found.commit_sha:  # a run stopped between its commit and its tag leaves the tag to us
+            self._hub().ensure_tag(self.target.repo_id or "", tag, found.commit_sha)
+            message = f"Already published at {found.link} (tag `{tag}`): nothing to do."
         self.log(message)
         return RunResult(job=self.job.name, status="already-published", output=self.job.output, base=labels[0],
                          adapter=labels[1], provenance=key, repo_url=found.repo_url, commit_sha=found.commit_sha,
-                         pr_url=found.pr_url, message=message)  # fmt: skip
+                         tag=tag if found.commit_sha else None, pr_url=found.pr_url, message=message)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- pure helpers

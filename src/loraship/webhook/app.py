@@ -9,6 +9,7 @@ gets a 500.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import os
@@ -23,12 +24,14 @@ from pydantic import ValidationError
 from loraship import __version__
 from loraship.errors import ConfigError
 from loraship.webhook.bot import Bot
+from loraship.webhook.config import BotConfig
 from loraship.webhook.payload import find_triggers
 
 
 def create_app(bot: Bot, secret: str) -> FastAPI:
     """The FastAPI app for ``bot``; ``secret`` is the webhook secret the Hub sends."""
     app = FastAPI(title="loraship bot", version=__version__)
+    app.middleware("http")(_one_request_per_connection)
     started = time.time()
 
     @app.post("/webhook")
@@ -42,11 +45,12 @@ def create_app(bot: Bot, secret: str) -> FastAPI:
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return _error(413, f"body larger than {limit} bytes")
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > limit:
-                return _error(413, f"body larger than {limit} bytes")
+        try:
+            body = await asyncio.wait_for(_read_body(request, limit), bot.config.read_timeout_seconds)
+        except asyncio.TimeoutError:
+            return _error(408, f"the body did not arrive within {bot.config.read_timeout_seconds:g} s")
+        if body is None:
+            return _error(413, f"body larger than {limit} bytes")
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
@@ -76,15 +80,38 @@ def create_app(bot: Bot, secret: str) -> FastAPI:
         return JSONResponse(found.to_json())
 
     @app.get("/healthz")
-    def healthz() -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "uptime_s": round(time.time() - started, 1),
-                "jobs": bot.queue.counts()}  # fmt: skip
+    def healthz() -> JSONResponse:
+        problems = bot.health()
+        data = {
+            "status": "unhealthy" if problems else "ok",
+            "version": __version__,
+            "uptime_s": round(time.time() - started, 1),
+            "jobs": bot.queue.counts(),
+            "problems": problems,
+        }
+        return JSONResponse(data, status_code=503 if problems else 200)
 
     return app
 
 
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None once it passes ``limit`` bytes."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+async def _one_request_per_connection(request: Request, call_next: Any) -> Any:
+    response = await call_next(request)
+    response.headers["connection"] = "close"
+    return response
 
 
 def webhook_secret(env: dict[str, str] | None = None) -> str:
@@ -101,6 +128,46 @@ def webhook_secret(env: dict[str, str] | None = None) -> str:
             "(https://huggingface.co/settings/webhooks).",
         )
     return secret
+
+
+def server_config(app: FastAPI, config: BotConfig, *, host: str, port: int) -> Any:
+    """uvicorn's settings for the bot: bounded connections, one request per connection, and no
+    connection held by a client that does not finish sending its request (see ``_Deadlines``)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="info", limit_concurrency=config.max_connections,
+                          timeout_keep_alive=1, h11_max_incomplete_event_size=64 * 1024,
+                          http=_deadline_protocol(config.read_timeout_seconds))  # fmt: skip
+
+
+def _deadline_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol with a deadline for the request headers: uvicorn itself waits forever
+    for a request that never completes, so idle half-open connections would exhaust descriptors."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class _Deadlines(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._deadline = self.loop.call_later(seconds, self._too_slow)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and self._deadline is not None:  # the headers are in
+                self._deadline.cancel()
+                self._deadline = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _too_slow(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.close()
+
+    return _Deadlines
 
 
 def serve(config_path: Path, *, host: str, port: int) -> None:
@@ -125,7 +192,7 @@ def serve(config_path: Path, *, host: str, port: int) -> None:
     bot = Bot(config, queue, executor, hub)
     bot.start()
     try:
-        uvicorn.run(create_app(bot, secret), host=host, port=port, log_level="info")
+        uvicorn.Server(server_config(create_app(bot, secret), config, host=host, port=port)).run()
     finally:
         bot.stop()
         queue.close()

@@ -65,6 +65,7 @@ class ExecutorSpec(_Spec):
     kind: Literal["local", "github", "hf-jobs"] = "local"
     concurrency: int = Field(default=1, ge=1, le=32)
     workdir: str | None = None
+    timeout_minutes: float = Field(default=360, gt=0)
     github: GitHubExecutor | None = None
     hf_jobs: HfJobsExecutor | None = None
 
@@ -83,6 +84,8 @@ class BotConfig(_Spec):
     state: str = "loraship-bot.db"
     discussion_title: str = "loraship: merged models"
     max_body_bytes: int = Field(default=1_000_000, ge=1_000)
+    read_timeout_seconds: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=200, ge=4)
 
     @field_validator("executor")
     @classmethod

@@ -6,10 +6,12 @@ image on Hugging Face Jobs). The bot itself needs no GPU.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -19,6 +21,10 @@ from loraship.spec import MergeJob
 from loraship.webhook.config import BotConfig
 from loraship.webhook.queue import Job
 
+log = logging.getLogger("loraship.bot")
+
+BOT_ONLY_SECRETS = ("WEBHOOK_SECRET", "GITHUB_TOKEN", "GH_TOKEN")
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -27,6 +33,7 @@ class Outcome:
     state: Literal["succeeded", "skipped"]
     result: dict[str, Any] = field(default_factory=dict)
     comment: str | None = None
+    recovered_comment: str | None = None  # for a skip: what to say if this job's own earlier attempt published
 
 
 class Executor(Protocol):
@@ -38,8 +45,9 @@ class Executor(Protocol):
 class LocalExecutor:
     """``loraship run`` in a child process: a crash or an out-of-memory kill cannot take the bot down."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, timeout_s: float = 6 * 3600) -> None:
         self.workdir = workdir
+        self.timeout_s = timeout_s
 
     def run(self, job: Job, merge_job: MergeJob) -> Outcome:
         folder = self.workdir / job.id
@@ -47,30 +55,48 @@ class LocalExecutor:
         config, result_path = folder / "job.yaml", folder / "result.json"
         config.write_text(merge_job.to_yaml())
         result_path.unlink(missing_ok=True)
+        command = [sys.executable, "-m", "loraship", "run", "--config", str(config), "--result", str(result_path),
+                   "--quiet"]  # fmt: skip
         try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "loraship", "run", "--config", str(config), "--result", str(result_path),
-                 "--quiet"],
-                capture_output=True, text=True, env=dict(os.environ), check=False,
-            )  # fmt: skip
-            data = json.loads(result_path.read_text()) if result_path.is_file() else None
+            try:
+                proc = subprocess.run(command, capture_output=True, text=True, env=merge_env(os.environ),
+                                      timeout=self.timeout_s, check=False)  # fmt: skip
+            except subprocess.TimeoutExpired as e:
+                raise LorashipError(
+                    f"The merge ran longer than the executor's timeout ({self.timeout_s / 60:g} min) and was stopped.",
+                    fix="Raise `executor.timeout_minutes` in bot.yaml, or run merges this large on a bigger machine.",
+                ) from e
+            data = _read_result(result_path)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         if proc.returncode == 0 and data and data.get("results"):
             result = data["results"][0]
-            state: Literal["succeeded", "skipped"] = (
-                "skipped" if result["status"] == "already-published" else "succeeded"
-            )
-            return Outcome(state, _summary(result), success_comment(job, result))
+            if result["status"] == "already-published":
+                return Outcome("skipped", _summary(result), None, recovered_comment(job, result))
+            return Outcome("succeeded", _summary(result), success_comment(job, result))
         if data and data.get("error"):
-            e = data["error"]
-            raise LorashipError(str(e["message"]), fix=e.get("fix"), transient=bool(e.get("transient")))
-        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+            err = data["error"]
+            raise LorashipError(str(err["message"]), fix=err.get("fix"), transient=bool(err.get("transient")))
+        # The traceback names this machine's paths: it goes to the bot's log, not into the comment.
+        log.error("job %s: the merge process exited with %s:\n%s", job.id, proc.returncode, proc.stderr[-4000:])
         raise LorashipError(
-            f"The merge process stopped without a result (exit code {proc.returncode}): {tail or 'no output'}",
-            fix="See the bot's log; the job is retried while attempts remain.",
+            f"The merge process stopped without a result (exit code {proc.returncode}).",
+            fix="The bot's log has the details; the job is retried while attempts remain.",
             transient=True,
         )
+
+
+def merge_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The merge process's environment: the bot's, less the secrets only the bot needs."""
+    return {k: v for k, v in environ.items() if k not in BOT_ONLY_SECRETS}
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 class GitHubActionsExecutor:
@@ -144,7 +170,7 @@ def make_executor(config: BotConfig, *, hub: Any, env: dict[str, str], workdir: 
         )
     if kind == "hf-jobs":
         return HfJobsExecutor(config, hub)
-    return LocalExecutor(workdir)
+    return LocalExecutor(workdir, config.executor.timeout_minutes * 60)
 
 
 def _trigger(job: Job) -> str:
@@ -156,9 +182,7 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result.get(k) for k in keep}
 
 
-def success_comment(job: Job, result: dict[str, Any]) -> str | None:
-    if result["status"] == "already-published":
-        return None
+def success_comment(job: Job, result: dict[str, Any]) -> str:
     where = result.get("pr_url") or f"{result['repo_url']}/commit/{result['commit_sha']}"
     verified = {True: "verified against base + adapter", False: "NOT verified", None: "not verified"}[
         result["verified"]
@@ -170,6 +194,24 @@ def success_comment(job: Job, result: dict[str, Any]) -> str | None:
     if result.get("report_markdown"):
         lines += ["", result["report_markdown"]]
     return "\n".join(lines)
+
+
+def recovered_comment(job: Job, result: dict[str, Any]) -> str:
+    where = result.get("pr_url") or f"{result['repo_url']}/commit/{result['commit_sha']}"
+    tag = f", tagged `{result['tag']}`" if result.get("tag") else ""
+    return (
+        f"**loraship** published [{result['output']}]({where}){tag} from `{job.repo}` at `{job.sha[:12]}` "
+        f"({_trigger(job)}) into `{result['base']}`: an earlier attempt published it and was stopped before it "
+        "could report here."
+    )
+
+
+def internal_error_comment(job: Job, error: Exception) -> str:
+    return (
+        f"**loraship** could not merge `{job.repo}` at `{job.sha[:12]}` ({_trigger(job)}): an internal error "
+        f"({type(error).__name__}) stopped the bot's job.\n\n**How to fix it:** The bot's "
+        "operator finds the details in its log; please report it to loraship."
+    )
 
 
 def failure_comment(job: Job, error: LorashipError) -> str:

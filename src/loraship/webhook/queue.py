@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     result TEXT,
-    error TEXT
+    error TEXT,
+    reported INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, next_at, created_at);
 """
@@ -79,6 +80,9 @@ class JobQueue:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "reported" not in columns:  # a queue written by loraship 0.1
+                self._db.execute("ALTER TABLE jobs ADD COLUMN reported INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -139,6 +143,16 @@ class JobQueue:
                 "UPDATE jobs SET state = 'queued', next_at = ?, error = ?, updated_at = ? WHERE id = ?",
                 (now + delay, error, now, job_id),
             )
+
+    def reported(self, job_id: str) -> bool:
+        """Whether the job's outcome was already reported on the adapter repo."""
+        with self._lock:
+            row = self._db.execute("SELECT reported FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return bool(row and row["reported"])
+
+    def mark_reported(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET reported = 1, updated_at = ? WHERE id = ?", (time.time(), job_id))
 
     def recover(self) -> int:
         """Jobs a crash left ``running`` go back to ``queued``; returns how many."""
