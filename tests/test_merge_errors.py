@@ -398,3 +398,137 @@ def test_disk_full_while_writing(llama: Path, llama_adapter: Path, tmp_path: Pat
         "Fix: Check the free space and permissions of the output disk, then run again.\n"
     )
     assert_nothing_written(out)
+
+
+# --------------------------------------------------------------------------- hostile folders
+
+
+def test_link_out_of_the_adapter_folder_is_refused(llama: Path, llama_adapter: Path, tmp_path: Path, capsys) -> None:
+    """A tokenizer.json linking to /proc/self/environ would copy the environment (tokens) into the model."""
+    (llama_adapter / "tokenizer.json").symlink_to("/proc/self/environ")
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", out)
+    assert code == 1
+    target = Path("/proc/self/environ").resolve()
+    assert err == (
+        f"Error: `tokenizer.json` in the adapter folder `{llama_adapter}` is a link to `{target}`, outside that "
+        "folder. loraship reads only files inside the folders it is given, so that no other file of this machine "
+        "can end up in a merged model.\nFix: Replace the link with a copy of the file, or remove it from the folder.\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_links_out_of_the_base_folder_and_fifos_are_refused(llama: Path, llama_adapter: Path, tmp_path: Path,
+                                                            capsys) -> None:  # fmt: skip
+    import os
+
+    base = tmp_path / "base"
+    shutil.copytree(llama, base)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("HF_TOKEN=hf_secret\n")
+    (base / "docs").mkdir()
+    (base / "docs" / "README.md").symlink_to(secret)
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", base, "--adapter", llama_adapter, "--output", out)
+    assert (code, err.splitlines()[0]) == (1, f"Error: `docs/README.md` in the base folder `{base}` is a link to "
+                                              f"`{secret}`, outside that folder. loraship reads only files inside "
+                                              "the folders it is given, so that no other file of this machine can "
+                                              "end up in a merged model.")  # fmt: skip
+    (base / "docs" / "README.md").unlink()
+    (base / "docs" / "notes.md").symlink_to(base / "config.json")  # a link inside the folder is fine
+    os.mkfifo(base / "pipe")
+    code, err = run_merge(capsys, "--base", base, "--adapter", llama_adapter, "--output", out)
+    assert (code, err) == (1, f"Error: `pipe` in the base folder `{base}` is not a regular file (a broken link, a "
+                              "FIFO, a socket or a device); loraship reads only regular files.\nFix: Remove it from "
+                              "the folder.\n")  # fmt: skip
+    (base / "pipe").unlink()
+    assert run_merge(capsys, "--base", base, "--adapter", llama_adapter, "--output", out)[0] == 0
+    assert (out / "docs" / "notes.md").read_text() == (base / "config.json").read_text()
+    assert secret.read_text() not in "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
+
+
+def test_index_naming_a_file_outside_the_folder_is_refused(llama: Path, llama_adapter: Path, tmp_path: Path,
+                                                           capsys) -> None:  # fmt: skip
+    base = tmp_path / "base"
+    shutil.copytree(llama, base)
+    shutil.copy(base / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    header = json.loads((base / "model.safetensors").read_bytes()[8:].split(b"}}", 1)[0] + b"}}")
+    names = [k for k in header if k != "__metadata__"]
+    (base / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {name: "../elsewhere.safetensors" for name in names}}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", base, "--adapter", llama_adapter, "--output", out)
+    assert (code, err) == (1, f"Error: `{base / 'model.safetensors.index.json'}` names the weight file "
+                              f"`../elsewhere.safetensors`, outside `{base}`: an index may name only files in its own "
+                              "folder.\nFix: Correct the index: its weight_map values are file names in the model "
+                              "folder.\n")  # fmt: skip
+    assert_nothing_written(out)
+
+
+def test_local_merge_leaves_base_code_out_unless_trusted(llama: Path, llama_adapter: Path, tmp_path: Path,
+                                                         capsys) -> None:  # fmt: skip
+    base = tmp_path / "base"
+    shutil.copytree(llama, base)
+    (base / "modeling_custom.py").write_text("import os\n")
+    assert run_merge(capsys, "--base", base, "--adapter", llama_adapter, "--output", tmp_path / "a")[0] == 0
+    assert not (tmp_path / "a" / "modeling_custom.py").exists()
+    code, _ = run_merge(capsys, "--base", base, "--adapter", llama_adapter, "--output", tmp_path / "b",
+                        "--trust-remote-code")  # fmt: skip
+    assert code == 0 and (tmp_path / "b" / "modeling_custom.py").read_text() == "import os\n"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("lora_alpha", "x", 'sets `lora_alpha` to "x", but PEFT expects a number there.'),
+        ("r", "8", 'sets `r` to "8", but PEFT expects a whole number from 1 there.'),
+        ("target_modules", 5, "sets `target_modules` to 5, but PEFT expects a module name pattern or a list of names "
+                              "there."),
+        ("use_dora", "yes", 'sets `use_dora` to "yes", but PEFT expects true or false there.'),
+    ],
+)  # fmt: skip
+def test_adapter_config_field_of_the_wrong_type(llama: Path, llama_adapter: Path, tmp_path: Path, capsys,
+                                                field: str, value: object, expected: str) -> None:  # fmt: skip
+    path = llama_adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", out)
+    assert (code, err) == (1, f"Error: `{path}` {expected}\nFix: Correct the field (see PEFT's LoraConfig), or save "
+                              "the adapter again with save_pretrained().\n")  # fmt: skip
+    assert_nothing_written(out)
+
+
+def test_deep_json_and_empty_inputs_get_clear_errors(llama: Path, llama_adapter: Path, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    config = llama_adapter / "adapter_config.json"
+    original = config.read_text()
+    config.write_text("[" * 100_000 + "]" * 100_000)
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", out)
+    assert (code, err.splitlines()[0]) == (1, f"Error: `{config}` is not valid JSON (nested too deeply).")
+    config.write_text(original)
+    weights = llama_adapter / "adapter_model.safetensors"
+    trained = weights.read_bytes()
+    save_file({}, str(weights))
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", out)
+    assert (code, err) == (
+        1,
+        f"Error: `{weights}` holds no tensors: merging it would change nothing.\n"
+        "Fix: Point --adapter at the folder PeftModel.save_pretrained() wrote after training.\n",
+    )
+    weights.unlink()
+    (llama_adapter / "adapter_model.bin").write_bytes(b"")
+    code, err = run_merge(capsys, "--base", llama, "--adapter", llama_adapter, "--output", out, "--allow-pickle")
+    assert code == 1 and err.startswith(
+        f"Error: `{llama_adapter / 'adapter_model.bin'}` could not be loaded with torch.load(weights_only=True): "
+    )
+    (llama_adapter / "adapter_model.bin").unlink()
+    weights.write_bytes(trained)
+    base = tmp_path / "base"
+    shutil.copytree(llama, base)
+    (base / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, err = run_merge(capsys, "--base", base, "--adapter", llama_adapter, "--output", out)
+    assert (code, err.splitlines()[0]) == (1, f"Error: `{base / 'config.json'}` is not valid JSON (nested too deeply).")
+    assert_nothing_written(out)

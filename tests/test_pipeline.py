@@ -236,6 +236,32 @@ def test_several_jobs_and_a_local_output(seeded, hub_server, tmp_path: Path, cap
 # --------------------------------------------------------------------------- bad input: exit 1, nothing published
 
 
+def test_hub_listing_a_file_outside_the_repo_is_refused(seeded, hub_server, capsys) -> None:
+    from hub_server import StoredFile
+
+    repo = hub_server.repos["alice/lora"]
+    head = repo.commits[repo.branches["main"]]
+    head.files["../../outside.txt"] = StoredFile(size=1, blob_oid="0" * 40)
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "alice/merged")
+    assert (code, err) == (1, "Error: `alice/lora` lists a file named `../../outside.txt`, which would lie outside "
+                              "the repo's folder; loraship does not download from a repo like that.\nFix: Use a repo "
+                              "whose file names are plain paths inside it.\n")  # fmt: skip
+    assert "alice/merged" not in hub_server.repos
+
+
+@pytest.mark.parametrize("where", ["the output is the base", "the output holds the adapter"])
+def test_local_output_overlapping_an_input_is_refused(seeded, tmp_path: Path, capsys, where: str) -> None:
+    output = seeded.base if where == "the output is the base" else tmp_path
+    before = sorted(p.name for p in seeded.base.iterdir())
+    code, _, err = run_cli(capsys, "--adapter", seeded.adapter, "--base", seeded.base, "--output", f"dir:{output}",
+                           "--overwrite", "--no-verify")  # fmt: skip
+    overlapped = seeded.adapter if where == "the output holds the adapter" else seeded.base
+    assert (code, err) == (1, f"Error: The output folder `{output}` overlaps the input folder `{overlapped}`.\n"
+                              "Fix: Choose an `output: dir:...` outside the base and adapter folders.\n")  # fmt: skip
+    assert sorted(p.name for p in seeded.base.iterdir()) == before and (seeded.adapter / "README.md").is_file()
+    assert not [p for p in output.parent.iterdir() if ".loraship-staging-" in p.name]
+
+
 def assert_failed(code: int, err: str, expected: str) -> None:
     assert code == 1
     assert err.endswith(expected), err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from loraship.errors import CorruptFileError
 from loraship.safetensors_io import (
+    MAX_TENSORS_PER_FILE,
     OutputTensor,
     ShardWriter,
     TensorReader,
@@ -110,7 +112,26 @@ def _file(header: bytes, data: bytes = b"") -> bytes:
         (_file(b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}'),
          "has a corrupt header: tensor `x` (F32, shape [2]) needs 8 bytes but its offsets span 4."),
         (_file(b'{"x":{"dtype":"F32","shape":1}}'),
-         "has a corrupt header: the entry of tensor `x` lacks a dtype, shape or data_offsets."),
+         "has a corrupt header: tensor `x` lacks a dtype, shape or data_offsets."),
+        (_file(b'{"x":{"dtype":"F32","shape":[1e400,64],"data_offsets":[0,0]}}'),
+         "has a corrupt header: tensor `x` has a shape that is not a list of sizes (whole numbers from 0): "
+         "[Infinity, 64]."),
+        (_file(b'{"x":{"dtype":"F32","shape":[-4,-1],"data_offsets":[0,16]}}', b"\0" * 16),
+         "has a corrupt header: tensor `x` has a shape that is not a list of sizes (whole numbers from 0): [-4, -1]."),
+        (_file(b'{"x":{"dtype":"F32","shape":[4294967296,4294967296,0],"data_offsets":[0,0]}}'),
+         "has a corrupt header: tensor `x` has a shape too large to be real: [4294967296, 4294967296, 0]."),
+        (_file(b'{"x":{"dtype":["F32"],"shape":[1],"data_offsets":[0,4]}}'),
+         'has a corrupt header: tensor `x` has a dtype that is not a string (["F32"]).'),
+        (_file(b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[4,0]}}'),
+         "has a corrupt header: tensor `x` ends (byte 0) before it begins (byte 4)."),
+        (_file(b'{"x":{"dtype":"F32","shape":[4096],"data_offsets":[-16384,0]}}'),
+         "has a corrupt header: tensor `x` has data_offsets that are not two byte offsets: [-16384, 0]."),
+        (_file(b'{"__metadata__":["a"]}'),
+         "has a corrupt header: its `__metadata__` is not a mapping of strings to strings."),
+        (_file(b"[" * 100_000 + b"]" * 100_000), "has a corrupt header: its JSON is nested too deeply."),
+        (_file(json.dumps({f"t{i}": {} for i in range(MAX_TENSORS_PER_FILE + 1)}).encode()),
+         f"has a corrupt header: it lists {MAX_TENSORS_PER_FILE + 1} tensors, more than the {MAX_TENSORS_PER_FILE} "
+         "any real checkpoint file holds."),
     ],
 )  # fmt: skip
 def test_corrupt_headers(tmp_path: Path, content: bytes, message: str) -> None:

@@ -70,7 +70,8 @@ def test_correct_merges_pass(model_cache, tmp_path: Path, config, model_class, l
     assert report.outputs is not None and report.outputs.stats.positions > 0
     assert [c.name for c in report.checks if c.level == "weights"] == [
         "tensor names, shapes, dtypes", "adapter tensors applied", "changed tensors recomputed", "untouched tensors",
-        "adapter changes present", "finite values", "names and tying (transformers + PEFT)",
+        "adapter changes present", "finite values", "readable by the safetensors library",
+        "names and tying (transformers + PEFT)",
     ]  # fmt: skip
     assert next(c for c in report.checks if c.name.startswith("names and tying")).passed is True
 
@@ -192,6 +193,25 @@ def test_wrong_scale_and_double_delta_fail_weights_and_outputs(llama_case, tmp_p
     report = verify(base, adapter, bad, threshold_overrides={"generation_tokens": 4})
     assert "weights: changed tensors recomputed" in failed(report)
     assert "outputs: merge error / adapter effect" in failed(report)
+
+
+def test_library_check_reports_what_the_safetensors_library_reads(llama_case) -> None:
+    from dataclasses import replace
+
+    from loraship.safetensors_io import read_checkpoint, weight_files
+    from loraship.verify import library_check
+
+    _, _, merged = llama_case
+    files = weight_files(merged)
+    assert files is not None
+    ckpt = read_checkpoint(merged, files)
+    check = library_check(ckpt)
+    assert (check.passed, check.measured) == (True, f"{len(files)} of {len(files)} files open")
+    name = "model.norm.weight"
+    wrong = {**ckpt.tensors, name: replace(ckpt.tensors[name], shape=(-1,))}
+    check = library_check(replace(ckpt, tensors=wrong))
+    assert (check.passed, check.detail) == (False, f"{ckpt.tensors[name].file.name}: `{name}` reads as "
+                                                   f"{list(ckpt.tensors[name].shape)}")  # fmt: skip
 
 
 def test_untouched_tensor_changed_and_nan(llama_case) -> None:
@@ -329,4 +349,21 @@ def test_model_class_needing_remote_code(llama_case, capsys) -> None:
         "from the model repo.\n"
         "Fix: If you trust the base model's repository, pass --trust-remote-code: transformers then imports and "
         "runs the Python files the repo ships (auto_map in config.json), with your permissions.\n"
+    )
+
+
+def test_tokenizer_needing_remote_code_is_a_clear_error(llama_case) -> None:
+    from loraship.errors import InputError
+
+    base, adapter, merged = llama_case
+    (merged / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["tok.MyTok", None]}}))
+    with pytest.raises(InputError) as info:
+        verify(base, adapter, merged, threshold_overrides={"generation_tokens": 2})
+    assert info.value.message == (
+        f"The tokenizer in `{merged}` is defined by Python code in the repo (auto_map in tokenizer_config.json), and "
+        "running it was not allowed."
+    )
+    assert info.value.fix == (
+        "If you trust the repo, pass --trust-remote-code (`trust_remote_code: true` in loraship.yaml); otherwise "
+        "verify with --weights-only."
     )

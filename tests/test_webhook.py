@@ -404,6 +404,7 @@ def test_a_crashing_executor_is_recorded_and_the_queue_goes_on(start_bot, hub_se
     ]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker's death is the point
 def test_healthz_reports_dead_and_stuck_workers(start_bot) -> None:
     class Exits:
         def run(self, job: Any, merge_job: Any) -> Outcome:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loraship.errors import AdapterError, UnsupportedError
+from loraship.errors import AdapterError, UnsupportedError, first_line
 from loraship.safetensors_io import TensorInfo, read_header
 
 PREFIX = "base_model.model."
@@ -213,11 +213,13 @@ def load_adapter(folder: Path, *, allow_pickle: bool = False, scratch: Path | No
         config = json.loads(config_path.read_text())
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
         raise AdapterError(
-            f"`{config_path}` is not valid JSON ({e}).",
+            f"`{config_path}` is not valid JSON ({why}).",
             fix="Restore the file PEFT wrote, or save the adapter again with save_pretrained().",
         ) from e
+    check_config_types(config, config_path)
     check_method(config, config_path)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
@@ -239,20 +241,24 @@ def load_adapter(folder: Path, *, allow_pickle: bool = False, scratch: Path | No
             raise ValueError("load_adapter(allow_pickle=True) needs a scratch folder")
         weights = _convert_pickle(pickled, scratch)
     _, tensors = read_header(weights)
+    if not tensors:
+        raise AdapterError(
+            f"`{weights}` holds no tensors: merging it would change nothing.",
+            fix="Point --adapter at the folder PeftModel.save_pretrained() wrote after training.",
+        )
     return parse_adapter(config, tensors, folder=folder)
 
 
 def _convert_pickle(pickled: Path, scratch: Path) -> Path:
-    import pickle
 
     import torch
     from safetensors.torch import save_file
 
     try:
         state = torch.load(pickled, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    except Exception as e:  # pickle.UnpicklingError, EOFError, RuntimeError, ... whatever the bytes provoke
         raise AdapterError(
-            f"`{pickled}` could not be loaded with torch.load(weights_only=True): {str(e).splitlines()[0]}",
+            f"`{pickled}` could not be loaded with torch.load(weights_only=True): {first_line(e)}",
             fix="The file holds more than tensors (or is corrupt): convert the adapter to safetensors "
             "where you trust it, with PeftModel.save_pretrained().",
         ) from e
@@ -265,6 +271,62 @@ def _convert_pickle(pickled: Path, scratch: Path) -> Path:
     out = scratch / WEIGHTS_NAME
     save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"format": "pt"})
     return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+#: The adapter_config.json fields loraship or PEFT read, with the JSON PEFT's LoraConfig accepts.
+_FIELD_TYPES: dict[str, tuple[str, Any]] = {
+    "r": ("a whole number from 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+    "lora_alpha": ("a number", _is_number),
+    "target_modules": ("a module name pattern or a list of names", lambda v: isinstance(v, str) or _is_names(v)),
+    "modules_to_save": ("a list of module names", _is_names),
+    "target_parameters": ("a list of parameter names", _is_names),
+    "rank_pattern": ("a mapping of names to ranks", lambda v: isinstance(v, dict) and all(
+        isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values())),
+    "alpha_pattern": ("a mapping of names to numbers", lambda v: isinstance(v, dict) and all(
+        _is_number(x) for x in v.values())),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "lora_bias": ("true or false", lambda v: isinstance(v, bool)),
+    "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
+    "ensure_weight_tying": ("true or false", lambda v: isinstance(v, bool)),
+    "bias": ('"none", "all" or "lora_only"', lambda v: v in ("none", "all", "lora_only")),
+    "peft_type": ("a PEFT method name", lambda v: isinstance(v, str)),
+    "task_type": ("a task name", lambda v: isinstance(v, str)),
+    "base_model_name_or_path": ("a repo id or a path", lambda v: isinstance(v, str)),
+    "revision": ("a revision", lambda v: isinstance(v, str)),
+    "layers_to_transform": ("a layer number or a list of them", lambda v: isinstance(v, int) or (
+        isinstance(v, list) and all(isinstance(x, int) for x in v))),
+    "layers_pattern": ("a name or a list of names", lambda v: isinstance(v, str) or _is_names(v)),
+    "init_lora_weights": ("true, false or an initialization name", lambda v: isinstance(v, (bool, str))),
+    "trainable_token_indices": ("a list of token ids or a mapping of names to them", lambda v: (
+        isinstance(v, list) and all(isinstance(x, int) for x in v)) or (isinstance(v, dict) and all(
+        isinstance(x, list) and all(isinstance(i, int) for i in x) for x in v.values()))),
+}  # fmt: skip
+
+
+def check_config_types(config: Mapping[str, Any], where: Path | str) -> None:
+    """Refuse an adapter_config.json field of the wrong JSON type (PEFT would fail deep inside, or misread it).
+
+    Raises:
+        AdapterError: Naming the field, its value and what PEFT expects.
+    """
+    for key, (expected, ok) in _FIELD_TYPES.items():
+        value = config.get(key)
+        if value is not None and not ok(value):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise AdapterError(
+                f"`{where}` sets `{key}` to {shown}, but PEFT expects {expected} there.",
+                fix="Correct the field (see PEFT's LoraConfig), or save the adapter again with save_pretrained().",
+            )
 
 
 def check_method(config: Mapping[str, Any], where: Path | str) -> None:

@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
     merge.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="carry the base's Python files (remote code) into the merged folder (default: left out)",
+    )  # fmt: skip
 
     verify = sub.add_parser(
         "verify", help="check that a merged folder behaves like base + adapter (weights, then outputs)"
@@ -176,6 +180,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
+        keep_code=args.trust_remote_code,
     )
     print(format_merge_result(result))
     return 0

@@ -100,3 +100,9 @@ class GitHubError(LorashipError):
     """A GitHub API request failed in a way the user can act on."""
 
     title = "GitHub error"
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line of text for a message (its type's name when it has none)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

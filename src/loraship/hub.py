@@ -112,6 +112,13 @@ class Hub:
             info = self.api.model_info(repo_id, revision=revision, files_metadata=False)
         card = info.card_data.to_dict() if info.card_data is not None else {}
         files = tuple(s.rfilename for s in info.siblings or [])
+        unsafe = next((f for f in files if f.startswith(("/", "\\")) or ".." in f.replace("\\", "/").split("/")), None)
+        if unsafe is not None:
+            raise HubError(
+                f"`{repo_id}` lists a file named `{unsafe}`, which would lie outside the repo's folder; loraship "
+                "does not download from a repo like that.",
+                fix="Use a repo whose file names are plain paths inside it.",
+            )
         gated = info.gated if info.gated is not None else False
         return RepoState(repo_id=repo_id, sha=str(info.sha), requested=revision, private=bool(info.private),
                          gated=gated, files=files, card_data=card)  # fmt: skip

@@ -16,17 +16,17 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from loraship.adapter import AdapterSpec, load_adapter
-from loraship.errors import BaseModelError, OutputError, UnsupportedError
+from loraship.errors import BaseModelError, OutputError, UnsupportedError, first_line
 from loraship.model_map import ModelMap, ModelMapError, inspect_model
 from loraship.oracle import OracleReport, check_plan
 from loraship.plan import MergePlan, TensorPlan, plan_merge
-from loraship.repo_files import CONFIG_NAME, FileChoice, choose_files, copy_files
+from loraship.repo_files import CONFIG_NAME, FileChoice, check_input_folder, choose_files, copy_files
 from loraship.report import human_bytes
 from loraship.safetensors_io import (
     INDEX_NAME,
@@ -106,8 +106,11 @@ def load_base(
         )
     try:
         config = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise BaseModelError(f"`{config_path}` is not valid JSON ({e}).", fix="Download the base model again.") from e
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise BaseModelError(f"`{config_path}` is not valid JSON ({why}).", fix="Download the base model again.") from e
     files = weight_files(folder)
     if files is None:
         pickled = sorted(folder.glob("pytorch_model*.bin"))
@@ -140,7 +143,7 @@ def _convert_pickled_base(pickled: list[Path], scratch: Path) -> tuple[Path, ...
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise BaseModelError(
-                f"`{path}` could not be loaded with torch.load(weights_only=True): {str(e).splitlines()[0]}",
+                f"`{path}` could not be loaded with torch.load(weights_only=True): {first_line(e)}",
                 fix="Convert the model to safetensors where you trust it (save_pretrained()).",
             ) from e
         tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
@@ -165,6 +168,7 @@ def prepare_merge(
     allow_pickle: bool = False,
     scratch: Path | None = None,
     refuse_disagreement: bool = True,
+    keep_code: bool = False,
 ) -> PreparedMerge:
     """Read base and adapter, plan the merge, and check the plan's names and tying against
     transformers + PEFT (:mod:`loraship.oracle`). Reads no tensor data (except opted-in pickles).
@@ -172,10 +176,14 @@ def prepare_merge(
     Args:
         refuse_disagreement: Raise when the plan and transformers + PEFT disagree; otherwise the
             finding is returned in ``names`` (``verify`` reports it as a failed check).
+        keep_code: Carry the base's Python files over (remote code; ``--trust-remote-code``).
 
     Raises:
+        InputError: A folder holds a link out of it, or something that is not a regular file.
         UnsupportedError: The plan disagrees with transformers + PEFT (with ``refuse_disagreement``).
     """
+    check_input_folder(adapter_dir, "adapter")
+    check_input_folder(base_dir, "base")
     adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle, scratch=scratch / "adapter" if scratch else None)
     base, config = load_base(base_dir, allow_pickle=allow_pickle, scratch=scratch / "base" if scratch else None)
     model, problem = None, None
@@ -185,7 +193,7 @@ def prepare_merge(
         problem = str(e)
     plan = _plan(base, config, adapter, model, problem, dtype, base_dir)
     replaced = [p.relative_to(base_dir).as_posix() for p in base.files if p.is_relative_to(base_dir)]
-    files = choose_files(base_dir, adapter_dir, replaced_weights=replaced)
+    files = choose_files(base_dir, adapter_dir, replaced_weights=replaced, keep_code=keep_code)
     names = check_plan(base_dir, adapter, plan, model)
     if refuse_disagreement and not names.agrees:
         raise UnsupportedError(
@@ -218,20 +226,26 @@ def _plan(
 # --------------------------------------------------------------------------- output folder
 
 
+def check_overlap(output: Path, inputs: Iterable[Path], *, fix: str) -> None:
+    """Refuse an output folder that is, holds, or lies in an input folder (replacing it would delete them).
+
+    Raises:
+        OutputError: Naming both folders.
+    """
+    resolved = output.resolve()
+    for path in inputs:
+        p = path.resolve()
+        if resolved == p or p.is_relative_to(resolved) or resolved.is_relative_to(p):
+            raise OutputError(f"The output folder `{output}` overlaps the input folder `{path}`.", fix=fix)
+
+
 def check_output(output: Path, *, overwrite: bool, inputs: tuple[Path, ...], needed_bytes: int) -> None:
     """Refuse an output location that is taken, overlaps the inputs, or lacks disk space.
 
     Raises:
         OutputError: With what to do instead.
     """
-    resolved = output.resolve()
-    for path in inputs:
-        p = path.resolve()
-        if resolved == p or p.is_relative_to(resolved) or resolved.is_relative_to(p):
-            raise OutputError(
-                f"The output folder `{output}` overlaps the input folder `{path}`.",
-                fix="Choose an --output outside the base and adapter folders.",
-            )
+    check_overlap(output, inputs, fix="Choose an --output outside the base and adapter folders.")
     if output.exists() and not output.is_dir():
         raise OutputError(f"The output `{output}` exists and is not a folder.", fix="Choose another --output.")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -239,7 +253,7 @@ def check_output(output: Path, *, overwrite: bool, inputs: tuple[Path, ...], nee
             f"The output folder `{output}` exists and is not empty.",
             fix="Pass --overwrite to replace it, or choose another --output.",
         )
-    existing = resolved
+    existing = output.resolve()
     while not existing.exists():
         existing = existing.parent
     if not os.access(existing, os.W_OK):
@@ -394,6 +408,7 @@ def merge(
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    keep_code: bool = False,
 ) -> MergeResult:
     """Merge the adapter in ``adapter_dir`` into the base in ``base_dir``, writing ``output``.
 
@@ -406,6 +421,7 @@ def merge(
         overwrite: Replace a non-empty ``output``.
         allow_pickle: Accept pickled ``.bin`` weights (loaded with ``weights_only=True``).
         progress: Show a progress bar over bytes written.
+        keep_code: Carry the base's Python files (remote code) into the output.
 
     Returns:
         What was written, with the plan.
@@ -415,5 +431,6 @@ def merge(
     """
     parse_size(max_shard_size)
     with tempfile.TemporaryDirectory(prefix="loraship-scratch-") as scratch:
-        prepared = prepare_merge(base_dir, adapter_dir, dtype=dtype, allow_pickle=allow_pickle, scratch=Path(scratch))
+        prepared = prepare_merge(base_dir, adapter_dir, dtype=dtype, allow_pickle=allow_pickle, scratch=Path(scratch),
+                                 keep_code=keep_code)  # fmt: skip
         return execute(prepared, output, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loraship.errors import InputError
+from loraship.errors import InputError, first_line
 from loraship.metrics import GenerationAgreement, OutputStats, combine, compare_outputs, greedy_agreement
 from loraship.plan import vocab_size
 
@@ -192,7 +192,7 @@ def compare(
     if vocab is not None and vocab != vocab_size(base_config) and hasattr(reference, "resize_token_embeddings"):
         reference.resize_token_embeddings(vocab, mean_resizing=False)
     reference = PeftModel.from_pretrained(reference, str(adapter)).eval()
-    inputs, description = _inputs(reference, merged, config, prompts)
+    inputs, description = _inputs(reference, merged, config, prompts, trust_remote_code=trust_remote_code)
     if config.get("is_encoder_decoder"):
         inputs = [_with_decoder_inputs(item, reference.config) for item in inputs]
         description += ", with a fixed decoder prefix"
@@ -308,7 +308,7 @@ def _pad_id(config: Any) -> int:
 
 
 def _inputs(
-    model: Any, merged: Path, config: Mapping[str, Any], prompts: Sequence[Prompt] | None
+    model: Any, merged: Path, config: Mapping[str, Any], prompts: Sequence[Prompt] | None, *, trust_remote_code: bool
 ) -> tuple[list[dict[str, Any]], str]:
     """The model's inputs: tokenized prompts (chat template applied), or fixed random inputs."""
     import torch
@@ -325,7 +325,7 @@ def _inputs(
         return [{"input_features": torch.randn(1, mels, frames, generator=g)}], "fixed random audio features"
     if main == "input_values":
         return [{"input_values": torch.randn(2, 4000, generator=g)}], "fixed random audio"
-    tokenizer = _tokenizer(merged)
+    tokenizer = _tokenizer(merged, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         vocab = vocab_size(config) or 1000
         count = len(prompts) if prompts else len(DEFAULT_PROMPTS)
@@ -346,14 +346,39 @@ def _inputs(
     return items, source + (" with the chat template" if template else "")
 
 
-def _tokenizer(folder: Path) -> Any:
+def _tokenizer(folder: Path, *, trust_remote_code: bool) -> Any:
+    """The merged folder's tokenizer, or None when it has none.
+
+    Raises:
+        InputError: It needs its own Python code (``auto_map``) and that is not allowed, or it does not load.
+    """
     from loraship.repo_files import TOKENIZER_FILES
 
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return None
+    settings_path = folder / "tokenizer_config.json"
+    try:
+        settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    except (ValueError, RecursionError) as e:
+        raise InputError(f"`{settings_path}` is not valid JSON.", fix="Fix or remove the file.") from e
+    if isinstance(settings, dict) and settings.get("auto_map") and not trust_remote_code:
+        raise InputError(
+            f"The tokenizer in `{folder}` is defined by Python code in the repo (auto_map in tokenizer_config.json), "
+            "and running it was not allowed.",
+            fix="If you trust the repo, pass --trust-remote-code (`trust_remote_code: true` in loraship.yaml); "
+            "otherwise verify with --weights-only.",
+        )
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises many kinds for a tokenizer it cannot build
+        first = first_line(e)
+        raise InputError(
+            f"The tokenizer in `{folder}` does not load: {first}",
+            fix="Fix the tokenizer files (try AutoTokenizer.from_pretrained on the folder), or verify with "
+            "--weights-only.",
+        ) from e
 
 
 def _with_decoder_inputs(item: dict[str, Any], model_config: Any) -> dict[str, Any]:

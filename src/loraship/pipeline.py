@@ -134,6 +134,7 @@ class _Run:
     def execute(self) -> RunResult:
         if not self.target.is_local and not self.dry_run:
             self._check_write_access()
+        self._check_overlap(self.job.adapter_source, self.job.base_source)
         staging = self._staging()  # a dir: output that cannot be written fails before any download
         try:
             return self._stages(staging)
@@ -148,6 +149,7 @@ class _Run:
         self.log(f"Resolving the adapter {job.adapter} ...")
         adapter = self._adapter()
         base_source = job.base_source or self._base_from_adapter(adapter)
+        self._check_overlap(base_source)
         self.log(f"Resolving the base {base_source} ...")
         base_state = (
             self._hub().repo(base_source.repo_id or "", base_source.revision) if not base_source.is_local else None
@@ -166,7 +168,7 @@ class _Run:
 
         result = merge(base.folder, adapter.folder, staging, dtype=None if job.dtype == "keep" else job.dtype,
                        max_shard_size=job.max_shard_size, overwrite=True, allow_pickle=job.allow_pickle,
-                       progress=self.progress)  # fmt: skip
+                       progress=self.progress, keep_code=job.trust_remote_code)  # fmt: skip
         notes = result.prepared.notes
         self.stage("Verify")
         report = self._verify(base, adapter, staging)
@@ -186,6 +188,14 @@ class _Run:
         return self._publish(staging, base, key, done)
 
     # -- inputs
+
+    def _check_overlap(self, *sources: Source | None) -> None:
+        if self.target.path is None:
+            return
+        from loraship.merge import check_overlap
+
+        local = [s.path for s in sources if s is not None and s.path is not None]
+        check_overlap(self.target.path, local, fix="Choose an `output: dir:...` outside the base and adapter folders.")
 
     def _check_write_access(self) -> None:
         hub = self._hub()

@@ -10,11 +10,15 @@ adapter trained with added tokens or a new template ships them.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from loraship.errors import InputError
 
 TOKENIZER_FILES = frozenset(
     {
@@ -47,13 +51,55 @@ class FileChoice:
     reason: str
 
 
-def choose_files(base: Path, adapter: Path, *, replaced_weights: Iterable[str]) -> list[FileChoice]:
+def check_input_folder(folder: Path, what: str) -> None:
+    """Refuse a folder with anything but regular files and folders inside it.
+
+    A link that leads out of the folder (to ``/proc/self/environ``, ``~/.ssh``...) would put a file of
+    this machine into the merged model; a FIFO or device would hang or flood the read. Links inside
+    the folder are fine, and so are the Hugging Face cache's links from a snapshot to its blobs.
+
+    Raises:
+        InputError: Naming the entry and what to do.
+    """
+    if not folder.is_dir():
+        return
+    root = folder.resolve()
+    blobs = next((p.parent / "blobs" for p in (root, *root.parents) if p.name == "snapshots"), None)
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(folder).as_posix()
+            if path.is_symlink():
+                target = path.resolve()
+                inside = target.is_relative_to(root) or (blobs is not None and target.is_relative_to(blobs))
+                if not inside:
+                    raise InputError(
+                        f"`{rel}` in the {what} folder `{folder}` is a link to `{target}`, outside that folder. "
+                        "loraship reads only files inside the folders it is given, so that no other file of this "
+                        "machine can end up in a merged model.",
+                        fix="Replace the link with a copy of the file, or remove it from the folder.",
+                    )
+                if target.is_dir():
+                    continue
+            mode = path.stat().st_mode if path.exists() else 0
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise InputError(
+                    f"`{rel}` in the {what} folder `{folder}` is not a regular file (a broken link, a FIFO, a "
+                    "socket or a device); loraship reads only regular files.",
+                    fix="Remove it from the folder.",
+                )
+
+
+def choose_files(
+    base: Path, adapter: Path, *, replaced_weights: Iterable[str], keep_code: bool = False
+) -> list[FileChoice]:
     """Decide the merged folder's non-weight files.
 
     Args:
         base: The base model folder.
         adapter: The adapter folder.
         replaced_weights: Base weight files (relative names) the merge rewrites.
+        keep_code: Carry the base's Python files (remote code) over; without it they are left out.
 
     Returns:
         Files to copy (``source`` set) and files left out (``source`` None), with reasons.
@@ -95,6 +141,9 @@ def choose_files(base: Path, adapter: Path, *, replaced_weights: Iterable[str]) 
             continue
         if top in replaced_by_adapter:
             choices.append(FileChoice(name, None, "replaced by the adapter's tokenizer / chat template"))
+            continue
+        if name.endswith(".py") and not keep_code:
+            choices.append(FileChoice(name, None, "Python code of the base: carried only with --trust-remote-code"))
             continue
         choices.append(FileChoice(name, path, "from the base"))
     wanted = TOKENIZER_FILES | CHAT_TEMPLATE_FILES if adapter_tokenizer else CHAT_TEMPLATE_FILES

@@ -53,6 +53,10 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SHARD_PATTERN = "model{suffix}.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024
+_MAX_COUNT = 2**63 - 1  # elements of a tensor, and a byte offset: what a 64-bit size holds
+_MAX_DIMS = 64
+#: More tensors than any real checkpoint file holds (DeepSeek-V3: ~91k in all, over 163 files).
+MAX_TENSORS_PER_FILE = 262_144
 _COPY_CHUNK = 64 * 1024 * 1024
 _REDOWNLOAD = (
     "Download the file again: it was probably cut off during a download or copy "
@@ -143,9 +147,22 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
         header = json.loads(raw)
     except ValueError as e:
         raise CorruptFileError(f"`{path}` has a corrupt header: it is not valid JSON ({e}).", fix=_REDOWNLOAD) from e
+    except RecursionError as e:
+        raise CorruptFileError(f"`{path}` has a corrupt header: its JSON is nested too deeply.", fix=_REDOWNLOAD) from e
     if not isinstance(header, dict):
         raise CorruptFileError(f"`{path}` has a corrupt header: it is not a JSON object.", fix=_REDOWNLOAD)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptFileError(
+            f"`{path}` has a corrupt header: its `__metadata__` is not a mapping of strings to strings.",
+            fix=_REDOWNLOAD,
+        )
+    if len(header) > MAX_TENSORS_PER_FILE:
+        raise CorruptFileError(
+            f"`{path}` has a corrupt header: it lists {len(header)} tensors, more than the "
+            f"{MAX_TENSORS_PER_FILE} any real checkpoint file holds.",
+            fix=_REDOWNLOAD,
+        )
     data_start = 8 + header_len
     tensors: list[TensorInfo] = []
     for name, entry in header.items():
@@ -167,31 +184,43 @@ def read_header(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo]]:
             f"data but the file holds {size - data_start}.",
             fix=_REDOWNLOAD,
         )
-    return {str(k): str(v) for k, v in metadata.items()}, {t.name: t for t in tensors}
+    return dict(metadata), {t.name: t for t in tensors}
 
 
 def _tensor_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorInfo:
-    try:
-        dtype = entry["dtype"]
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptFileError(
-            f"`{path}` has a corrupt header: the entry of tensor `{name}` lacks a dtype, shape or data_offsets.",
-            fix=_REDOWNLOAD,
-        ) from e
+    def corrupt(problem: str) -> CorruptFileError:
+        return CorruptFileError(f"`{path}` has a corrupt header: tensor `{name}` {problem}.", fix=_REDOWNLOAD)
+
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise corrupt("lacks a dtype, shape or data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str):
+        raise corrupt(f"has a dtype that is not a string ({json.dumps(dtype)[:40]})")
     if dtype not in DTYPE_BITS:
         raise CorruptFileError(
             f"`{path}` has tensor `{name}` of unknown dtype {dtype!r}.",
             fix="Upgrade loraship, or convert the checkpoint with a current safetensors version.",
         )
-    if end - begin != nbytes_of(dtype, shape) or begin < 0:
-        raise CorruptFileError(
-            f"`{path}` has a corrupt header: tensor `{name}` ({dtype}, shape {list(shape)}) needs "
-            f"{nbytes_of(dtype, shape)} bytes but its offsets span {end - begin}.",
-            fix=_REDOWNLOAD,
-        )
-    return TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape) or len(shape) > _MAX_DIMS:
+        raise corrupt(f"has a shape that is not a list of sizes (whole numbers from 0): {json.dumps(shape)[:80]}")
+    count = 1
+    for d in shape:  # as the safetensors library multiplies: a product past 64 bits is refused there
+        count *= d
+        if count > _MAX_COUNT:
+            raise corrupt(f"has a shape too large to be real: {shape}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_size(x) for x in offsets)):
+        raise corrupt(f"has data_offsets that are not two byte offsets: {json.dumps(offsets)[:80]}")
+    begin, end = offsets
+    if begin > end:
+        raise corrupt(f"ends (byte {end}) before it begins (byte {begin})")
+    needed = nbytes_of(dtype, shape)
+    if end - begin != needed:
+        raise corrupt(f"({dtype}, shape {shape}) needs {needed} bytes but its offsets span {end - begin}")
+    return TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -233,11 +262,18 @@ def weight_files(folder: Path) -> tuple[Path, ...] | None:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = list(dict.fromkeys(str(v) for v in weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CorruptFileError(
                 f"`{index}` is not a valid safetensors index (a JSON object with a `weight_map`).",
                 fix=_REDOWNLOAD,
             ) from e
+        for name in names:
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise CorruptFileError(
+                    f"`{index}` names the weight file `{name}`, outside `{folder}`: an index may name only files in "
+                    "its own folder.",
+                    fix="Correct the index: its weight_map values are file names in the model folder.",
+                )
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise BaseModelError(

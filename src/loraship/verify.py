@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loraship import __version__
-from loraship.errors import InputError, LorashipError, VerificationFailed
+from loraship.errors import InputError, LorashipError, VerificationFailed, first_line
 from loraship.merge import PreparedMerge, prepare_merge
 from loraship.oracle import OracleReport
 from loraship.output_check import OutputReport, Prompt, Thresholds, check_outputs, model_class
@@ -320,6 +320,26 @@ def names_check(names: OracleReport | None) -> Check:
                  "; ".join(names.disagreements[:3]))  # fmt: skip
 
 
+def library_check(merged: Checkpoint) -> Check:
+    """The merged shards as the safetensors library (what transformers and every engine use) reads them."""
+    from safetensors import safe_open
+
+    problems: list[str] = []
+    for path in merged.files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    shape = tuple(f.get_slice(name).get_shape())
+                    if name not in merged.tensors or merged.tensors[name].shape != shape:
+                        problems.append(f"{path.name}: `{name}` reads as {list(shape)}")
+        except Exception as e:  # the library's own error types differ by version
+            problems.append(f"{path.name}: {first_line(e)}")
+    n = len(merged.files)
+    measured = f"{n} of {n} files open" if not problems else f"{len(problems)} problem(s)"
+    return Check("weights", "readable by the safetensors library", not problems, measured,
+                 "every file opens, every tensor's shape as written", "; ".join(problems[:3]))  # fmt: skip
+
+
 def _no_op(w: WeightReport) -> bool:
     return w.changed > 0 and w.same_as_base == w.changed
 
@@ -412,7 +432,7 @@ def verify(
         if out_dtype:
             prepared = prepared.with_dtype(out_dtype)
         weights = replace(verify_weights(prepared, merged_ckpt, atol=weight_atol), dtype=out_dtype)
-    checks = [*weight_checks(weights), names_check(prepared.names)]
+    checks = [*weight_checks(weights), library_check(merged_ckpt), names_check(prepared.names)]
     output_report = None
     notes: list[str] = list(prepared.plan.notes)
     if outputs:
