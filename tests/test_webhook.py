@@ -503,7 +503,7 @@ def test_hf_jobs_executor_starts_a_job(start_bot, hub_server, tmp_path: Path) ->
     assert TOKENS["alice"] not in json.dumps(started["environment"])
 
 
-@pytest.mark.parametrize("step", ["merging", "between commit and tag"])
+@pytest.mark.parametrize("step", ["merging", "while committing", "between commit and tag"])
 def test_killed_bot_is_picked_up_after_restart_and_reports_once(seeded, hub_server, tmp_path: Path, step: str) -> None:
     """kill -9 the bot (and its merge) in the middle of a job; restart: published, tagged and reported once."""
     bot_yaml = tmp_path / "bot.yaml"
@@ -531,6 +531,9 @@ def test_killed_bot_is_picked_up_after_restart_and_reports_once(seeded, hub_serv
     running = Running(None, f"http://127.0.0.1:{port}")  # type: ignore[arg-type]
     if step == "between commit and tag":  # the Hub kills the bot when the tag request arrives
         hub_server.faults.append(Fault("POST", "/alice/merged/tag/", "drop", hook=lambda: os.killpg(proc.pid, 9)))
+    if step == "while committing":  # the Hub kills the bot, then lands the commit it was sending
+        hub_server.faults.append(Fault("POST", "/alice/merged/commit/", "lost-reply",
+                                       hook=lambda: os.killpg(proc.pid, 9)))  # fmt: skip
     (job,) = running.deliver(payload(sha=seeded)).json()["jobs"]
     if step == "merging":
         running.wait(job["id"], states=("running",), timeout=30)
@@ -538,8 +541,9 @@ def test_killed_bot_is_picked_up_after_restart_and_reports_once(seeded, hub_serv
     proc.wait(timeout=180)
     if step == "merging":
         assert "alice/merged" not in hub_server.repos or len(hub_server.commit_list("alice/merged")) <= 2
-    else:
+    else:  # published, not tagged, not reported
         assert len(hub_server.commit_list("alice/merged")) == 2 and hub_server.repos["alice/merged"].tags == {}
+        assert "alice/lora" not in hub_server.repos or not _comments(hub_server)
     proc = start(port)
     try:
         done = running.wait(job["id"])
