@@ -112,6 +112,11 @@ CASES = [
             "lora_dropout": 0.0,
         },
     ),
+    Case(  # PEFT nests by the module's parameter order, whatever the order of the list
+        "moe-target-parameters-gpt-oss-reversed",
+        GPT_OSS,
+        {"target_parameters": ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"], "lora_dropout": 0.0},
+    ),
     Case(
         "bert-sequence-classification",
         BERT,

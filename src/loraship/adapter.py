@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -170,17 +170,11 @@ class AdapterSpec:
 # --------------------------------------------------------------------------- loading
 
 
-def load_adapter(folder: Path, *, allow_pickle: bool = False, scratch: Path | None = None) -> AdapterSpec:
-    """Read an adapter folder as ``PeftModel.save_pretrained`` writes it.
-
-    Args:
-        folder: The adapter folder.
-        allow_pickle: Accept weights stored only as pickled ``adapter_model.bin`` (loaded with
-            ``torch.load(weights_only=True)`` and converted to safetensors in ``scratch``).
-        scratch: A folder for that conversion; required with ``allow_pickle``.
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """An adapter folder's adapter_config.json, checked (types, method) before any weight is read.
 
     Raises:
-        AdapterError: The folder is not a PEFT adapter, or its weights are missing or refused.
+        AdapterError: The folder is not a PEFT adapter, or its config is malformed.
         UnsupportedError: The adapter uses a method or variant loraship cannot merge.
     """
     if not folder.is_dir():
@@ -221,6 +215,31 @@ def load_adapter(folder: Path, *, allow_pickle: bool = False, scratch: Path | No
         ) from e
     check_config_types(config, config_path)
     check_method(config, config_path)
+    return config
+
+
+def load_adapter(
+    folder: Path,
+    *,
+    allow_pickle: bool = False,
+    scratch: Path | None = None,
+    param_order: Callable[[str], Sequence[str]] | None = None,
+) -> AdapterSpec:
+    """Read an adapter folder as ``PeftModel.save_pretrained`` writes it.
+
+    Args:
+        folder: The adapter folder.
+        allow_pickle: Accept weights stored only as pickled ``adapter_model.bin`` (loaded with
+            ``torch.load(weights_only=True)`` and converted to safetensors in ``scratch``).
+        scratch: A folder for that conversion; required with ``allow_pickle``.
+        param_order: A module's own parameter names in registration order (from the model); needed
+            to tell apart several ``target_parameters`` of one module, which PEFT nests in that order.
+
+    Raises:
+        AdapterError: The folder is not a PEFT adapter, or its weights are missing or refused.
+        UnsupportedError: The adapter uses a method or variant loraship cannot merge.
+    """
+    config = read_adapter_config(folder)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         pickled = folder / PICKLE_NAME
@@ -246,7 +265,7 @@ def load_adapter(folder: Path, *, allow_pickle: bool = False, scratch: Path | No
             f"`{weights}` holds no tensors: merging it would change nothing.",
             fix="Point --adapter at the folder PeftModel.save_pretrained() wrote after training.",
         )
-    return parse_adapter(config, tensors, folder=folder)
+    return parse_adapter(config, tensors, folder=folder, param_order=param_order)
 
 
 def _convert_pickle(pickled: Path, scratch: Path) -> Path:
@@ -381,7 +400,13 @@ def check_method(config: Mapping[str, Any], where: Path | str) -> None:
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_adapter(config: Mapping[str, Any], tensors: Mapping[str, TensorInfo], *, folder: Path) -> AdapterSpec:
+def parse_adapter(
+    config: Mapping[str, Any],
+    tensors: Mapping[str, TensorInfo],
+    *,
+    folder: Path,
+    param_order: Callable[[str], Sequence[str]] | None = None,
+) -> AdapterSpec:
     """Group an adapter's tensors by module and compute each module's scale. Pure.
 
     Raises:
@@ -462,7 +487,7 @@ def parse_adapter(config: Mapping[str, Any], tensors: Mapping[str, TensorInfo], 
             _lora_module(
                 module, roles, folder=folder, config_r=config_r, lora_alpha=lora_alpha,
                 rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=use_rslora,
-                use_dora=use_dora, target_parameters=target_parameters,
+                use_dora=use_dora, target_parameters=target_parameters, param_order=param_order,
             )
         )  # fmt: skip
     token_updates = [_token_update(module, info, config, folder) for module, info in token_tensors]
@@ -489,6 +514,7 @@ def _lora_module(
     use_rslora: bool,
     use_dora: bool,
     target_parameters: Sequence[str],
+    param_order: Callable[[str], Sequence[str]] | None,
 ) -> list[LoraModule]:
     if "A" not in roles or "B" not in roles:
         have = ", ".join(sorted(r for r in roles))
@@ -506,20 +532,24 @@ def _lora_module(
     pattern_name = module
     param = "weight"
     if target_parameters:
-        # PEFT wraps the module once per targeted parameter, in target_parameters order: the first
-        # parameter's wrapper is the innermost, reached through one `.base_layer` per later one.
+        # PEFT wraps the module once per targeted parameter, in the order the module registers its
+        # parameters (not the order of target_parameters, which PEFT saves from a set): the first
+        # one's wrapper is the innermost, reached through one `.base_layer` per later one.
         depth = 0
         while pattern_name.endswith(".base_layer"):
             pattern_name = pattern_name[: -len(".base_layer")]
             depth += 1
-        matching = [p for p in target_parameters if _matches_parameter(pattern_name, p)]
+        matching = list(dict.fromkeys(
+            p.rpartition(".")[2] for p in target_parameters if _matches_parameter(pattern_name, p)))  # fmt: skip
+        if len(matching) > 1:
+            matching = _registration_order(matching, pattern_name, param_order, folder)
         if matching:
             if depth >= len(matching):
                 raise AdapterError(
                     f"`{folder}`: `{module}` is nested deeper than target_parameters explains.",
                     fix="Save the adapter again with PEFT.",
                 )
-            param = matching[len(matching) - 1 - depth].rpartition(".")[2]
+            param = matching[len(matching) - 1 - depth]
         else:
             pattern_name = module
     r_key = _pattern_key(rank_pattern, pattern_name)
@@ -594,6 +624,19 @@ def _matches_module(module: str, names: Sequence[str]) -> bool:
     pieces = module.split(".")
     prefixes = [".".join(pieces[: i + 1]) for i in range(len(pieces))]
     return any(p.endswith(n) for p in prefixes for n in names)
+
+
+def _registration_order(
+    names: list[str], module: str, param_order: Callable[[str], Sequence[str]] | None, folder: Path
+) -> list[str]:
+    order = list(param_order(module)) if param_order is not None else []
+    if not set(names) <= set(order):
+        raise UnsupportedError(
+            f"`{folder}` targets several parameters of `{module}` ({', '.join(names)}); PEFT nests their LoRAs in "
+            "the order the model registers its parameters, and loraship could not build the model to read it.",
+            fix="Merge with PEFT (merge_and_unload) and check the result with `loraship verify`.",
+        )
+    return sorted(names, key=order.index)
 
 
 def _matches_parameter(module: str, target: str) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loraship.adapter import AdapterSpec, load_adapter
+from loraship.adapter import AdapterSpec, load_adapter, read_adapter_config
 from loraship.errors import BaseModelError, OutputError, UnsupportedError, first_line
 from loraship.model_map import ModelMap, ModelMapError, inspect_model
 from loraship.oracle import OracleReport, check_plan
@@ -184,13 +184,15 @@ def prepare_merge(
     """
     check_input_folder(adapter_dir, "adapter")
     check_input_folder(base_dir, "base")
-    adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle, scratch=scratch / "adapter" if scratch else None)
+    adapter_config = read_adapter_config(adapter_dir)
     base, config = load_base(base_dir, allow_pickle=allow_pickle, scratch=scratch / "base" if scratch else None)
     model, problem = None, None
     try:
-        model = inspect_model(base_dir, base.tensors, adapter.config)
+        model = inspect_model(base_dir, base.tensors, adapter_config)
     except ModelMapError as e:  # the plan then matches names by a prefix at most, and refuses tied changes
         problem = str(e)
+    adapter = load_adapter(adapter_dir, allow_pickle=allow_pickle, scratch=scratch / "adapter" if scratch else None,
+                           param_order=model.param_order if model else None)  # fmt: skip
     plan = _plan(base, config, adapter, model, problem, dtype, base_dir)
     replaced = [p.relative_to(base_dir).as_posix() for p in base.files if p.is_relative_to(base_dir)]
     files = choose_files(base_dir, adapter_dir, replaced_weights=replaced, keep_code=keep_code)

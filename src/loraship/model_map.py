@@ -64,6 +64,14 @@ class ModelMap:
     output_embedding: str | None = None
     transposed_experts: frozenset[str] = frozenset()
 
+    def param_order(self, module: str) -> tuple[str, ...]:
+        """The short names of ``module``'s own parameters in registration order (PEFT nests wrappers
+        of several ``target_parameters`` of one module in this order)."""
+        owners = {p.rpartition(".")[0] for p in self.params}
+        owner = module if module in owners else next(
+            (o for o in sorted(owners) if o.endswith("." + module) or module.endswith("." + o)), None)  # fmt: skip
+        return tuple(p.rpartition(".")[2] for p in self.params if p.rpartition(".")[0] == owner) if owner else ()
+
     def group_of(self, param: str) -> tuple[str, ...]:
         """The tied group holding ``param`` (just ``param`` when it is not tied)."""
         for group in self.groups:
