@@ -297,6 +297,25 @@ def test_private_adapter_without_token(seeded, hub_server, tmp_path: Path, capsy
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.loraship-staging-*"))
 
 
+def test_the_token_hf_auth_login_stored_is_used(seeded, hub_server, capsys, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN")
+    stored = Path(constants.HF_TOKEN_PATH)
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged", "--no-verify")
+    assert (code, err) == (1, "Error: Publishing to the Hub needs a Hugging Face token, and none was given.\nFix: Sign "
+                              "in with `hf auth login`, or set HF_TOKEN (or pass --token), with a token that has write "
+                              "access: https://huggingface.co/settings/tokens.\n")  # fmt: skip
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_text(TOKENS["alice"])  # what `hf auth login` writes
+    try:
+        code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged", "--no-verify")
+    finally:
+        stored.unlink()
+    assert code == 0, err
+    assert hub_server.commit_list("alice/merged")[0].author == "alice"
+
+
 def test_invalid_token(seeded, hub_server, capsys) -> None:
     code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "alice/merged", "--token", "hf_wrong")
     assert_failed(code, err, (

@@ -67,14 +67,15 @@ class Hub:
     """The Hugging Face Hub, through huggingface_hub's own client.
 
     Args:
-        token: The token (``HF_TOKEN`` when None); never logged.
+        token: The token; when None, huggingface_hub's own lookup (``HF_TOKEN``, else the token
+            ``hf auth login`` stored). Never logged.
         endpoint: The Hub's URL (``HF_ENDPOINT`` when None, else https://huggingface.co).
     """
 
     def __init__(self, *, token: str | None = None, endpoint: str | None = None) -> None:
-        from huggingface_hub import HfApi
+        from huggingface_hub import HfApi, get_token
 
-        self.token = token if token is not None else os.environ.get("HF_TOKEN") or None
+        self.token = token if token is not None else get_token() or None
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
         self.api = HfApi(endpoint=self.endpoint, token=self.token or False, library_name="loraship",
                          library_version=__version__)  # fmt: skip
@@ -93,8 +94,8 @@ class Hub:
         if not self.token:
             raise HubError(
                 "Publishing to the Hub needs a Hugging Face token, and none was given.",
-                fix="Set HF_TOKEN (or pass --token) to a token with write access: "
-                "https://huggingface.co/settings/tokens.",
+                fix="Sign in with `hf auth login`, or set HF_TOKEN (or pass --token), with a token that has write "
+                "access: https://huggingface.co/settings/tokens.",
             )
         with self._errors("check the token"):
             info = self.api.whoami()

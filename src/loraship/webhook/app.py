@@ -186,7 +186,8 @@ def serve(config_path: Path, *, host: str, port: int) -> None:
     config = load_bot_config(config_path)
     secret = webhook_secret()
     env = dict(os.environ)
-    hub = Hub() if env.get("HF_TOKEN") else None
+    signed_in = Hub()  # HF_TOKEN, or the token `hf auth login` stored
+    hub = signed_in if signed_in.token else None
     executor = make_executor(config, hub=hub, env=env, workdir=workdir_for(config))
     queue = JobQueue(Path(config.state))
     bot = Bot(config, queue, executor, hub)

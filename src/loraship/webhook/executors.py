@@ -163,10 +163,11 @@ def make_executor(config: BotConfig, *, hub: Any, env: dict[str, str], workdir: 
                 fix="Set GITHUB_TOKEN to a token that may dispatch workflows (actions: write) of the repository.",
             )
         return GitHubActionsExecutor(config, token)
-    if not env.get("HF_TOKEN"):
+    if not (env.get("HF_TOKEN") or getattr(hub, "token", None)):
         raise ConfigError(
             f"The {kind} executor needs HF_TOKEN (to read adapters, publish and comment), and it is not set.",
-            fix="Set HF_TOKEN to a token with write access to the output repos.",
+            fix="Set HF_TOKEN (or sign in with `hf auth login`) with a token that has write access to the output "
+            "repos.",
         )
     if kind == "hf-jobs":
         return HfJobsExecutor(config, hub)
