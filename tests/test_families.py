@@ -127,7 +127,14 @@ class Family:
 
 
 ONE_SIDED_TIE = "PEFT merges a one-sided change of a tied weight into the shared tensor, changing the others too"
+SWITCH = {  # an MoE whose experts are one Linear pair each (a ModuleDict), with a router
+    "model_type": "switch_transformers", "vocab_size": 50, "d_model": 16, "d_ff": 8, "d_kv": 8, "num_layers": 2,
+    "num_decoder_layers": 2, "num_heads": 2, "num_experts": 4, "expert_capacity": 64, "encoder_sparse_step": 1,
+    "decoder_sparse_step": 1, "router_jitter_noise": 0.0,
+}  # fmt: skip
 FAMILIES = [
+    Family("switch-transformers-moe-per-expert-linear", SWITCH, "SwitchTransformersForConditionalGeneration",
+           {"target_modules": ["wi", "wo", "classifier", "q"]}, inputs="seq2seq"),
     Family("bart-lora-lm-head", BART, "BartForConditionalGeneration", {"target_modules": ["lm_head", "q_proj"]},
            inputs="seq2seq", peft_merge_wrong=ONE_SIDED_TIE,
            untied=("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")),
