@@ -201,11 +201,6 @@ GPT_OSS = {  # fused expert parameters stored (experts, in, out), as on disk
     "num_attention_heads": 2, "num_key_value_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1,
     "head_dim": 8, "layer_types": ["full_attention"],
 }  # fmt: skip
-QWEN3_MOE = {  # per-expert tensors on disk, fused by transformers on load
-    "model_type": "qwen3_moe", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 8,
-    "moe_intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-    "num_experts": 2, "num_experts_per_tok": 1, "head_dim": 8,
-}  # fmt: skip
 LLAMA_WIDE = {  # rows enough for the merge to split LoRA tensors into blocks (gate/up: 4200 x 64)
     **LLAMA, "hidden_size": 64, "intermediate_size": 4200, "num_hidden_layers": 1, "num_attention_heads": 4,
     "num_key_value_heads": 2,

@@ -124,6 +124,8 @@ class Family:
     peft_merge_wrong: str | None = None
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     untied: tuple[str, ...] = field(default_factory=tuple)
+    #: How many stored expert tensors (names containing `experts.`) the merge must change.
+    experts_changed: int = 0
 
 
 ONE_SIDED_TIE = "PEFT merges a one-sided change of a tied weight into the shared tensor, changing the others too"
@@ -132,9 +134,68 @@ SWITCH = {  # an MoE whose experts are one Linear pair each (a ModuleDict), with
     "num_decoder_layers": 2, "num_heads": 2, "num_experts": 4, "expert_capacity": 64, "encoder_sparse_step": 1,
     "decoder_sparse_step": 1, "router_jitter_noise": 0.0,
 }  # fmt: skip
+MOE_TEXT = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 8, "num_experts_per_tok": 2}  # fmt: skip
+QWEN3_MOE = {"model_type": "qwen3_moe", **MOE_TEXT, "intermediate_size": 24, "moe_intermediate_size": 12,
+             "num_experts": 4}  # fmt: skip
+QWEN2_MOE = {"model_type": "qwen2_moe", **MOE_TEXT, "intermediate_size": 24, "moe_intermediate_size": 12,
+             "shared_expert_intermediate_size": 20, "num_experts": 4}  # fmt: skip
+MIXTRAL = {"model_type": "mixtral", **MOE_TEXT, "intermediate_size": 12, "num_local_experts": 4}
+DEEPSEEK_V3 = {
+    "model_type": "deepseek_v3", **MOE_TEXT, "intermediate_size": 24, "moe_intermediate_size": 12,
+    "n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1,
+    "q_lora_rank": 12, "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+    "head_dim": 4, "num_key_value_heads": 2,
+}  # fmt: skip
+GLM4_MOE = {"model_type": "glm4_moe", **MOE_TEXT, "intermediate_size": 24, "moe_intermediate_size": 12,
+            "n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 0, "n_group": 1,
+            "topk_group": 1}  # fmt: skip
+QWEN3_VL_MOE = {
+    "model_type": "qwen3_vl_moe",
+    "text_config": {**MOE_TEXT, "intermediate_size": 24, "moe_intermediate_size": 12, "num_experts": 4,
+                    "rope_scaling": {"rope_type": "default", "mrope_section": [1, 1, 2]}},
+    "vision_config": {"depth": 1, "hidden_size": 16, "intermediate_size": 8, "num_heads": 2, "out_hidden_size": 16,
+                      "patch_size": 14, "spatial_merge_size": 1, "temporal_patch_size": 1,
+                      "deepstack_visual_indexes": []},
+}  # fmt: skip
+QWEN3_5_MOE = {
+    "model_type": "qwen3_5_moe_text", **MOE_TEXT, "num_hidden_layers": 2, "moe_intermediate_size": 12,
+    "shared_expert_intermediate_size": 12, "num_experts": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+    "linear_num_key_heads": 2, "linear_num_value_heads": 2, "layer_types": ["linear_attention", "full_attention"],
+}  # fmt: skip
+GEMMA4_MOE = {
+    "model_type": "gemma4_text", **MOE_TEXT, "num_hidden_layers": 1, "intermediate_size": 24,
+    "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 12,
+    "layer_types": ["full_attention"],
+}  # fmt: skip
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 FAMILIES = [
+    # MoE experts fused by transformers on load from per-expert tensors (its conversion mapping)
+    Family("qwen3-moe-experts-router-attention", QWEN3_MOE, "AutoModelForCausalLM",
+           {"target_parameters": [*EXPERTS, "mlp.gate.weight"], "target_modules": ["q_proj", "o_proj"]},
+           experts_changed=12),
+    Family("qwen2-moe-experts-shared-expert", QWEN2_MOE, "AutoModelForCausalLM",
+           {"target_parameters": EXPERTS, "target_modules": ["shared_expert.gate_proj", "shared_expert.down_proj",
+                                                             "shared_expert_gate", "v_proj"]},
+           experts_changed=12),
+    Family("mixtral-experts-renamed-block-sparse-moe", MIXTRAL, "AutoModelForCausalLM",
+           {"target_parameters": [*EXPERTS, "mlp.gate.weight"], "target_modules": ["k_proj"]}, experts_changed=12),
+    Family("deepseek-v3-experts-mla-attention", DEEPSEEK_V3, "AutoModelForCausalLM",
+           {"target_parameters": EXPERTS, "target_modules": ["q_a_proj", "kv_b_proj", "o_proj"]},
+           experts_changed=12),
+    Family("qwen3.5-moe-hybrid-experts-shared-expert", QWEN3_5_MOE, "AutoModelForCausalLM",
+           {"target_parameters": EXPERTS, "target_modules": ["shared_expert.gate_proj", "in_proj_qkv", "q_proj"]},
+           experts_changed=24),
+    Family("gemma4-moe-experts", GEMMA4_MOE, "AutoModelForCausalLM",
+           {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"], "target_modules": ["q_proj"]},
+           experts_changed=2),
+    Family("glm4-moe-down-proj-only", GLM4_MOE, "AutoModelForCausalLM",
+           {"target_parameters": ["mlp.experts.down_proj"], "target_modules": ["q_proj"]}, experts_changed=4),
+    Family("qwen3-vl-moe-experts-stored-transposed", QWEN3_VL_MOE, "Qwen3VLMoeForConditionalGeneration",
+           {"target_parameters": EXPERTS, "target_modules": ["q_proj"]}, experts_changed=2),
     Family("switch-transformers-moe-per-expert-linear", SWITCH, "SwitchTransformersForConditionalGeneration",
-           {"target_modules": ["wi", "wo", "classifier", "q"]}, inputs="seq2seq"),
+           {"target_modules": ["wi", "wo", "classifier", "q"]}, inputs="seq2seq",
+           experts_changed=32),
     Family("bart-lora-lm-head", BART, "BartForConditionalGeneration", {"target_modules": ["lm_head", "q_proj"]},
            inputs="seq2seq", peft_merge_wrong=ONE_SIDED_TIE,
            untied=("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")),
@@ -193,6 +254,9 @@ def _check_family(family: Family, dtype: str, tmp: Path) -> None:
     ours = load_tensors(tmp / "merged")
     for name in family.untied:
         assert name in ours, f"{name} must be stored on its own once untied"
+    before = load_tensors(base)
+    changed = [n for n in ours if "experts." in n and n in before and not torch.equal(ours[n], before[n])]
+    assert len(changed) == family.experts_changed, changed
 
     # 1. outputs: the merged model with plain transformers == base + adapter through PEFT, unmerged
     if dtype == "float32":

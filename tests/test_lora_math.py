@@ -46,3 +46,18 @@ def test_merge_streams_large_lora_tensors_in_blocks(model_cache, tmp_path: Path)
     assert [tuple(c.tensor.shape) for c in chunks] == [(4200, 64)]  # type: ignore[union-attr]
     assert [n for _, n in work] == [gate.nbytes]
     assert all(streamer._blocks_ok.values())
+
+
+@pytest.mark.parametrize(("experts", "r", "out_f", "in_f"), [(4, 4, 24, 16), (16, 16, 1536, 512), (8, 8, 96, 768)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_one_experts_delta_equals_its_slice_of_the_whole(
+    experts: int, r: int, out_f: int, in_f: int, transposed: bool
+) -> None:
+    """The merge computes each expert's slice of a fused parameter's delta alone (never the whole
+    stack); it must be bit-identical to that slice of PEFT's einsum over every expert."""
+    g = torch.Generator().manual_seed(experts)
+    a, b = torch.randn(experts * r, in_f, generator=g), torch.randn(out_f, r * experts, generator=g)
+    whole = lora_math.expert_delta(a, b, 1.7, experts, transposed=transposed)
+    for e in range(experts):
+        one = lora_math.expert_slice_delta(a, b, 1.7, experts, e, transposed=transposed)
+        assert torch.equal(one.view(torch.int32), whole[e].contiguous().view(torch.int32)), e

@@ -75,6 +75,8 @@ class LoraModule:
         bias: ``lora_B.bias`` (``lora_bias=True``), if present.
         param: The base parameter changed: ``weight``, or a raw parameter for ``target_parameters``.
         experts: Number of experts for a ``target_parameters`` LoRA on a 3-D expert parameter.
+        wraps_parameter: PEFT wraps the raw parameter (``target_parameters``: a ``ParamWrapper``, which
+            rounds the delta to the parameter's dtype before adding), even when it is named ``weight``.
     """
 
     module: str
@@ -88,6 +90,7 @@ class LoraModule:
     bias: TensorInfo | None = None
     param: str = "weight"
     experts: int | None = None
+    wraps_parameter: bool = False
 
 
 @dataclass(frozen=True)
@@ -531,6 +534,7 @@ def _lora_module(
         )
     pattern_name = module
     param = "weight"
+    wrapped = False
     if target_parameters:
         # PEFT wraps the module once per targeted parameter, in the order the module registers its
         # parameters (not the order of target_parameters, which PEFT saves from a set): the first
@@ -550,6 +554,7 @@ def _lora_module(
                     fix="Save the adapter again with PEFT.",
                 )
             param = matching[len(matching) - 1 - depth]
+            wrapped = True
         else:
             pattern_name = module
     r_key = _pattern_key(rank_pattern, pattern_name)
@@ -557,7 +562,7 @@ def _lora_module(
     alpha = float(alpha_pattern[alpha_key]) if alpha_key is not None else lora_alpha
     configured_rank = int(rank_pattern[r_key]) if r_key is not None else config_r
     experts: int | None = None
-    if param != "weight":
+    if wrapped:
         # lora_A of a targeted parameter holds r rows per expert.
         rank = configured_rank
         if rank <= 0 or not a.shape or a.shape[0] % rank:
@@ -584,6 +589,7 @@ def _lora_module(
             bias=roles.get("B_bias"),
             param=param,
             experts=experts,
+            wraps_parameter=wrapped,
         )
     ]
 

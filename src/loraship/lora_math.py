@@ -165,3 +165,17 @@ def expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, *
     b32 = b.float().reshape(b.shape[0], -1, experts)
     pattern = "o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i"
     return torch.einsum(pattern, b32, a32) * scale
+
+
+def expert_slice_delta(
+    a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, expert: int, *, transposed: bool
+) -> torch.Tensor:
+    """``expert_delta(...)[expert]``, computed for that expert alone (PEFT's einsum on a batch of one).
+
+    For a parameter transformers fuses from per-expert tensors: the merge never holds the whole
+    stack's delta. ``tests/test_lora_math.py`` checks it is bit-identical to the whole einsum.
+    """
+    a32 = a.float().reshape(experts, -1, a.shape[-1])[expert : expert + 1]
+    b32 = b.float().reshape(b.shape[0], -1, experts)[:, :, expert : expert + 1]
+    pattern = "o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i"
+    return (torch.einsum(pattern, b32, a32) * scale)[0]

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraship.conversions import FusedParam, fused_params
+
 #: PEFT task types and the transformers Auto class PeftModel uses for each (PEFT's own mapping).
 TASK_AUTO_CLASSES = {
     "CAUSAL_LM": "AutoModelForCausalLM",
@@ -38,8 +40,8 @@ class ModelMap:
         params: Every parameter name of the model, tied aliases included, in the model's order.
         stored: Parameter name -> the checkpoint tensor it is loaded from (tied aliases included).
         saved_as: Parameter name -> the name a tensor of its own would have in this checkpoint's naming.
-        converted: Parameter name -> the checkpoint tensors transformers converts into it (MoE experts
-            fused on load): no single stored tensor.
+        fused: Parameter name -> how transformers builds it from per-expert checkpoint tensors (MoE
+            experts fused on load): no single stored tensor.
         groups: Parameters sharing one tensor (tied), each group in the model's order.
         untied_groups: The same groups with ``tie_word_embeddings=false``.
         untie_by_config: Writing ``tie_word_embeddings=false`` changes nothing else transformers reads
@@ -55,7 +57,7 @@ class ModelMap:
     params: tuple[str, ...]
     stored: Mapping[str, str]
     saved_as: Mapping[str, str]
-    converted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    fused: Mapping[str, FusedParam] = field(default_factory=dict)
     groups: tuple[tuple[str, ...], ...] = ()
     untied_groups: tuple[tuple[str, ...], ...] = ()
     untie_by_config: bool = True
@@ -71,6 +73,11 @@ class ModelMap:
         owner = module if module in owners else next(
             (o for o in sorted(owners) if o.endswith("." + module) or module.endswith("." + o)), None)  # fmt: skip
         return tuple(p.rpartition(".")[2] for p in self.params if p.rpartition(".")[0] == owner) if owner else ()
+
+    @property
+    def fused_sources(self) -> frozenset[str]:
+        """Checkpoint tensors transformers fuses into some parameter (per-expert tensors)."""
+        return frozenset(k for f in self.fused.values() for keys in f.sources for k in keys)
 
     def group_of(self, param: str) -> tuple[str, ...]:
         """The tied group holding ``param`` (just ``param`` when it is not tied)."""
@@ -147,11 +154,9 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
     params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     to_model = key_renamer(model)
     stored: dict[str, str] = {}
-    converted: dict[str, list[str]] = {}
     for key in names:
         target = to_model(key)
         if target.endswith("#converted"):
-            converted.setdefault(target.removesuffix("#converted"), []).append(key)
             continue
         if target in stored and stored[target] != key:
             continue  # two checkpoint keys for one parameter: the first wins, as transformers' sorted load
@@ -175,7 +180,7 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
         params=tuple(params),
         stored=stored,
         saved_as=saved_as,
-        converted={k: tuple(v) for k, v in converted.items()},
+        fused=fused_params(model, names),
         groups=groups,
         untied_groups=untied,
         untie_by_config=by_config,

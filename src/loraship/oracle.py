@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from loraship.adapter import PREFIX, AdapterSpec
+from loraship.conversions import FusedParam
 from loraship.errors import AdapterError
 from loraship.model_map import ModelMap, ModelMapError, build_meta_model, key_renamer, tied_groups
-from loraship.plan import MergePlan
+from loraship.plan import LoraStep, MergePlan, TensorPlan
 
 _CONFIG_UPDATES_FOR_CLASS = ("num_labels", "id2label", "label2id", "vocab_size", "tie_word_embeddings")
 
@@ -110,6 +111,13 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
         landed = plan.accounting.get(key, "")
         if landed.startswith("(ignored"):
             continue
+        saved = _per_expert_tensor(key, model_map)
+        if saved is not None:  # saved under transformers v4 names: the tensor its module names, as it is stored
+            checked += 1
+            if landed != saved:
+                problems.append(f"`{key}` is a LoRA of the per-expert tensor `{saved}`; the plan puts it in "
+                                f"`{landed or 'nowhere'}`")  # fmt: skip
+            continue
         found = _destination(key, wrappers, params)
         if found is None:
             problems.append(f"`{key}`: PEFT loads it into no module of {model_map.model_class}")
@@ -123,6 +131,10 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
         if shared_change or len(group) == 1:
             expected |= stored
         plan_tensor = tensors.get(landed)
+        fused = model_map.fused.get(own)
+        if fused is not None:  # fused by transformers on load: the delta lands in every per-expert tensor
+            problems.extend(_fused_problems(key, fused, landed, tensors))
+            continue
         if landed not in expected:
             where = f"`{landed}`" if landed else "nowhere"
             problems.append(
@@ -140,6 +152,31 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
                 )
     problems.extend(_expected_keys(base_dir, plan, model_map))
     return OracleReport(checked, tuple(problems))
+
+
+def _per_expert_tensor(key: str, model_map: ModelMap) -> str | None:
+    """For a LoRA tensor of a per-expert layer (an adapter saved under transformers v4), the
+    per-expert checkpoint tensor its module names, when transformers fuses that tensor on load."""
+    module = key[len(PREFIX) :].partition(".lora_")[0]
+    name = f"{module}.weight"
+    return name if ".lora_" in key and name in model_map.fused_sources else None
+
+
+def _fused_problems(key: str, fused: FusedParam, landed: str, tensors: Mapping[str, TensorPlan]) -> list[str]:
+    """A LoRA on a fused expert parameter must reach each of its per-expert tensors, each with its part."""
+    sources = [k for keys in fused.sources for k in keys]
+    if landed not in sources:
+        return [f"`{key}` changes `{fused.param}`, built from {len(sources)} per-expert tensors; the plan puts it in "
+                f"`{landed or 'nowhere'}`"]  # fmt: skip
+    missing = [
+        k for k in sources
+        if not any(isinstance(s, LoraStep) and key in (s.module.a.name, s.module.b.name)
+                   for s in (tensors[k].steps if k in tensors else ()))
+    ]  # fmt: skip
+    if missing:
+        return [f"`{key}` changes `{fused.param}`, but the plan leaves {len(missing)} of its per-expert tensors "
+                f"unchanged (e.g. `{missing[0]}`)"]  # fmt: skip
+    return []
 
 
 def _peft_validation(adapter: AdapterSpec, peft_model: Any) -> None:
@@ -238,7 +275,7 @@ def _expected_keys(base_dir: Path, plan: MergePlan, model_map: ModelMap) -> list
     except ModelMapError as e:
         return [f"the merged model's class cannot be built: {e}"]
     to_model = key_renamer(merged)
-    provided = {to_model(t.name) for t in plan.tensors}
+    provided = {to_model(t.name).removesuffix("#converted") for t in plan.tensors}
     missing = []
     for group in [*tied_groups(merged), *((n,) for n, _ in merged.named_parameters())]:
         if not provided & set(group):

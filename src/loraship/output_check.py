@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from loraship.conversions import PerExpertLora, peft_conversion_problem
 from loraship.errors import InputError, first_line
 from loraship.metrics import GenerationAgreement, OutputStats, combine, compare_outputs, greedy_agreement
 from loraship.plan import vocab_size
@@ -77,6 +78,8 @@ class OutputReport:
     generation: tuple[GenerationAgreement, ...] = ()
     thresholds: Thresholds | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: Why PEFT's unmerged model is not base + adapter (outputs were then not compared).
+    reference_problem: str | None = None
 
 
 def load_prompts(path: Path) -> list[Prompt]:
@@ -152,10 +155,14 @@ def compare(
     thresholds: Thresholds | None = None,
     overrides: Mapping[str, float | int] | None = None,
     trust_remote_code: bool = False,
+    per_expert: Sequence[PerExpertLora] = (),
 ) -> OutputReport:
     """Compare base + adapter (PEFT, unmerged) with the merged folder (plain transformers).
 
     Args:
+        per_expert: LoRAs an adapter saved under transformers v4 names on per-expert tensors: PEFT
+            converts them on load, and when its conversion differs from the adapter's own math the
+            outputs are not compared (the report says why).
         prompts: Prompts (strings or chat message lists); :data:`DEFAULT_PROMPTS` when None.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``; on CUDA models are placed with
             accelerate's ``device_map="auto"`` (GPUs first, then CPU offload).
@@ -192,6 +199,15 @@ def compare(
     if vocab is not None and vocab != vocab_size(base_config) and hasattr(reference, "resize_token_embeddings"):
         reference.resize_token_embeddings(vocab, mean_resizing=False)
     reference = PeftModel.from_pretrained(reference, str(adapter)).eval()
+    if per_expert:
+        tolerance = 1e-4 if run_dtype == "float32" else 2e-2  # PEFT rounds the delta to the run dtype
+        problem = peft_conversion_problem(reference, per_expert, tolerance=tolerance)
+        if problem is not None:
+            del reference
+            _free()
+            none = OutputStats(0, 0.0, 0.0)
+            return OutputReport(cls.__name__, run_device, run_dtype, "none", 0, none, none, True, thresholds=limits,
+                                reference_problem=problem)  # fmt: skip
     inputs, description = _inputs(reference, merged, config, prompts, trust_remote_code=trust_remote_code)
     if config.get("is_encoder_decoder"):
         inputs = [_with_decoder_inputs(item, reference.config) for item in inputs]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from loraship.adapter import AdapterSpec, LoraModule, TokenUpdate
+from loraship.conversions import ExpertPart, FusedParam
 from loraship.errors import BaseModelError, IncompatibleError, UnsupportedError
 from loraship.model_map import ModelMap
 from loraship.safetensors_io import FLOAT_CODES, Checkpoint, TensorInfo, nbytes_of
@@ -45,10 +46,15 @@ class ReplaceStep:
 
 @dataclass(frozen=True)
 class LoraStep:
-    """Add the module's LoRA delta (DoRA when it has a magnitude vector)."""
+    """Add the module's LoRA delta (DoRA when it has a magnitude vector).
+
+    ``part``: the tensor is one expert's part of a parameter transformers fuses on load; the delta
+    is that expert's slice of the fused parameter's delta, cut to the part.
+    """
 
     module: LoraModule
     layout: Layout
+    part: ExpertPart | None = None
 
     @property
     def dora(self) -> bool:
@@ -115,6 +121,9 @@ class TensorPlan:
                 m = step.module
                 kind = "DoRA" if step.dora else "LoRA"
                 layout = "" if step.layout == "linear" else f" {step.layout}"
+                if step.part is not None:
+                    p = step.part
+                    layout = f" expert {p.expert} of {p.fused} [{p.start}:{p.start + p.length}]"
                 parts.append(f"{kind}{layout} r={m.rank} scale={m.scale:g}")
             elif isinstance(step, LoraBiasStep):
                 parts.append(f"+ lora bias scale={step.module.scale:g}")
@@ -299,6 +308,10 @@ class _Planner:
         self.model_type = str(config.get("model_type", ""))
         # Steps per model parameter name (``model.embed_tokens.weight``), before they are placed.
         self.slots: dict[str, list[_Entry]] = {}
+        # Steps on checkpoint tensors named directly (the per-expert tensors of a fused parameter).
+        self.direct: dict[str, list[_Entry]] = {}
+        self.fused_sources = model.fused_sources if model is not None else frozenset()
+        self.per_expert: list[str] = []  # per-expert tensors an adapter saved under transformers v4 names
 
     # -- collection
 
@@ -313,7 +326,11 @@ class _Planner:
             self._add(rep.module, rep.param, ReplaceStep(rep.tensor, rep.origin), [rep.tensor.name])
         for mod in a.lora_modules:
             keys = [mod.a.name, mod.b.name] + ([mod.magnitude.name] if mod.magnitude else [])
-            if mod.param != "weight" and self._resolve(f"{mod.module}.{mod.param}") is None:
+            fused = self.model.fused.get(f"{mod.module}.{mod.param}") if self.model is not None else None
+            if mod.wraps_parameter and fused is not None:
+                self._add_fused(mod, fused, keys)
+                continue
+            if mod.wraps_parameter and self._resolve(f"{mod.module}.{mod.param}") is None:
                 self._refuse_converted_parameter(mod)
             self._add(mod.module, mod.param, LoraStep(mod, "linear"), keys)
             if mod.bias is not None:
@@ -332,16 +349,63 @@ class _Planner:
         for key, why in a.ignored.items():
             self.accounting[key] = f"(ignored: {why})"
 
+    def _add_fused(self, mod: LoraModule, fused: FusedParam, keys: list[str]) -> None:
+        """A LoRA on a parameter transformers fuses from per-expert tensors: one step per saved tensor."""
+        where = f"`{fused.param}`"
+        if fused.refusal is not None:
+            raise UnsupportedError(
+                f"The adapter targets {where}, which transformers builds on load from per-expert tensors with "
+                f"{fused.refusal}: loraship cannot carry a LoRA delta back through that conversion.",
+                fix="Merge this adapter with PEFT (PeftModel.from_pretrained(base, adapter).merge_and_unload(), then "
+                "save_pretrained()), and check the result with `loraship verify`.",
+            )
+        if fused.transpose is not None:  # stored whole, maybe transposed: one step on the stored tensor
+            key, shape = fused.sources[0][0], fused.transpose[0]
+            stored = self.base.tensors[key].shape
+            layout = self._parameter_layout(where, shape, mod)
+            if fused.stored_transposed(stored):
+                if stored != (shape[0], shape[2], shape[1]):
+                    self._shape_error(f"`{key}`", stored, f"transposed {where}", (shape[0], shape[2], shape[1]))
+                layout = "experts" if layout == "experts_transposed" else "experts_transposed"
+            elif stored != shape:
+                self._shape_error(f"`{key}`", stored, f"{where}", shape)
+            self.direct.setdefault(key, []).append((_ORDER[LoraStep], LoraStep(mod, layout), keys[0], keys))
+            return
+        try:
+            slice_shape, placed = fused.layout({k: self.base.tensors[k].shape for ks in fused.sources for k in ks})
+        except ValueError as e:
+            raise IncompatibleError(
+                f"The base checkpoint's per-expert tensors of {where} do not fit together: {e}.",
+                fix="Use an unmodified copy of the base model" + self._trained_on() + ".",
+            ) from e
+        layout = self._parameter_layout(where, (fused.experts, *slice_shape), mod)
+        for key, part in placed:
+            self.direct.setdefault(key, []).append((_ORDER[LoraStep], LoraStep(mod, layout, part), keys[0], keys))
+        self._note_once(
+            f"transformers builds `{_any_layer(fused.param)}` on load from per-expert tensors ({fused.describe()}): "
+            "each expert's slice of the LoRA delta is merged into the tensors the checkpoint stores, in their layout."
+        )
+
     def _resolve(self, param: str) -> str | None:
         """The base tensor a model parameter is loaded from, if the checkpoint stores it."""
         if self.model is not None:
-            return self.model.stored.get(param)
+            found = self.model.stored.get(param)
+            if found is None and param in self.fused_sources:  # a transformers v4 adapter: per-expert LoRAs
+                self.per_expert.append(param)
+                return param
+            return found
         module, _, name = param.rpartition(".")
         return self.resolver.resolve(module, name)
 
     # -- placement: steps on model parameters -> output tensors
 
     def place(self) -> None:
+        for name, entries in self.direct.items():
+            target = self._target(name, self.base.tensors[name])
+            for order, step, label, keys in entries:
+                target.steps.append((order, step, label))
+                for key in keys:
+                    self.accounting.setdefault(key, name)
         grouped: dict[tuple[str, ...], dict[str, list[_Entry]]] = {}
         for param, entries in self.slots.items():
             group = self.model.group_of(param) if self.model is not None else (param,)
@@ -536,7 +600,7 @@ class _Planner:
     def layout_for(self, name: str, w: tuple[int, ...], mod: LoraModule) -> Layout:
         a, b = mod.a.shape, mod.b.shape
         where = f"`{name}`"
-        if mod.param != "weight":
+        if mod.wraps_parameter:
             return self._parameter_layout(where, w, mod)
         if mod.layer == "embedding":
             if len(w) == 2 and w == (a[1], b[0]):
@@ -606,6 +670,15 @@ class _Planner:
     def build(self, dtype: str | None) -> MergePlan:
         self.collect()
         self.place()
+        if self.per_expert:
+            n = len(dict.fromkeys(self.per_expert))
+            self._note_once(
+                f"The adapter was saved under transformers v4 names (one LoRA per expert layer, {n} expert tensors "
+                f"such as `{self.per_expert[0]}`): each is merged into the per-expert tensor it names, by the "
+                "adapter's own math (W + scale·B·A). PEFT converts such adapters when it loads them into "
+                "transformers v5 models, and gets some conversions wrong; `loraship verify` says when its "
+                "reference does."
+            )
         self.check_unmatched()
         self.check_tying_known()
         config_updates = self.config_updates
@@ -667,7 +740,10 @@ class _Planner:
             raise AssertionError(target.name)
         resolved: list[Step] = []
         for step in steps:
-            if isinstance(step, LoraStep):
+            if isinstance(step, LoraStep) and step.part is not None:  # laid out with its fused parameter
+                self._check_float(target, source)
+                resolved.append(step)
+            elif isinstance(step, LoraStep):
                 layout = self.layout_for(target.name, shape, step.module)
                 if step.dora and layout in ("parameter", "experts", "experts_transposed"):
                     raise UnsupportedError(f"DoRA on expert parameters (`{target.name}`) is not supported.")
@@ -779,6 +855,11 @@ class _Planner:
         missing = [k for k in self.adapter.tensors if k not in self.accounting]
         if missing:  # pragma: no cover - every parsed tensor is collected above
             raise AssertionError(f"adapter tensors not planned: {missing}")
+
+
+def _any_layer(name: str) -> str:
+    """``model.layers.3.mlp.experts.gate_up_proj`` -> ``model.layers.*.mlp.experts.gate_up_proj``."""
+    return ".".join("*" if p.isdigit() else p for p in name.split("."))
 
 
 _TASK_HEADS = {

@@ -80,6 +80,7 @@ class TensorStreamer:
         self._pool = ThreadPoolExecutor(workers, initializer=_one_torch_thread, thread_name_prefix="loraship-compute")
         self._local = threading.local()
         self._blocks_ok: dict[tuple[object, ...], bool] = {}
+        self._factors = FactorCache()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -106,7 +107,7 @@ class TensorStreamer:
                 if blocked is not None:
                     yield from blocked
                     return
-        yield [DataChunk(compute_tensor(t, self.reader))], t.nbytes
+        yield [DataChunk(compute_tensor(t, self.reader, self._factors))], t.nbytes
 
     def _lora_work(
         self, t: TensorPlan, source: TensorInfo, step: LoraStep
@@ -173,7 +174,28 @@ class TensorStreamer:
         return scratch
 
 
-def compute_tensor(t: TensorPlan, reader: TensorReader) -> torch.Tensor:
+class FactorCache:
+    """The last few LoRA factors read, by tensor: the per-expert tensors of one fused parameter
+    (hundreds in a row, alternating between two or three LoRAs) share them."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self._items: dict[tuple[str, str], torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def read(self, reader: TensorReader, info: TensorInfo) -> torch.Tensor:
+        key = (str(info.file), info.name)
+        with self._lock:
+            found = self._items.pop(key, None)
+            if found is None:
+                found = reader.read(info)
+            self._items[key] = found  # most recent last
+            while len(self._items) > self.size:
+                self._items.pop(next(iter(self._items)))
+            return found
+
+
+def compute_tensor(t: TensorPlan, reader: TensorReader, factors: FactorCache | None = None) -> torch.Tensor:
     """The merged value of one planned tensor, whole, contiguous, in its output dtype."""
     dtype = torch_dtype(t.dtype)
     value: torch.Tensor | None = None
@@ -186,7 +208,7 @@ def compute_tensor(t: TensorPlan, reader: TensorReader) -> torch.Tensor:
             value = reader.read(step.tensor).to(dtype)
         elif isinstance(step, LoraStep):
             assert value is not None
-            value = apply_lora(value, step, reader)
+            value = apply_lora(value, step, reader, factors)
         elif isinstance(step, LoraBiasStep):
             assert value is not None and step.module.bias is not None
             value = lora_math.merge_lora_bias(value, reader.read(step.module.bias), step.module.scale)
@@ -197,10 +219,15 @@ def compute_tensor(t: TensorPlan, reader: TensorReader) -> torch.Tensor:
     return value.contiguous()
 
 
-def apply_lora(weight: torch.Tensor, step: LoraStep, reader: TensorReader) -> torch.Tensor:
+def apply_lora(
+    weight: torch.Tensor, step: LoraStep, reader: TensorReader, factors: FactorCache | None = None
+) -> torch.Tensor:
     """``weight`` with the step's LoRA (or DoRA) merged in, rounded as PEFT rounds."""
     m = step.module
-    a, b = reader.read(m.a), reader.read(m.b)
+    if step.part is not None and factors is not None:
+        a, b = factors.read(reader, m.a), factors.read(reader, m.b)
+    else:
+        a, b = reader.read(m.a), reader.read(m.b)
     magnitude = reader.read(m.magnitude) if m.magnitude is not None else None
     if step.layout in ("linear", "conv1d"):
         fifo = step.layout == "conv1d"
@@ -221,5 +248,10 @@ def apply_lora(weight: torch.Tensor, step: LoraStep, reader: TensorReader) -> to
             return lora_math.merge_dora_embedding(weight, delta, magnitude)
         return lora_math.merge_add_rounded(weight, delta)
     assert m.experts is not None
-    delta = lora_math.expert_delta(a, b, m.scale, m.experts, transposed=step.layout == "experts_transposed")
+    transposed = step.layout == "experts_transposed"
+    if step.part is not None:  # one expert's part of a fused parameter: that expert's slice only
+        p = step.part
+        delta = lora_math.expert_slice_delta(a, b, m.scale, m.experts, p.expert, transposed=transposed)
+        return lora_math.merge_add_rounded(weight, delta.narrow(p.dim, p.start, p.length))
+    delta = lora_math.expert_delta(a, b, m.scale, m.experts, transposed=transposed)
     return lora_math.merge_add_rounded(weight, delta)

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loraship import __version__
+from loraship.conversions import PerExpertLora, per_expert_loras
 from loraship.errors import InputError, LorashipError, VerificationFailed, first_line
 from loraship.merge import PreparedMerge, prepare_merge
 from loraship.oracle import OracleReport
 from loraship.output_check import OutputReport, Prompt, Thresholds, check_outputs, model_class
-from loraship.plan import CODE_NAMES, TensorPlan
+from loraship.plan import CODE_NAMES, LoraStep, TensorPlan
 from loraship.safetensors_io import FLOAT_CODES, Checkpoint, TensorInfo, TensorReader, read_checkpoint, weight_files
 
 _COMPARE_CHUNK = 16 << 20
@@ -360,6 +361,9 @@ def error_ratio(o: OutputReport) -> float | None:
 def output_checks(o: OutputReport) -> list[Check]:
     t = o.thresholds
     assert t is not None
+    if o.reference_problem is not None:
+        return [Check("outputs", "reference (PEFT, unmerged)", None, f"not valid: {o.reference_problem}",
+                      "base + adapter", "outputs not compared")]  # fmt: skip
     s = o.stats
     ratio = error_ratio(o)
     measure = "mean KL" if o.logits else "mean |Δ|"
@@ -438,12 +442,31 @@ def verify(
     if outputs:
         output_report = check_outputs(
             base, adapter, merged, prompts=prompts, device=device, dtype=dtype, thresholds=thresholds,
-            overrides=threshold_overrides, trust_remote_code=trust_remote_code,
+            overrides=threshold_overrides, trust_remote_code=trust_remote_code, per_expert=_per_expert(prepared),
         )  # fmt: skip
         checks += output_checks(output_report)
         notes.extend(output_report.notes)
+        if output_report.reference_problem is not None:
+            notes.append(
+                "PEFT's unmerged model is not base + adapter here (it converts this transformers-v4 adapter wrongly), "
+                "so the outputs were not compared; the weights were checked bit for bit against the adapter's own math "
+                "(each expert's W + scale·B·A)."
+            )
     names = labels or (str(base), str(adapter), str(merged))
     return VerifyReport(*names, checks=tuple(checks), weights=weights, outputs=output_report, notes=tuple(notes))
+
+
+def _per_expert(prepared: PreparedMerge) -> list[PerExpertLora]:
+    """LoRAs the adapter saved on per-expert tensors (transformers v4 names), placed in their fused parameters."""
+    m = prepared.model
+    if m is None or not m.fused:
+        return []
+    sources = m.fused_sources
+    loras = {t.name: s.module for t in prepared.plan.tensors if t.name in sources
+             for s in t.steps if isinstance(s, LoraStep) and s.part is None}  # fmt: skip
+    if not loras:
+        return []
+    return per_expert_loras(m.fused, {n: i.shape for n, i in prepared.base.tensors.items()}, loras)
 
 
 def render_markdown(report: VerifyReport) -> str:

@@ -1,0 +1,249 @@
+"""MoE experts that transformers fuses on load, carried back to the tensors the checkpoint stores.
+
+transformers v5 builds one 3-D parameter per expert block (``experts.gate_up_proj``: experts ×
+out × in) from per-expert checkpoint tensors (``experts.N.gate_proj.weight`` and
+``experts.N.up_proj.weight``), and splits it again on save. Both directions are its own
+conversion mapping (``get_model_conversion_mapping``): a ``WeightConverter`` whose operations stack
+the experts (``MergeModulelist``) and, for several source patterns, concatenate them
+(``Concatenate``). A LoRA on the fused parameter (PEFT ``target_parameters``) changes each expert's
+slice; this module says which saved tensor holds which part of which expert's slice, so the merge
+computes one expert's delta at a time and adds each part to its own tensor. The output keeps the
+checkpoint's names and layout. Conversions built from other operations are named, not guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """Where one saved per-expert tensor sits in one expert's slice of a fused parameter.
+
+    Attributes:
+        expert: The expert's index in the fused parameter (its first dimension).
+        dim: The dimension of the expert's slice the part is cut along.
+        start: First index of the part along ``dim``.
+        length: Its size along ``dim``.
+        fused: The fused parameter's short name (``experts.gate_up_proj``), for messages.
+    """
+
+    expert: int
+    dim: int
+    start: int
+    length: int
+    fused: str
+
+
+@dataclass(frozen=True)
+class FusedParam:
+    """A model parameter transformers builds on load from per-expert checkpoint tensors.
+
+    Attributes:
+        param: The model parameter (``model.layers.0.mlp.experts.gate_up_proj``).
+        parts: Short names of the per-expert tensors, in concatenation order (``gate_proj``, ``up_proj``).
+        sources: ``sources[i][e]``: the checkpoint tensor of part ``i`` for expert ``e``.
+        concat_dim: The dimension of one expert's slice the parts are concatenated along (None: one part).
+        refusal: The conversion's operations, when loraship cannot carry a delta back through them.
+        transpose: For a fused parameter stored whole but transposed (``Transpose(1, 2)``): the model's
+            shape of it, and whether transformers transposes only when the stored shape differs.
+    """
+
+    param: str
+    parts: tuple[str, ...]
+    sources: tuple[tuple[str, ...], ...]
+    concat_dim: int | None
+    refusal: str | None = None
+    transpose: tuple[tuple[int, ...], bool] | None = None
+
+    def stored_transposed(self, stored: tuple[int, ...]) -> bool:
+        """Whether the stored tensor holds the parameter with its last two dimensions swapped."""
+        assert self.transpose is not None
+        shape, check_dims = self.transpose
+        return not (check_dims and stored == shape)
+
+    @property
+    def experts(self) -> int:
+        return len(self.sources[0]) if self.sources else 0
+
+    @property
+    def short(self) -> str:
+        return ".".join(self.param.split(".")[-2:])
+
+    def describe(self) -> str:
+        """``experts.gate_up_proj → 128 experts × gate_proj, up_proj``."""
+        return f"{self.short} → {self.experts} experts × {', '.join(self.parts)}"
+
+    def layout(self, shapes: Mapping[str, tuple[int, ...]]) -> tuple[tuple[int, ...], list[tuple[str, ExpertPart]]]:
+        """One expert's slice shape, and each checkpoint tensor's part of it.
+
+        Raises:
+            ValueError: The checkpoint's per-expert shapes do not concatenate (what differs, in words).
+        """
+        slice_shape: tuple[int, ...] | None = None
+        placed: list[tuple[str, ExpertPart]] = []
+        for e in range(self.experts):
+            pieces = [shapes[self.sources[i][e]] for i in range(len(self.parts))]
+            dim = self.concat_dim if self.concat_dim is not None else 0
+            first = pieces[0]
+            if any(len(p) != len(first) or dim >= len(p) for p in pieces) or any(
+                p[:dim] + p[dim + 1 :] != first[:dim] + first[dim + 1 :] for p in pieces
+            ):
+                raise ValueError(
+                    f"expert {e}'s tensors {', '.join(f'{list(p)}' for p in pieces)} do not concatenate along "
+                    f"dimension {dim}"
+                )
+            shape = (*first[:dim], sum(p[dim] for p in pieces), *first[dim + 1 :])
+            if slice_shape is not None and shape != slice_shape:
+                raise ValueError(f"expert {e}'s slice is {list(shape)}, expert 0's {list(slice_shape)}")
+            slice_shape = shape
+            start = 0
+            for i, piece in enumerate(pieces):
+                placed.append((self.sources[i][e], ExpertPart(e, dim, start, piece[dim], self.short)))
+                start += piece[dim]
+        assert slice_shape is not None
+        return slice_shape, placed
+
+
+def fused_params(model: Any, names: Iterable[str]) -> dict[str, FusedParam]:
+    """The parameters of ``model`` (built on the meta device) that transformers fuses from the
+    checkpoint tensors ``names``, with the per-expert tensors each is built from, in its order."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        Concatenate,
+        MergeModulelist,
+        Transpose,
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    prefix = model.base_model_prefix
+    meta_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    meta = dict.fromkeys(meta_shapes, True)
+    found: dict[str, dict[int, list[str]]] = {}
+    converter_of: dict[str, Any] = {}
+    for key in names:
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if pattern is None:
+            continue
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        found.setdefault(target, {}).setdefault(converter.source_patterns.index(pattern), []).append(key)
+        converter_of[target] = converter
+    fused: dict[str, FusedParam] = {}
+    for target, by_pattern in found.items():
+        converter = converter_of[target]
+        patterns = list(converter.source_patterns)
+        parts = tuple(p.split("*.", 1)[-1].removesuffix(".weight").strip(".") for p in patterns)
+        sources = tuple(tuple(sorted(by_pattern.get(i, []), key=dot_natural_key)) for i in range(len(patterns)))
+        ops = list(converter.operations)
+        stacks = bool(ops) and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+        concat: int | None = None
+        refusal = None
+        transpose = None
+        if len(ops) == 1 and isinstance(ops[0], Transpose) and len(patterns) == 1 and target in meta:
+            shape = tuple(meta_shapes[target])
+            if len(shape) == 3 and {ops[0].dim0, ops[0].dim1} == {1, 2}:
+                transpose = (shape, bool(ops[0].check_dims))
+            else:
+                refusal = _describe_op(ops[0])
+        elif stacks and len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim >= 1:
+            concat = ops[1].dim - 1
+        elif transpose is None and not (stacks and len(ops) == 1 and len(patterns) == 1):
+            refusal = " then ".join(_describe_op(op) for op in ops)
+        counts = {len(s) for s in sources}
+        if refusal is None and target not in meta:
+            refusal = f"a target `{target}` the model does not have"
+        elif refusal is None and (len(counts) != 1 or 0 in counts):
+            refusal = "a different number of experts per part: " + ", ".join(
+                f"{len(s)} × {p}" for s, p in zip(sources, parts, strict=True)
+            )
+        fused[target] = FusedParam(target, parts, sources, concat, refusal, transpose)
+    return fused
+
+
+def _describe_op(op: Any) -> str:
+    dims = [f"{k}={getattr(op, k)}" for k in ("dim", "dim0", "dim1") if isinstance(getattr(op, k, None), int)]
+    return f"{type(op).__name__}({', '.join(dims)})"
+
+
+@dataclass(frozen=True)
+class PerExpertLora:
+    """A LoRA an adapter saved under transformers v4 names on one per-expert tensor, and that
+    tensor's place in the parameter transformers v5 fuses it into (for checking PEFT's conversion)."""
+
+    fused: str
+    part: ExpertPart
+    a: Any  # TensorInfo of lora_A
+    b: Any  # TensorInfo of lora_B
+    scale: float
+
+
+def peft_conversion_problem(peft_model: Any, loras: Iterable[PerExpertLora], *, tolerance: float) -> str | None:
+    """How PEFT's unmerged model of a transformers-v4 adapter differs from the adapter's own math.
+
+    PEFT converts per-expert LoRAs into LoRAs on the fused parameters when it loads them; each
+    expert's part of its delta must equal ``scale · B @ A`` of the saved per-expert LoRA. Returns the
+    first difference in words (relative to the delta's size), or None when PEFT's conversion is right.
+    """
+    import torch
+
+    from loraship.adapter import PREFIX
+    from loraship.safetensors_io import TensorReader
+
+    wrappers: dict[str, Any] = {}
+    for name, module in peft_model.named_modules():
+        param = getattr(module, "parameter_name", None)
+        if param and name.startswith(PREFIX) and hasattr(module, "get_delta_weight"):
+            owner = name[len(PREFIX) :]
+            while owner.endswith(".base_layer"):
+                owner = owner[: -len(".base_layer")]
+            wrappers[f"{owner}.{param}"] = module
+    reader = TensorReader()
+    deltas: dict[str, Any] = {}
+    worst = (0.0, "")
+    for lora in loras:
+        expected = (reader.read(lora.b).float() @ reader.read(lora.a).float()) * lora.scale
+        wrapper = wrappers.get(lora.fused)
+        if wrapper is None or "default" not in getattr(wrapper, "lora_A", {}):
+            return f"PEFT loads no LoRA into `{lora.fused}` (the adapter's per-expert LoRAs of it are dropped)"
+        if lora.fused not in deltas:
+            with torch.no_grad():
+                deltas[lora.fused] = wrapper.get_delta_weight("default").float().cpu()
+        delta = deltas[lora.fused]
+        p = lora.part
+        got = delta[p.expert].narrow(p.dim, p.start, p.length)
+        if got.shape != expected.shape and got.T.shape == expected.shape:
+            got = got.T
+        if got.shape != expected.shape:
+            return f"PEFT's LoRA on `{lora.fused}` is {list(delta.shape)}, which does not hold the adapter's experts"
+        size = expected.abs().max().item()
+        diff = (got - expected).abs().max().item() / size if size > 0 else (got.abs().max().item())
+        if diff > worst[0]:
+            worst = (diff, f"expert {p.expert} of `{lora.fused}` [{p.start}:{p.start + p.length}]")
+    if worst[0] > tolerance:
+        return (
+            f"PEFT's conversion of this transformers-v4 adapter changes the experts' deltas: {worst[1]} differs from "
+            f"the adapter's own scale·B·A by {worst[0]:.2g} of its size"
+        )
+    return None
+
+
+def per_expert_loras(
+    fused: Mapping[str, FusedParam], shapes: Mapping[str, tuple[int, ...]], loras: Mapping[str, Any]
+) -> list[PerExpertLora]:
+    """The per-expert LoRAs ``loras`` (checkpoint tensor -> LoraModule) with their places in ``fused``."""
+    out: list[PerExpertLora] = []
+    for f in fused.values():
+        if f.refusal is not None or f.transpose is not None or not any(k in loras for ks in f.sources for k in ks):
+            continue
+        _, placed = f.layout(shapes)
+        out.extend(PerExpertLora(f.param, part, loras[k].a, loras[k].b, loras[k].scale) for k, part in placed
+                   if k in loras)  # fmt: skip
+    return out
