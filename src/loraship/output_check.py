@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from loraship import quantized
 from loraship.conversions import PerExpertLora, peft_conversion_problem
 from loraship.errors import InputError, first_line
 from loraship.metrics import GenerationAgreement, OutputStats, combine, compare_outputs, greedy_agreement
@@ -194,7 +195,7 @@ def compare(
     head: dict[str, Any] = {k: config[k] for k in ("id2label", "label2id") if k in config and k not in base_config}
     if "id2label" in head:  # the adapter brings a classifier head: the reference gets one of that size
         head["num_labels"] = len(head["id2label"])
-    reference = cls.from_pretrained(str(base), **load, **head)
+    reference = cls.from_pretrained(str(base), **load, **head, **quantized.loader_kwargs(base_config))
     vocab = vocab_size(config)
     if vocab is not None and vocab != vocab_size(base_config) and hasattr(reference, "resize_token_embeddings"):
         reference.resize_token_embeddings(vocab, mean_resizing=False)

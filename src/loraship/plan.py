@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from loraship import quantized
 from loraship.adapter import AdapterSpec, LoraModule, TokenUpdate
 from loraship.conversions import ExpertPart, FusedParam
 from loraship.errors import BaseModelError, IncompatibleError, UnsupportedError
 from loraship.model_map import ModelMap
+from loraship.quantized import check_base
 from loraship.safetensors_io import FLOAT_CODES, Checkpoint, TensorInfo, nbytes_of
 
 #: Model types whose attention/MLP projections are transformers' ``Conv1D`` (weights stored
@@ -89,6 +91,7 @@ class TensorPlan:
         source: The base tensor it starts from; None when a trained copy provides all of it.
         steps: What is applied, in order.
         note: Why this tensor is special (e.g. an untied copy), for the plan's table.
+        scale: For a quantized base tensor: its scale tensor; the source is dequantized with it first.
     """
 
     name: str
@@ -97,6 +100,7 @@ class TensorPlan:
     source: TensorInfo | None
     steps: tuple[Step, ...] = ()
     note: str | None = None
+    scale: TensorInfo | None = None
 
     @property
     def changed(self) -> bool:
@@ -129,7 +133,9 @@ class TensorPlan:
                 parts.append(f"+ lora bias scale={step.module.scale:g}")
             else:
                 parts.append(f"replace {len(step.update.indices)} token rows")
-        if self.source is not None and self.source.dtype != self.dtype:
+        if self.scale is not None and self.source is not None:
+            parts.insert(0, f"dequantize {self.source.dtype} -> {self.dtype}")
+        elif self.source is not None and self.source.dtype != self.dtype:
             parts.append(f"cast {self.source.dtype} -> {self.dtype}")
         if self.note:
             parts.append(self.note)
@@ -167,33 +173,6 @@ class MergePlan:
 
 
 # --------------------------------------------------------------------------- base checks
-
-
-def check_base(config: Mapping[str, Any], *, where: str) -> None:
-    """Refuse bases whose weights cannot take a LoRA delta (quantized checkpoints).
-
-    Raises:
-        BaseModelError: The base is quantized.
-    """
-    quant = config.get("quantization_config")
-    if quant is None and isinstance(config.get("text_config"), dict):
-        quant = config["text_config"].get("quantization_config")
-    if quant is not None:
-        method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else "unknown method"
-        bits = ""
-        if isinstance(quant, dict):
-            if quant.get("load_in_4bit"):
-                bits = ", 4-bit"
-            elif quant.get("load_in_8bit"):
-                bits = ", 8-bit"
-            elif quant.get("bits"):
-                bits = f", {quant['bits']}-bit"
-        raise BaseModelError(
-            f"The base model `{where}` is quantized ({method}{bits}; config.json has a "
-            "quantization_config): merging a LoRA delta into quantized weights loses most of it.",
-            fix="Merge into the full-precision model this one was quantized from (its model card usually "
-            "names it): pass it with --base (in loraship.yaml: `base:`).",
-        )
 
 
 # --------------------------------------------------------------------------- name resolution
@@ -312,6 +291,7 @@ class _Planner:
         self.direct: dict[str, list[_Entry]] = {}
         self.fused_sources = model.fused_sources if model is not None else frozenset()
         self.per_expert: list[str] = []  # per-expert tensors an adapter saved under transformers v4 names
+        self.scales = quantized.scale_pairs(base, config)  # FP8 weight -> its scale, dequantized on the way
 
     # -- collection
 
@@ -696,6 +676,8 @@ class _Planner:
                 code = out_code if (out_code and info.dtype in FLOAT_CODES) else info.dtype
                 tensors.append(TensorPlan(name, info.shape, code, info))
         tensors.extend(p for n, p in plans.items() if n not in order)
+        if quantized.method(self.config) in quantized.DEQUANTIZED:
+            tensors = self._dequantized(tensors, out_code)
         self._check_vocab(tensors, config_updates)
         if dtype:
             config_updates["dtype"] = dtype
@@ -772,13 +754,42 @@ class _Planner:
             code = "F32"  # transformers loads it in float32 and PEFT merges it there: no rounding to half
         return TensorPlan(target.name, tuple(shape), code, source, tuple(resolved), target.note)
 
+    def _dequantized(self, tensors: list[TensorPlan], out_code: str | None) -> list[TensorPlan]:
+        """FP8 weights dequantized with their scales (which leave the output), in 16 bits."""
+        code = out_code or DTYPE_NAMES.get(str(self.config.get("dtype") or self.config.get("torch_dtype")), "BF16")
+        if code == "F64":
+            code = "F32"
+        scale_names = {s.name for s in self.scales.values()}
+        out = []
+        for t in tensors:
+            if t.name in scale_names:
+                continue
+            if t.source is not None and t.source.name in self.scales:
+                scale = self.scales[t.source.name]
+                try:
+                    quantized.block_grid(t.source.shape, scale.shape)
+                except ValueError as e:
+                    raise BaseModelError(
+                        f"`{t.name}` in the base model `{self.base_label}` cannot be dequantized: {e}.",
+                        fix="Merge into the full-precision model this one was quantized from: pass it with --base.",
+                    ) from e
+                t = replace(t, dtype=code, scale=scale)
+            out.append(t)
+        self.config_updates["quantization_config"] = None
+        self._note_once(
+            f"The base is quantized ({quantized.describe(self.config)}): its {len(self.scales)} quantized weights are "
+            f"dequantized as transformers dequantizes them (FineGrainedFP8Config(dequantize=True)) and written in "
+            f"{CODE_NAMES.get(code, code)}, with the adapter merged in; config.json loses its quantization_config."
+        )
+        return out
+
     def _kept_in_float32(self, name: str, code: str) -> bool:
         m = self.model
         kept = m.keep_fp32.get(code, frozenset()) if m is not None else frozenset()
         return any(m.saved_as.get(p) == name or m.stored.get(p) == name for p in kept) if m is not None else False
 
     def _check_float(self, target: _Target, source: TensorInfo | None) -> None:
-        if source is not None and source.dtype not in FLOAT_CODES:
+        if source is not None and source.dtype not in FLOAT_CODES and source.name not in self.scales:
             raise BaseModelError(
                 f"`{target.name}` in the base model `{self.base_label}` is stored as {source.dtype}, not as a "
                 "floating-point tensor: it is quantized, and a LoRA delta cannot be merged into it.",

@@ -181,7 +181,11 @@ def update_config(config: dict[str, Any], updates: Mapping[str, Any]) -> dict[st
     if text is not None:
         config["text_config"] = text
     for key, value in updates.items():
-        if key == "dtype":
+        if key == "quantization_config" and value is None:  # dequantized: the output is not quantized
+            config.pop(key, None)
+            if text is not None:
+                text.pop(key, None)
+        elif key == "dtype":
             config["dtype"] = value
             if "torch_dtype" in config:
                 config["torch_dtype"] = value

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from loraship import lora_math
+from loraship import lora_math, quantized
 from loraship.plan import LoraBiasStep, LoraStep, ReplaceStep, TensorPlan
 from loraship.safetensors_io import TensorInfo, TensorReader, torch_dtype
 from loraship.writer import Chunk, DataChunk
@@ -97,7 +97,7 @@ class TensorStreamer:
         Tensors copied as they are (``t.copies_bytes``) are the caller's: they need no torch.
         """
         source = t.source
-        if source is not None and len(source.shape) == 2 and source.shape[0] > 1:
+        if source is not None and len(source.shape) == 2 and source.shape[0] > 1 and t.scale is None:
             step = t.steps[0] if len(t.steps) == 1 else None
             if not t.steps:  # a dtype change only: elementwise, any blocks will do
                 yield from self._groups(t, source, lora_math.block_bounds(source.shape[0], source.shape[1] * 4))
@@ -199,7 +199,9 @@ def compute_tensor(t: TensorPlan, reader: TensorReader, factors: FactorCache | N
     """The merged value of one planned tensor, whole, contiguous, in its output dtype."""
     dtype = torch_dtype(t.dtype)
     value: torch.Tensor | None = None
-    if t.source is not None:
+    if t.source is not None and t.scale is not None:  # a quantized base tensor, dequantized first
+        value = quantized.dequantize_fp8(reader.read(t.source), reader.read(t.scale), dtype)
+    elif t.source is not None:
         value = reader.read(t.source)
         if value.dtype != dtype:
             value = value.to(dtype)

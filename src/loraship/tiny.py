@@ -112,3 +112,45 @@ def build_adapter(
         peft_model = peft_model.to(getattr(torch, adapter_dtype))
     peft_model.save_pretrained(str(folder), **dict(save_kwargs or {}))
     return folder
+
+
+def quantize_fp8(folder: Path, *, block: tuple[int, int] = (128, 128), pattern: str = r"_proj\.weight$") -> Path:
+    """Rewrite a saved model as a block-scaled FP8 checkpoint, as DeepSeek-V3 and Qwen3 FP8 releases
+    are stored: each matching 2-D weight as float8_e4m3fn with a float32 ``weight_scale_inv`` per
+    ``block`` (amax / 448), and a ``quantization_config`` of ``quant_method: fp8``."""
+    import json
+    import re
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    regex = re.compile(pattern)
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(path)
+        out: dict[str, torch.Tensor] = {}
+        for name, w in tensors.items():
+            out[name] = w
+            if w.dim() != 2 or not regex.search(name):
+                continue
+            rows, cols = w.shape
+            grid = (-(-rows // block[0]), -(-cols // block[1]))
+            padded = torch.nn.functional.pad(w.float(), (0, grid[1] * block[1] - cols, 0, grid[0] * block[0] - rows))
+            blocks = padded.reshape(grid[0], block[0], grid[1], block[1])
+            scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+            q = (blocks / scale[:, None, :, None]).reshape(grid[0] * block[0], grid[1] * block[1])
+            out[name] = q[:rows, :cols].to(torch.float8_e4m3fn)
+            out[f"{name}_scale_inv"] = scale
+        save_file(out, path, metadata={"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+        for name, file in list(weight_map.items()):
+            if regex.search(name):
+                weight_map[f"{name}_scale_inv"] = file
+        index.write_text(json.dumps(data, indent=2))
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
