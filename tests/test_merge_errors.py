@@ -225,7 +225,7 @@ QUANTIZED = [
     ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "bitsandbytes, 8-bit"),
     ({"quant_method": "gptq", "bits": 4}, "gptq, 4-bit"),
     ({"quant_method": "awq", "bits": 4}, "awq, 4-bit"),
-    ({"quant_method": "mxfp4"}, "mxfp4"),
+    ({"quant_method": "compressed-tensors"}, "compressed-tensors"),
 ]
 
 
@@ -242,7 +242,8 @@ def test_quantized_base_refused(llama: Path, llama_adapter: Path, tmp_path: Path
         f"Error: The base model `{base}` is quantized ({described}; config.json has a quantization_config): "
         "merging a LoRA delta into quantized weights loses most of it.\n"
         "Fix: Merge into the full-precision model this one was quantized from (its model card usually names it): "
-        "pass it with --base (in loraship.yaml: `base:`). loraship dequantizes block-scaled FP8 bases itself.\n"
+        "pass it with --base (in loraship.yaml: `base:`). loraship dequantizes block-scaled FP8 and MXFP4 bases "
+        "itself.\n"
     )
     assert_nothing_written(out)
 

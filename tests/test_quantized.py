@@ -13,7 +13,7 @@ from conftest import bits, load_tensors
 from test_families import QWEN3_MOE
 
 from loraship.merge import merge
-from loraship.tiny import build_adapter, build_model, quantize_fp8
+from loraship.tiny import build_adapter, build_model, quantize_fp8, quantize_mxfp4
 from loraship.verify import verify
 
 DENSE = {
@@ -22,13 +22,20 @@ DENSE = {
 }  # fmt: skip
 
 
+GPT_OSS = {  # experts (4, 64, 64) and (4, 32, 64): 32-value MXFP4 blocks along their inputs
+    "model_type": "gpt_oss", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 1,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+    "head_dim": 16, "layer_types": ["full_attention"],
+}  # fmt: skip
+
+
 def _peft_on_dequantized(base: Path, adapter: Path, out: Path) -> dict[str, torch.Tensor]:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config, Mxfp4Config
 
-    model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=torch.bfloat16, quantization_config=FineGrainedFP8Config(dequantize=True)
-    )
+    mxfp4 = "mxfp4" in (base / "config.json").read_text()
+    dequantize = Mxfp4Config(dequantize=True) if mxfp4 else FineGrainedFP8Config(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, quantization_config=dequantize)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.hf_quantizer = None  # save the dequantized model as it is in memory (not quantized again)
     merged._weight_conversions = None
@@ -78,3 +85,21 @@ def test_fp8_base_is_dequantized_bit_identically(
     assert report.passed, report.failed_checks
     ratio = next(c for c in report.checks if c.name == "merge error / adapter effect")
     assert ratio.passed is True
+
+
+def test_mxfp4_base_is_dequantized_bit_identically(tmp_path: Path) -> None:
+    base = quantize_mxfp4(build_model(tmp_path / "base", GPT_OSS, dtype="bfloat16"))
+    adapter = build_adapter(base, tmp_path / "adapter", target_parameters=["mlp.experts.gate_up_proj",
+                            "mlp.experts.down_proj"], target_modules=["q_proj"], r=8)  # fmt: skip
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    ours = load_tensors(tmp_path / "merged")
+    theirs = _peft_on_dequantized(base, adapter, tmp_path / "peft")
+    assert set(ours) == set(theirs)
+    assert ours["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 64, 64)
+    differing = [n for n in ours if ours[n].dtype != theirs[n].dtype or not torch.equal(bits(ours[n]), bits(theirs[n]))]
+    assert differing == []
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    note = "The base is quantized (MXFP4): its 2 quantized weights are dequantized as transformers dequantizes them"
+    assert any(n.startswith(note + " (Mxfp4Config(dequantize=True))") for n in result.prepared.notes)
+    report = verify(base, adapter, tmp_path / "merged")
+    assert report.passed, report.failed_checks

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from loraship import quantized
 from loraship.adapter import AdapterSpec, load_adapter, read_adapter_config
 from loraship.errors import BaseModelError, OutputError, UnsupportedError, first_line
 from loraship.model_map import ModelMap, ModelMapError, inspect_model
@@ -129,7 +130,7 @@ def load_base(
         if scratch is None:
             raise ValueError("load_base(allow_pickle=True) needs a scratch folder")
         files = _convert_pickled_base(pickled, scratch)
-    return read_checkpoint(folder, files), config
+    return quantized.packed_view(read_checkpoint(folder, files), config), config
 
 
 def _convert_pickled_base(pickled: list[Path], scratch: Path) -> tuple[Path, ...]:

@@ -145,6 +145,8 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
             )
         elif plan_tensor is not None:
             source = plan_tensor.source.name if plan_tensor.source is not None else None
+            if source is not None and plan_tensor.scale is not None:  # MXFP4 blocks stand for the parameter
+                source = source.removesuffix("_blocks")
             if (source not in stored) if stored else (source is not None):
                 problems.append(
                     f"`{landed}` starts from `{source}` in the plan, but `{own}` is loaded from "

@@ -109,7 +109,7 @@ class TensorPlan:
     @property
     def copies_bytes(self) -> bool:
         """The base bytes go to the output as they are (no decoding)."""
-        return not self.steps and self.source is not None and self.source.dtype == self.dtype
+        return not self.steps and self.source is not None and self.source.dtype == self.dtype and self.scale is None
 
     @property
     def nbytes(self) -> int:
@@ -755,30 +755,32 @@ class _Planner:
         return TensorPlan(target.name, tuple(shape), code, source, tuple(resolved), target.note)
 
     def _dequantized(self, tensors: list[TensorPlan], out_code: str | None) -> list[TensorPlan]:
-        """FP8 weights dequantized with their scales (which leave the output), in 16 bits."""
-        code = out_code or DTYPE_NAMES.get(str(self.config.get("dtype") or self.config.get("torch_dtype")), "BF16")
-        if code == "F64":
-            code = "F32"
+        """Quantized weights read through their scales (which leave the output), written in 16 bits."""
+        code = quantized.output_code(self.config, out_code if out_code != "F64" else "F32")
         scale_names = {s.name for s in self.scales.values()}
         out = []
         for t in tensors:
             if t.name in scale_names:
                 continue
-            if t.source is not None and t.source.name in self.scales:
-                scale = self.scales[t.source.name]
+            source = t.source
+            if isinstance(source, quantized.PackedTensor) and source.blocks is not None:  # MXFP4
+                t = replace(t, dtype=code, source=source.blocks, scale=source.scales)
+            elif source is not None and source.name in self.scales:  # FP8
                 try:
-                    quantized.block_grid(t.source.shape, scale.shape)
+                    quantized.block_grid(source.shape, self.scales[source.name].shape)
                 except ValueError as e:
                     raise BaseModelError(
                         f"`{t.name}` in the base model `{self.base_label}` cannot be dequantized: {e}.",
                         fix="Merge into the full-precision model this one was quantized from: pass it with --base.",
                     ) from e
-                t = replace(t, dtype=code, scale=scale)
+                t = replace(t, dtype=code, scale=self.scales[source.name])
             out.append(t)
         self.config_updates["quantization_config"] = None
+        count = sum(1 for t in out if t.scale is not None)
+        how = "Mxfp4Config" if quantized.method(self.config) == "mxfp4" else "FineGrainedFP8Config"
         self._note_once(
-            f"The base is quantized ({quantized.describe(self.config)}): its {len(self.scales)} quantized weights are "
-            f"dequantized as transformers dequantizes them (FineGrainedFP8Config(dequantize=True)) and written in "
+            f"The base is quantized ({quantized.describe(self.config)}): its {count} quantized weights are "
+            f"dequantized as transformers dequantizes them ({how}(dequantize=True)) and written in "
             f"{CODE_NAMES.get(code, code)}, with the adapter merged in; config.json loses its quantization_config."
         )
         return out
@@ -789,7 +791,8 @@ class _Planner:
         return any(m.saved_as.get(p) == name or m.stored.get(p) == name for p in kept) if m is not None else False
 
     def _check_float(self, target: _Target, source: TensorInfo | None) -> None:
-        if source is not None and source.dtype not in FLOAT_CODES and source.name not in self.scales:
+        packed = isinstance(source, quantized.PackedTensor)
+        if source is not None and source.dtype not in FLOAT_CODES and source.name not in self.scales and not packed:
             raise BaseModelError(
                 f"`{target.name}` in the base model `{self.base_label}` is stored as {source.dtype}, not as a "
                 "floating-point tensor: it is quantized, and a LoRA delta cannot be merged into it.",

@@ -5,7 +5,9 @@ is merged in full precision: each quantized tensor is dequantized as it streams,
 transformers dequantizes it on load (``FineGrainedFP8Config(dequantize=True)``), the LoRA is
 merged into the result as PEFT merges it, and the output is written in 16 bits without
 ``quantization_config``. Supported: block-scaled FP8 (``quant_method: fp8``: a float8 ``weight``
-with a float32 ``weight_scale_inv`` per block; DeepSeek-V3, Qwen3 FP8 releases). Formats whose
+with a float32 ``weight_scale_inv`` per block; DeepSeek-V3, Qwen3 FP8 releases) and MXFP4
+(``quant_method: mxfp4``: GPT-OSS experts stored as packed FP4 ``*_blocks`` with E8M0 ``*_scales``
+per 32 values, dequantized as ``Mxfp4Config(dequantize=True)`` does). Formats whose
 dequantization loraship does not mirror bit for bit (bitsandbytes, GPTQ, AWQ...) are refused with
 the 16-bit fix.
 """
@@ -13,13 +15,14 @@ the 16-bit fix.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from loraship.errors import BaseModelError
 from loraship.safetensors_io import Checkpoint, TensorInfo
 
 #: quant_method values whose tensors loraship dequantizes (as transformers does) while streaming.
-DEQUANTIZED = frozenset({"fp8"})
+DEQUANTIZED = frozenset({"fp8", "mxfp4"})
 #: Stored dtypes of FP8 weights.
 FP8_CODES = frozenset({"F8_E4M3", "F8_E5M2"})
 
@@ -37,6 +40,65 @@ def quantization(config: Mapping[str, Any]) -> Mapping[str, Any] | None:
 def method(config: Mapping[str, Any]) -> str | None:
     quant = quantization(config)
     return None if quant is None else str(quant.get("quant_method", "unknown method"))
+
+
+@dataclass(frozen=True)
+class PackedTensor(TensorInfo):
+    """A parameter an MXFP4 checkpoint stores as packed blocks and scales: its name, dequantized
+    dtype and shape stand in the checkpoint so names match; its bytes are ``blocks`` and ``scales``."""
+
+    blocks: TensorInfo | None = None
+    scales: TensorInfo | None = None
+
+
+def packed_view(base: Checkpoint, config: Mapping[str, Any]) -> Checkpoint:
+    """``base`` with each MXFP4 ``X_blocks`` / ``X_scales`` pair shown as the parameter ``X`` it
+    dequantizes to (as transformers loads it: (experts, in, out), in the model's dtype)."""
+    if method(config) != "mxfp4":
+        return base
+    code = output_code(config, None)
+    tensors: dict[str, TensorInfo] = {}
+    for name, info in base.tensors.items():
+        stem = name.removesuffix("_blocks")
+        scales = base.tensors.get(f"{stem}_scales")
+        if name.endswith("_scales") and f"{name.removesuffix('_scales')}_blocks" in base.tensors:
+            continue
+        if stem == name or scales is None or info.dtype != "U8" or len(info.shape) != 4:
+            tensors[name] = info
+            continue
+        experts, rows, groups, width = info.shape
+        shape = (experts, groups * width * 2, rows)
+        tensors[stem] = PackedTensor(stem, code, shape, info.file, info.offset, 0, blocks=info, scales=scales)
+    return replace(base, tensors=tensors)
+
+
+def output_code(config: Mapping[str, Any], out_code: str | None) -> str:
+    """The dtype code a dequantized tensor is written in: ``--dtype``, else the config's, else BF16."""
+    names = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+    return out_code or names.get(str(config.get("dtype") or config.get("torch_dtype")), "BF16")
+
+
+#: The 16 values of an E2M1 (FP4) nibble, as transformers' ``FP4_VALUES``.
+FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: Any, scales: Any, dtype: Any) -> Any:
+    """Packed FP4 blocks × 2^(scale − 127), in ``dtype``, transposed to (experts, in, out): the
+    steps of transformers' ``convert_moe_packed_tensors``."""
+    import torch
+
+    exponents = scales.to(torch.int32) - 127
+    lut = torch.tensor(FP4_VALUES, dtype=dtype)
+    *prefix, groups, width = blocks.shape
+    rows = 1
+    for n in prefix:
+        rows *= n
+    packed = blocks.to(torch.uint8).reshape(rows * groups, width)
+    out = torch.empty(rows * groups, width * 2, dtype=dtype)
+    out[:, 0::2] = lut[(packed & 0x0F).to(torch.int)]
+    out[:, 1::2] = lut[(packed >> 4).to(torch.int)]
+    torch.ldexp(out, exponents.reshape(rows * groups, 1), out=out)
+    return out.reshape(*prefix, groups * width * 2).transpose(1, 2).contiguous()
 
 
 def check_base(config: Mapping[str, Any], *, where: str) -> None:
@@ -59,7 +121,7 @@ def check_base(config: Mapping[str, Any], *, where: str) -> None:
         f"The base model `{where}` is quantized ({quant.get('quant_method', 'unknown method')}{bits}; config.json has "
         "a quantization_config): merging a LoRA delta into quantized weights loses most of it.",
         fix="Merge into the full-precision model this one was quantized from (its model card usually names it): pass "
-        "it with --base (in loraship.yaml: `base:`). loraship dequantizes block-scaled FP8 bases itself.",
+        "it with --base (in loraship.yaml: `base:`). loraship dequantizes block-scaled FP8 and MXFP4 bases itself.",
     )
 
 
@@ -106,6 +168,10 @@ def loader_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
         from transformers import FineGrainedFP8Config
 
         return {"quantization_config": FineGrainedFP8Config(dequantize=True)}
+    if method(config) == "mxfp4":
+        from transformers.utils.quantization_config import Mxfp4Config
+
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
     return {}
 
 

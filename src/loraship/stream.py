@@ -200,7 +200,8 @@ def compute_tensor(t: TensorPlan, reader: TensorReader, factors: FactorCache | N
     dtype = torch_dtype(t.dtype)
     value: torch.Tensor | None = None
     if t.source is not None and t.scale is not None:  # a quantized base tensor, dequantized first
-        value = quantized.dequantize_fp8(reader.read(t.source), reader.read(t.scale), dtype)
+        dequantize = quantized.dequantize_mxfp4 if t.source.dtype == "U8" else quantized.dequantize_fp8
+        value = dequantize(reader.read(t.source), reader.read(t.scale), dtype)
     elif t.source is not None:
         value = reader.read(t.source)
         if value.dtype != dtype:

@@ -154,3 +154,37 @@ def quantize_fp8(folder: Path, *, block: tuple[int, int] = (128, 128), pattern: 
                                      "weight_block_size": list(block)}  # fmt: skip
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder
+
+
+def quantize_mxfp4(folder: Path) -> Path:
+    """Rewrite a saved GPT-OSS model as its MXFP4 release is stored: each expert parameter
+    ``experts.X`` (experts, in, out) as ``X_blocks`` (packed FP4, two values a byte, 32 values a
+    block along ``in``) and ``X_scales`` (one E8M0 exponent a block), with ``quant_method: mxfp4``."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from loraship.quantized import FP4_VALUES
+
+    lut = torch.tensor(FP4_VALUES)
+    for path in sorted(folder.glob("*.safetensors")):
+        out: dict[str, torch.Tensor] = {}
+        for name, w in load_file(path).items():
+            if w.dim() != 3 or not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                out[name] = w
+                continue
+            rows = w.float().transpose(1, 2)  # (experts, out, in)
+            groups = rows.reshape(*rows.shape[:2], rows.shape[2] // 32, 32)
+            amax = groups.abs().amax(dim=-1).clamp(min=2.0**-100)
+            exponent = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+            scaled = groups / torch.exp2(exponent)[..., None]
+            index = (scaled[..., None] - lut).abs().argmin(dim=-1).to(torch.uint8)  # nearest FP4 value
+            out[f"{name}_blocks"] = index[..., 0::2] | (index[..., 1::2] << 4)
+            out[f"{name}_scales"] = (exponent + 127).to(torch.uint8)
+        save_file(out, path, metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
