@@ -11,28 +11,21 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 from loraship import quantized
 from loraship.adapter import AdapterSpec, LoraModule, TokenUpdate
 from loraship.conversions import ExpertPart, FusedParam
 from loraship.errors import BaseModelError, IncompatibleError, UnsupportedError
+from loraship.heads import head_config
+from loraship.layouts import Layout, Layouts, place_fused
 from loraship.model_map import ModelMap
-from loraship.quantized import check_base
+from loraship.quantized import check_base, dequantized
 from loraship.safetensors_io import FLOAT_CODES, Checkpoint, TensorInfo, nbytes_of
-
-#: Model types whose attention/MLP projections are transformers' ``Conv1D`` (weights stored
-#: (in, out)); PEFT forces ``fan_in_fan_out=True`` for those layers and False for ``nn.Linear``.
-CONV1D_MODEL_TYPES = frozenset(
-    {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_encoder", "clvp_decoder"}
-)
-CONV1D_LAYER_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 
 DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 CODE_NAMES = {v: k for k, v in DTYPE_NAMES.items()}
-
-Layout = Literal["linear", "conv1d", "conv", "embedding", "parameter", "experts", "experts_transposed"]
 
 
 # --------------------------------------------------------------------------- steps
@@ -291,7 +284,11 @@ class _Planner:
         self.direct: dict[str, list[_Entry]] = {}
         self.fused_sources = model.fused_sources if model is not None else frozenset()
         self.per_expert: list[str] = []  # per-expert tensors an adapter saved under transformers v4 names
-        self.scales = quantized.scale_pairs(base, config)  # FP8 weight -> its scale, dequantized on the way
+        self.scales = quantized.scale_pairs(base, config)
+        self.layouts = Layouts(
+            self.model_type, adapter.fan_in_fan_out, model.transposed_experts if model is not None else frozenset(),
+            self._trained_on(), self._note_once,
+        )  # fmt: skip  # FP8 weight -> its scale, dequantized on the way
 
     # -- collection
 
@@ -331,40 +328,15 @@ class _Planner:
 
     def _add_fused(self, mod: LoraModule, fused: FusedParam, keys: list[str]) -> None:
         """A LoRA on a parameter transformers fuses from per-expert tensors: one step per saved tensor."""
-        where = f"`{fused.param}`"
-        if fused.refusal is not None:
-            raise UnsupportedError(
-                f"The adapter targets {where}, which transformers builds on load from per-expert tensors with "
-                f"{fused.refusal}: loraship cannot carry a LoRA delta back through that conversion.",
-                fix="Merge this adapter with PEFT (PeftModel.from_pretrained(base, adapter).merge_and_unload(), then "
-                "save_pretrained()), and check the result with `loraship verify`.",
-            )
-        if fused.transpose is not None:  # stored whole, maybe transposed: one step on the stored tensor
-            key, shape = fused.sources[0][0], fused.transpose[0]
-            stored = self.base.tensors[key].shape
-            layout = self._parameter_layout(where, shape, mod)
-            if fused.stored_transposed(stored):
-                if stored != (shape[0], shape[2], shape[1]):
-                    self._shape_error(f"`{key}`", stored, f"transposed {where}", (shape[0], shape[2], shape[1]))
-                layout = "experts" if layout == "experts_transposed" else "experts_transposed"
-            elif stored != shape:
-                self._shape_error(f"`{key}`", stored, f"{where}", shape)
-            self.direct.setdefault(key, []).append((_ORDER[LoraStep], LoraStep(mod, layout), keys[0], keys))
-            return
-        try:
-            slice_shape, placed = fused.layout({k: self.base.tensors[k].shape for ks in fused.sources for k in ks})
-        except ValueError as e:
-            raise IncompatibleError(
-                f"The base checkpoint's per-expert tensors of {where} do not fit together: {e}.",
-                fix="Use an unmodified copy of the base model" + self._trained_on() + ".",
-            ) from e
-        layout = self._parameter_layout(where, (fused.experts, *slice_shape), mod)
-        for key, part in placed:
+        shapes = {k: self.base.tensors[k].shape for ks in fused.sources for k in ks}
+        for key, layout, part in place_fused(fused, mod, shapes, self.layouts, self._trained_on()):
             self.direct.setdefault(key, []).append((_ORDER[LoraStep], LoraStep(mod, layout, part), keys[0], keys))
-        self._note_once(
-            f"transformers builds `{_any_layer(fused.param)}` on load from per-expert tensors ({fused.describe()}): "
-            "each expert's slice of the LoRA delta is merged into the tensors the checkpoint stores, in their layout."
-        )
+        if fused.transpose is None:
+            self._note_once(
+                f"transformers builds `{_any_layer(fused.param)}` on load from per-expert tensors "
+                f"({fused.describe()}): each expert's slice of the LoRA delta is merged into the tensors the "
+                "checkpoint stores, in their layout."
+            )
 
     def _resolve(self, param: str) -> str | None:
         """The base tensor a model parameter is loaded from, if the checkpoint stores it."""
@@ -575,76 +547,6 @@ class _Planner:
                 "where supported), or merge with PEFT and check the result with `loraship verify`.",
             )
 
-    # -- validation and layouts
-
-    def layout_for(self, name: str, w: tuple[int, ...], mod: LoraModule) -> Layout:
-        a, b = mod.a.shape, mod.b.shape
-        where = f"`{name}`"
-        if mod.wraps_parameter:
-            return self._parameter_layout(where, w, mod)
-        if mod.layer == "embedding":
-            if len(w) == 2 and w == (a[1], b[0]):
-                return "embedding"
-            self._shape_error(where, w, f"(lora_embedding_B {list(b)} @ lora_embedding_A {list(a)})ᵀ", (a[1], b[0]))
-        if len(w) >= 3:
-            if len(a) == len(w) and a[1] != w[1] and a[2:] == w[2:] and b[0] == w[0] and a[1] % w[1] == 0:
-                raise UnsupportedError(
-                    f"{where} is a grouped convolution ({a[1] // w[1]} groups): PEFT cannot merge a LoRA into "
-                    "grouped convolutions, and neither can loraship.",
-                    fix="Keep this adapter unmerged, or train it without LoRA on grouped convolutions.",
-                )
-            if len(a) == len(w) and b[0] == w[0] and a[1:] == w[1:]:
-                return "conv"
-            self._shape_error(where, w, f"lora_B {list(b)} ∘ lora_A {list(a)}", (b[0], *a[1:]))
-        if len(w) != 2 or len(a) != 2 or len(b) != 2:
-            self._shape_error(where, w, f"lora_B {list(b)} @ lora_A {list(a)}", (b[0], a[-1]))
-        linear_fits = w == (b[0], a[1])
-        conv1d_fits = w == (a[1], b[0])
-        is_conv1d_layer = self.model_type in CONV1D_MODEL_TYPES and mod.module.rpartition(".")[2] in CONV1D_LAYER_NAMES
-        if linear_fits and conv1d_fits:
-            layout: Layout = "conv1d" if is_conv1d_layer else "linear"
-        elif linear_fits:
-            layout = "linear"
-        elif conv1d_fits:
-            layout = "conv1d"
-        else:
-            self._shape_error(where, w, f"lora_B {list(b)} @ lora_A {list(a)}", (b[0], a[1]))
-        configured = self.adapter.fan_in_fan_out
-        if configured != (layout == "conv1d"):
-            note = (
-                f"adapter_config.json sets fan_in_fan_out={str(configured).lower()}, but `{name}` is "
-                f"stored as {'(in, out) (a Conv1D layer)' if layout == 'conv1d' else '(out, in) (an nn.Linear)'}:"
-                f" merged as fan_in_fan_out={str(layout == 'conv1d').lower()}, as PEFT does."
-            )
-            if note not in self.notes:
-                self.notes.append(note)
-        return layout
-
-    def _parameter_layout(self, where: str, w: tuple[int, ...], mod: LoraModule) -> Layout:
-        """A LoRA on a raw parameter (``target_parameters``): 2-D, or 3-D stacked experts."""
-        a, b = mod.a.shape, mod.b.shape
-        in_f, out_f = a[-1], b[0]
-        if len(w) == 2 and mod.experts == 1 and w == (out_f, in_f):
-            return "parameter"
-        if len(w) == 3 and mod.experts == w[0]:
-            standard, transposed = w == (w[0], out_f, in_f), w == (w[0], in_f, out_f)
-            if standard and transposed:
-                stored_transposed = self.model.transposed_experts if self.model is not None else frozenset()
-                return "experts_transposed" if mod.module in stored_transposed else "experts"
-            if standard or transposed:
-                return "experts" if standard else "experts_transposed"
-        self._shape_error(where, w, f"{mod.experts} expert(s) of lora_B {list(b)} @ lora_A {list(a)}")
-        raise AssertionError  # pragma: no cover - _shape_error raises
-
-    def _shape_error(
-        self, where: str, base_shape: tuple[int, ...], made: str, result: tuple[int, ...] | None = None
-    ) -> None:
-        makes = f" makes {list(result)}" if result is not None else " does not fit it"
-        raise IncompatibleError(
-            f"Shape mismatch for {where}: the base tensor is {list(base_shape)} but the adapter's {made}{makes}.",
-            fix="Use the base model the adapter was trained on" + self._trained_on() + ".",
-        )
-
     # -- output
 
     def build(self, dtype: str | None) -> MergePlan:
@@ -677,12 +579,18 @@ class _Planner:
                 tensors.append(TensorPlan(name, info.shape, code, info))
         tensors.extend(p for n, p in plans.items() if n not in order)
         if quantized.method(self.config) in quantized.DEQUANTIZED:
-            tensors = self._dequantized(tensors, out_code)
+            tensors, note = dequantized(tensors, self.config, self.scales, out_code, self.base_label)
+            self.config_updates["quantization_config"] = None
+            self._note_once(note)
         self._check_vocab(tensors, config_updates)
         if dtype:
             config_updates["dtype"] = dtype
         if any(t.source is None for t in tensors):
-            config_updates.update(self._head_config(tensors))
+            trained = self.model.model_class if self.model is not None else self.adapter.base_model_class
+            updates, head_note = head_config(self.config, self.adapter.config, trained, tensors)
+            config_updates.update(updates)
+            if head_note:
+                self.notes.append(head_note)
         self._check_accounting()
         return MergePlan(
             tensors=tuple(tensors),
@@ -726,14 +634,15 @@ class _Planner:
                 self._check_float(target, source)
                 resolved.append(step)
             elif isinstance(step, LoraStep):
-                layout = self.layout_for(target.name, shape, step.module)
+                layout = self.layouts.layer(target.name, shape, step.module)
                 if step.dora and layout in ("parameter", "experts", "experts_transposed"):
                     raise UnsupportedError(f"DoRA on expert parameters (`{target.name}`) is not supported.")
                 self._check_float(target, source)
                 resolved.append(LoraStep(step.module, layout))
             elif isinstance(step, LoraBiasStep):
-                if source is not None and source.shape != step.module.bias.shape:  # type: ignore[union-attr]
-                    self._shape_error(f"`{target.name}`", source.shape, f"lora_B.bias {list(step.module.bias.shape)}")  # type: ignore[union-attr]
+                bias = step.module.bias
+                if source is not None and bias is not None and source.shape != bias.shape:
+                    self.layouts.shape_error(f"`{target.name}`", source.shape, f"lora_B.bias {list(bias.shape)}")
                 resolved.append(step)
             elif isinstance(step, TokenRowsStep):
                 rows = step.update.tensor.shape
@@ -753,37 +662,6 @@ class _Planner:
         if resolved and self._kept_in_float32(target.name, code):
             code = "F32"  # transformers loads it in float32 and PEFT merges it there: no rounding to half
         return TensorPlan(target.name, tuple(shape), code, source, tuple(resolved), target.note)
-
-    def _dequantized(self, tensors: list[TensorPlan], out_code: str | None) -> list[TensorPlan]:
-        """Quantized weights read through their scales (which leave the output), written in 16 bits."""
-        code = quantized.output_code(self.config, out_code if out_code != "F64" else "F32")
-        scale_names = {s.name for s in self.scales.values()}
-        out = []
-        for t in tensors:
-            if t.name in scale_names:
-                continue
-            source = t.source
-            if isinstance(source, quantized.PackedTensor) and source.blocks is not None:  # MXFP4
-                t = replace(t, dtype=code, source=source.blocks, scale=source.scales)
-            elif source is not None and source.name in self.scales:  # FP8
-                try:
-                    quantized.block_grid(source.shape, self.scales[source.name].shape)
-                except ValueError as e:
-                    raise BaseModelError(
-                        f"`{t.name}` in the base model `{self.base_label}` cannot be dequantized: {e}.",
-                        fix="Merge into the full-precision model this one was quantized from: pass it with --base.",
-                    ) from e
-                t = replace(t, dtype=code, scale=self.scales[source.name])
-            out.append(t)
-        self.config_updates["quantization_config"] = None
-        count = sum(1 for t in out if t.scale is not None)
-        how = "Mxfp4Config" if quantized.method(self.config) == "mxfp4" else "FineGrainedFP8Config"
-        self._note_once(
-            f"The base is quantized ({quantized.describe(self.config)}): its {count} quantized weights are "
-            f"dequantized as transformers dequantizes them ({how}(dequantize=True)) and written in "
-            f"{CODE_NAMES.get(code, code)}, with the adapter merged in; config.json loses its quantization_config."
-        )
-        return out
 
     def _kept_in_float32(self, name: str, code: str) -> bool:
         m = self.model
@@ -837,27 +715,6 @@ class _Planner:
         updates["vocab_size"] = size
         self.notes.append(f"The adapter resizes the vocabulary from {old} to {size} tokens: config.json follows.")
 
-    def _head_config(self, tensors: list[TensorPlan]) -> dict[str, Any]:
-        """The adapter brings a head the base lacks: config.json names the head's class and labels."""
-        updates: dict[str, Any] = {}
-        archs = list(self.config.get("architectures") or [])
-        task = str(self.adapter.config.get("task_type") or "")
-        trained = self.model.model_class if self.model is not None else None
-        trained = trained or self.adapter.base_model_class or _head_class(archs, task)
-        new = ", ".join(t.name for t in tensors if t.source is None)
-        if trained and archs != [trained]:
-            updates["architectures"] = [trained]
-            self.notes.append(f"The adapter adds a head the base lacks ({new}): architectures becomes {trained}.")
-        if task in ("SEQ_CLS", "TOKEN_CLS"):
-            heads = [t for t in tensors if t.source is None and t.name.endswith(".weight") and len(t.shape) == 2]
-            if heads:
-                labels = heads[-1].shape[0]
-                id2label = self.config.get("id2label")
-                if not isinstance(id2label, dict) or len(id2label) != labels:
-                    updates["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
-                    updates["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
-        return updates
-
     def _main_float_dtype(self) -> str:
         counts = Counter(t.dtype for t in self.base.tensors.values() if t.dtype in FLOAT_CODES)
         if counts:
@@ -874,25 +731,6 @@ class _Planner:
 def _any_layer(name: str) -> str:
     """``model.layers.3.mlp.experts.gate_up_proj`` -> ``model.layers.*.mlp.experts.gate_up_proj``."""
     return ".".join("*" if p.isdigit() else p for p in name.split("."))
-
-
-_TASK_HEADS = {
-    "SEQ_CLS": "ForSequenceClassification",
-    "TOKEN_CLS": "ForTokenClassification",
-    "QUESTION_ANS": "ForQuestionAnswering",
-}
-
-
-def _head_class(architectures: list[str], task: str) -> str | None:
-    """``LlamaForCausalLM`` + ``SEQ_CLS`` -> ``LlamaForSequenceClassification``."""
-    suffix = _TASK_HEADS.get(task)
-    if not suffix or not architectures:
-        return None
-    arch = str(architectures[0])
-    for marker in ("For", "LMHeadModel", "Model"):
-        if marker in arch:
-            return arch[: arch.index(marker)] + suffix
-    return None
 
 
 def vocab_size(config: Mapping[str, Any]) -> int | None:

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraship.errors import BaseModelError
 from loraship.safetensors_io import Checkpoint, TensorInfo
+
+if TYPE_CHECKING:
+    from loraship.plan import TensorPlan
 
 #: quant_method values whose tensors loraship dequantizes (as transformers does) while streaming.
 DEQUANTIZED = frozenset({"fp8", "mxfp4"})
@@ -181,3 +184,43 @@ def describe(config: Mapping[str, Any]) -> str:
     block = quant.get("weight_block_size")
     size = f", {block[0]}×{block[1]} blocks" if isinstance(block, list) and len(block) == 2 else ""
     return f"{str(quant.get('quant_method', '')).upper()}{size}"
+
+
+def dequantized(
+    tensors: list[TensorPlan], config: Mapping[str, Any], scales: Mapping[str, TensorInfo], out_code: str | None,
+    where: str,
+) -> tuple[list[TensorPlan], str]:  # fmt: skip
+    """The planned tensors of a quantized base with each quantized weight read through its scales
+    (which leave the output) and written in 16 bits, and a note that says so.
+
+    Raises:
+        BaseModelError: A weight's shape does not divide into its scale grid.
+    """
+    code = output_code(config, out_code if out_code != "F64" else "F32")
+    scale_names = {s.name for s in scales.values()}
+    out = []
+    for t in tensors:
+        source = t.source
+        if t.name in scale_names:
+            continue
+        if isinstance(source, PackedTensor) and source.blocks is not None:  # MXFP4
+            t = replace(t, dtype=code, source=source.blocks, scale=source.scales)
+        elif source is not None and source.name in scales:  # FP8
+            try:
+                block_grid(source.shape, scales[source.name].shape)
+            except ValueError as e:
+                raise BaseModelError(
+                    f"`{t.name}` in the base model `{where}` cannot be dequantized: {e}.",
+                    fix="Merge into the full-precision model this one was quantized from: pass it with --base.",
+                ) from e
+            t = replace(t, dtype=code, scale=scales[source.name])
+        out.append(t)
+    count = sum(1 for t in out if t.scale is not None)
+    how = "Mxfp4Config" if method(config) == "mxfp4" else "FineGrainedFP8Config"
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    note = (
+        f"The base is quantized ({describe(config)}): its {count} quantized weights are dequantized as transformers "
+        f"dequantizes them ({how}(dequantize=True)) and written in {names.get(code, code)}, with the adapter merged "
+        "in; config.json loses its quantization_config."
+    )
+    return out, note
