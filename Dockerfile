@@ -1,26 +1,46 @@
-# loraship as a Docker action: a CUDA-capable PyTorch runtime with loraship installed, pinned.
-# Build and publish a prebuilt image (see the README) to save minutes per run.
-FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
+# loraship's images, built from one file (docker build --target NAME; the last stage is the default):
+#
+#   action  the GitHub Docker action (default). Runs as root and relies on no WORKDIR, as GitHub's
+#           "Dockerfile support for GitHub Actions" requires: the runner mounts the workspace and
+#           makes it the working directory.
+#   bot     `loraship serve` (webhook bot) and job-level `container:` use, as a non-root user (1001).
+#
+# torch is the version the project tests (2.13.0). Default: PyPI's build, which on Linux x86-64 is
+# the CUDA one. For the slim CPU image pass --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# (.github/workflows/image.yml builds and pushes both, tagged vX.Y.Z / vX and vX.Y.Z-cpu / vX-cpu).
+FROM python:3.11-slim AS base
+
+ARG TORCH_INDEX=https://pypi.org/simple
 
 LABEL org.opencontainers.image.title="loraship" \
-      org.opencontainers.image.description="Merge LoRA adapters into their base model, verify, publish."
+      org.opencontainers.image.description="Merge LoRA adapters into their base model, verify, publish." \
+      org.opencontainers.image.licenses="Apache-2.0"
 
+# PYTHONSAFEPATH: `python -m entrypoint` must never import a file or folder named `entrypoint` from
+# the user's workspace (the working directory). HF_HOME: the download cache stays out of the
+# workspace (no gigabytes in the user's checkout or artifacts); /github/home is the runner's home.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PYTHONSAFEPATH=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HOME=/github/workspace/.cache/huggingface \
+    HF_HOME=/github/home/.cache/huggingface \
     HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONPATH=/opt/loraship
 
-WORKDIR /opt/loraship
-COPY pyproject.toml README.md ./
-COPY constraints/docker.txt constraints/docker.txt
-COPY src src
-COPY entrypoint entrypoint
-# torch comes from the base image (CUDA build); everything else is pinned by constraints/docker.txt.
-RUN pip install --no-cache-dir -c constraints/docker.txt . \
-    && useradd --create-home --uid 1001 loraship
+COPY pyproject.toml README.md LICENSE /opt/loraship/
+COPY constraints/docker.txt /opt/loraship/constraints/docker.txt
+COPY src /opt/loraship/src
+COPY entrypoint /opt/loraship/entrypoint
+# torch first, from the chosen index; everything else pinned by constraints/docker.txt.
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" torch==2.13.0 \
+    && pip install --no-cache-dir -c /opt/loraship/constraints/docker.txt /opt/loraship
 
-# uid 1001 is the user of GitHub-hosted runners, who owns the mounted workspace.
+FROM base AS bot
+ENV HF_HOME=/home/loraship/.cache/huggingface
+RUN useradd --create-home --uid 1001 loraship
 USER 1001
-ENTRYPOINT ["python", "-m", "entrypoint"]
+ENTRYPOINT ["/usr/local/bin/loraship"]
+CMD ["serve", "--config", "/data/bot.yaml", "--host", "0.0.0.0", "--port", "8080"]
+
+FROM base AS action
+ENTRYPOINT ["/usr/local/bin/python", "-P", "-m", "entrypoint"]

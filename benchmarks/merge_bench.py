@@ -14,9 +14,17 @@ Reports medians of wall time and peak RSS (the child's own ``ru_maxrss``, from `
 ratios loraship/copy and PEFT/loraship, as a table and as JSON. ``--size 2`` runs a model twice
 as deep, to show that loraship's memory does not grow with the model.
 
+``--model qwen3-moe``: a Qwen3-MoE-shaped model of about 1 B parameters (hidden 1024, 12 layers,
+64 experts of 384, as Qwen3-30B-A3B at a smaller scale), stored per expert as transformers saves it,
+with a LoRA r=16 on the fused experts (``target_parameters``) and attention: each expert's slice is
+merged on its own. ``--model llama-fp8``: the Llama model above stored as block-scaled FP8
+(128×128, as DeepSeek/Qwen FP8 releases), dequantized while streaming (PEFT path: transformers'
+``FineGrainedFP8Config(dequantize=True)``).
+
     python benchmarks/merge_bench.py                 # 1.1 B model, 3 runs each
     python benchmarks/merge_bench.py --size 2        # 44 layers
     python benchmarks/merge_bench.py --skip-peft     # loraship and copy only
+    python benchmarks/merge_bench.py --model qwen3-moe
 """
 
 from __future__ import annotations
@@ -48,51 +56,85 @@ LLAMA_1B = {
     "tie_word_embeddings": False,
 }
 
+QWEN3_MOE_1B = {
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "moe_intermediate_size": 384,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+MODELS = ("llama", "qwen3-moe", "llama-fp8")
+
 PEFT_PATH = """
-import sys, torch
+import json, sys, torch
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
+from loraship.quantized import loader_kwargs
 base, adapter, out = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+dequantize = loader_kwargs(json.load(open(base + "/config.json")))
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, **dequantize)
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out)
 """
 
 
-def cached(size: int) -> tuple[Path, Path]:
+def _folder(size: int, kind: str) -> Path:
+    return CACHE / (f"llama-1b-x{size}" if kind == "llama" else f"{kind}-x{size}")
+
+
+def cached(size: int, kind: str = "llama") -> tuple[Path, Path]:
     """The cached base and adapter folders for this size, generated (in a child process) if missing.
 
     Generating holds the whole model in memory; it runs in its own process so that the measured
     children, which inherit their parent's peak-RSS mark across exec, start from a small parent.
     """
-    folder = CACHE / f"llama-1b-x{size}"
+    folder = _folder(size, kind)
     base, adapter = folder / "base", folder / "adapter"
     if not (adapter / "adapter_model.safetensors").is_file():
-        subprocess.run([sys.executable, __file__, "--generate", "--size", str(size)], check=True)
+        cmd = [sys.executable, __file__, "--generate", "--size", str(size), "--model", kind]
+        subprocess.run(cmd, check=True)
     return base, adapter
 
 
-def generate(size: int) -> None:
-    folder = CACHE / f"llama-1b-x{size}"
+def generate(size: int, kind: str = "llama") -> None:
+    folder = _folder(size, kind)
     base, adapter = folder / "base", folder / "adapter"
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    print(f"Generating the benchmark model (x{size}) in {folder} (once) ...", flush=True)
+    print(f"Generating the benchmark model ({kind} x{size}) in {folder} (once) ...", flush=True)
     shutil.rmtree(folder, ignore_errors=True)
-    config = LlamaConfig(**{**LLAMA_1B, "num_hidden_layers": LLAMA_1B["num_hidden_layers"] * size})
+    shape = QWEN3_MOE_1B if kind == "qwen3-moe" else LLAMA_1B
+    depth = {"num_hidden_layers": shape["num_hidden_layers"] * size}
+    config = Qwen3MoeConfig(**{**shape, **depth}) if kind == "qwen3-moe" else LlamaConfig(**{**shape, **depth})
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = Qwen3MoeForCausalLM(config) if kind == "qwen3-moe" else LlamaForCausalLM(config)
     model = model.to_empty(device="cpu").to(torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(torch.bfloat16))
     model.save_pretrained(str(base), max_shard_size="500MB")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False)
+    if kind == "qwen3-moe":
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                          init_lora_weights=False)  # fmt: skip
+    else:
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        lora = LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(str(adapter))
+    if kind == "llama-fp8":
+        from loraship.tiny import quantize_fp8
+
+        quantize_fp8(base)
 
 
 def run_measured(cmd: list[str]) -> tuple[float, int]:
@@ -108,8 +150,8 @@ def run_measured(cmd: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024
 
 
-def bench(size: int, runs: int, skip_peft: bool) -> dict[str, object]:
-    base, adapter = cached(size)
+def bench(size: int, runs: int, skip_peft: bool, kind: str = "llama") -> dict[str, object]:
+    base, adapter = cached(size, kind)
     work = CACHE / "runs"
     loraship = str(Path(sys.executable).with_name("loraship"))
     commands: dict[str, list[str]] = {
@@ -150,7 +192,13 @@ def bench(size: int, runs: int, skip_peft: bool) -> dict[str, object]:
         "date": date.today().isoformat(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
         f"{platform.python_version()}",
-        "model": f"random Llama bf16, {LLAMA_1B['num_hidden_layers'] * size} layers, {base_bytes / 1e9:.2f} GB",
+        "model": {
+            "llama": f"random Llama bf16, {LLAMA_1B['num_hidden_layers'] * size} layers",
+            "llama-fp8": f"random Llama FP8 (128×128 blocks), {LLAMA_1B['num_hidden_layers'] * size} layers",
+            "qwen3-moe": f"random Qwen3-MoE bf16, {QWEN3_MOE_1B['num_hidden_layers'] * size} layers × "
+            f"{QWEN3_MOE_1B['num_experts']} experts",
+        }[kind]
+        + f", {base_bytes / 1e9:.2f} GB",
         "largest_tensor_gb": largest / 1e9,
         "runs": runs,
         "medians": medians,
@@ -202,15 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs of each command (default 3)")
     parser.add_argument("--skip-peft", action="store_true", help="do not run the (slow, memory-hungry) PEFT path")
     parser.add_argument("--json", type=Path, help="write the result here (default: benchmarks/results/...)")
+    parser.add_argument("--model", choices=MODELS, default="llama", help="what to merge (default: llama)")
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.generate:
-        generate(args.size)
+        generate(args.size, args.model)
         return 0
-    result = bench(args.size, args.runs, args.skip_peft)
+    result = bench(args.size, args.runs, args.skip_peft, args.model)
     print()
     print(table(result))
-    out = args.json or RESULTS / f"merge_bench_x{args.size}.json"
+    suffix = "" if args.model == "llama" else f"_{args.model}"
+    out = args.json or RESULTS / f"merge_bench{suffix}_x{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nWrote {out}")

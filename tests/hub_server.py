@@ -118,6 +118,10 @@ class FakeHub:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
         self.faults: list[Fault] = []
+        #: Trusted publishing: (GitHub's id token, resource) -> the Hub token the exchange returns.
+        self.trusted: dict[tuple[str, str], str] = {}
+        #: The request token GitHub Actions gives a job with `id-token: write`, and the id token it mints.
+        self.actions_oidc: tuple[str, str] | None = None
         self.url = ""
         self._lock = threading.RLock()
         self._counter = itertools.count(1)
@@ -279,6 +283,24 @@ class FakeHub:
             assert fault.action == "lost-reply", fault.action
             await call_next(request)
             return JSONResponse({"error": "A commit has happened since. Please refresh and try again."}, 412)
+
+        @app.get("/_actions/id-token")  # GitHub Actions' ACTIONS_ID_TOKEN_REQUEST_URL, served here for tests
+        def mint_id_token(request: Request) -> Any:
+            expected = hub.actions_oidc
+            if expected is None or request.headers.get("authorization") != f"Bearer {expected[0]}":
+                return JSONResponse({"message": "Bad credentials"}, 401)
+            return {"value": expected[1]}
+
+        @app.post("/oauth/token")  # RFC 8693 token exchange (Trusted Publishers)
+        async def exchange(request: Request) -> Any:
+            body = await request.json()
+            token = hub.trusted.get((body.get("subject_token"), body.get("resource")))
+            if token is None:
+                return JSONResponse(
+                    {"error": "invalid_grant", "error_description": "No trusted publisher matches this token"}, 400,
+                    headers={"X-Error-Message": "No trusted publisher matches this token"},
+                )  # fmt: skip
+            return {"access_token": token, "token_type": "bearer", "expires_in": 3600}
 
         @app.get("/api/whoami-v2")
         def whoami(request: Request) -> Any:

@@ -8,6 +8,7 @@ keeps its traceback.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 
@@ -85,9 +86,17 @@ class VerificationFailed(LorashipError):
 
 
 class ConfigError(LorashipError):
-    """A job configuration file (loraship.yaml, bot.yaml) is invalid."""
+    """A job configuration file (loraship.yaml, bot.yaml) is invalid.
+
+    ``file`` and ``line``: where (the first problem), for editors and GitHub's annotations.
+    """
 
     title = "Invalid configuration"
+
+    def __init__(self, message: str, *, fix: str | None = None, file: Path | None = None, line: int | None = None):
+        self.file = file
+        self.line = line
+        super().__init__(message, fix=fix)
 
 
 class HubError(LorashipError):

@@ -63,6 +63,30 @@ class Publication:
         return self.pr_url or f"{self.repo_url}/commit/{self.commit_sha}"
 
 
+def hub_token() -> str | None:
+    """huggingface_hub's own token lookup: a trusted-publishing exchange when ``HF_OIDC_RESOURCE``
+    is set, else ``HF_TOKEN``, else the token ``hf auth login`` stored.
+
+    Raises:
+        HubError: Trusted publishing is asked for and the exchange fails (never a silent fallback).
+    """
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HfHubHTTPError, OIDCError
+
+    try:
+        return get_token() or None
+    except (OIDCError, HfHubHTTPError) as e:
+        resource = os.environ.get("HF_OIDC_RESOURCE", "")
+        reason = (getattr(e, "server_message", None) or str(e)).strip().splitlines()[0]
+        raise HubError(
+            f"Trusted publishing failed: the Hub did not exchange this job's OIDC token for a token scoped to "
+            f"`{resource}` ({reason.strip().rstrip('.')}).",
+            fix=f"On the Hub, add this GitHub repository and workflow as a trusted publisher of `{resource}` (its "
+            "Settings, Trusted publishers: https://huggingface.co/docs/hub/trusted-publishers), and give the job "
+            "`permissions: id-token: write`; or use an `hf-token` instead.",
+        ) from e
+
+
 class Hub:
     """The Hugging Face Hub, through huggingface_hub's own client.
 
@@ -73,9 +97,9 @@ class Hub:
     """
 
     def __init__(self, *, token: str | None = None, endpoint: str | None = None) -> None:
-        from huggingface_hub import HfApi, get_token
+        from huggingface_hub import HfApi
 
-        self.token = token if token is not None else get_token() or None
+        self.token = token if token is not None else hub_token()
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
         self.api = HfApi(endpoint=self.endpoint, token=self.token or False, library_name="loraship",
                          library_version=__version__)  # fmt: skip

@@ -238,6 +238,8 @@ def load_jobs(path: Path, overrides: Mapping[str, Any] | None = None) -> dict[st
             raise ConfigError(
                 f"`{path}` line {lines.get((extra[0],), 1)}: unknown key `{extra[0]}` next to `jobs`.",
                 fix="Put every job's settings under `jobs: <name>:`.",
+                file=path,
+                line=lines.get((extra[0],), 1),
             )
         if not isinstance(jobs_data, dict) or not jobs_data:
             raise ConfigError(f"`{path}`: `jobs` holds no jobs.", fix="Add at least one job under `jobs:`.")
@@ -281,6 +283,8 @@ def read_yaml(path: Path, *, what: str, flag: str, name: str) -> tuple[Any, dict
         raise ConfigError(
             f"`{path}`{where} is not valid YAML: {getattr(e, 'problem', None) or e}.",
             fix="Fix the YAML syntax (indentation, colons, quotes) at that line.",
+            file=path,
+            line=mark.line + 1 if mark is not None else None,
         ) from e
 
 
@@ -288,9 +292,11 @@ def raise_problems(path: Path, problems: list[str], *, fix: str) -> None:
     """One ConfigError listing every problem, in line order."""
     if problems:
         problems.sort(key=lambda p: int(p.split(":")[0].removeprefix("line ")) if p.startswith("line ") else 0)
+        first = problems[0].split(":")[0]
         raise ConfigError(
-            f"`{path}` has {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems), fix=fix
-        )
+            f"`{path}` has {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems), fix=fix,
+            file=path, line=int(first.removeprefix("line ")) if first.startswith("line ") else None,
+        )  # fmt: skip
 
 
 def job_from_values(values: Mapping[str, Any], *, source: str = "the command line") -> MergeJob:
