@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from loraship.errors import ConfigError, InputError, LorashipError
+from loraship.errors import BUG_EXIT_CODE, ConfigError, InputError, LorashipError, known_failure, versions
 
 REPORT_NAME = "loraship-report.json"
 #: The inputs action.yml declares (tests check the two agree).
@@ -355,14 +355,20 @@ def main(env: Mapping[str, str] | None = None, out: IO[str] | None = None) -> in
         except LorashipError as github_error:
             cmd.error(github_error.title, github_error.message + f"\nFix: {github_error.fix}")
         return 1
-    except Exception:
+    except Exception as error:
+        known = known_failure(error)
+        if known is not None:  # the network: a known failure, not a bug
+            cmd.endgroup()
+            cmd.error(known.title, known.message + f"\nFix: {known.fix}")
+            write_summary(ctx, failure_summary(known))
+            return 1
         cmd.endgroup()
         details = traceback.format_exc()
         cmd.log(details)
         cmd.error("loraship crashed (a bug)", "An unexpected error stopped the action: see the log above, and "
-                  "please report it with the traceback.")  # fmt: skip
-        write_summary(ctx, "## loraship crashed (a bug)\n\n```\n" + details + "```\n")
-        return 2
+                  f"please report it with the traceback and these versions: {versions()}.")  # fmt: skip
+        write_summary(ctx, "## loraship crashed (a bug)\n\n```\n" + details + "```\n\n" + versions() + "\n")
+        return BUG_EXIT_CODE
 
 
 def _where(error: LorashipError, ctx: Context) -> tuple[str | None, int | None]:

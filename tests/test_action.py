@@ -288,7 +288,7 @@ def test_config_errors_are_annotated_with_file_and_line(seeded, hub_server, gith
     assert "::error file=loraship.yaml,line=3,title=Invalid configuration::" in run.stdout
 
 
-def test_a_bug_exits_2(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_bug_exits_70_with_the_versions(tmp_path: Path, monkeypatch, capsys) -> None:
     import io
 
     from entrypoint import action
@@ -300,7 +300,7 @@ def test_a_bug_exits_2(tmp_path: Path, monkeypatch, capsys) -> None:
     out = io.StringIO()
     env = {"INPUT_ADAPTER": "./adapter", "INPUT_OUTPUT-REPO": "dir:./out", "GITHUB_WORKSPACE": str(tmp_path),
            "GITHUB_STEP_SUMMARY": str(tmp_path / "summary")}  # fmt: skip
-    assert action.main(env, out) == 2
+    assert action.main(env, out) == 70
     assert "RuntimeError: boom" in out.getvalue()
     assert "::error title=loraship crashed (a bug)::An unexpected error stopped the action" in out.getvalue()
 

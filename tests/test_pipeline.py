@@ -477,3 +477,54 @@ def test_weights_are_those_of_peft_for_bf16(seeded, hub_server, model_cache, tmp
     assert code == 0, err
     folder = Path(snapshot_download("alice/m16", endpoint=seeded.url, token=TOKENS["alice"], cache_dir=tmp_path / "c"))
     assert_same_tensors(load_tensors(folder), peft_reference(base, adapter, tmp_path / "p", dtype=torch.bfloat16))
+
+
+def test_offline_mode_is_a_known_failure_not_a_bug(seeded, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    result = tmp_path / "result.json"
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged", "--result", result)
+    assert code == 1
+    assert err.endswith(
+        "Error: The Hugging Face Hub is not reachable: HF_HUB_OFFLINE is set, and the files are not in the local "
+        "cache.\n"
+        "Fix: Unset HF_HUB_OFFLINE (or set it to 0) to download, or pass local folders instead of repo ids.\n"
+    )
+    assert "bug" not in err
+    assert json.loads(result.read_text())["error"]["transient"] is False
+
+
+def test_unreachable_network_is_a_known_transient_failure(tmp_path: Path, capsys, monkeypatch) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", TOKENS["alice"])
+    result = tmp_path / "result.json"
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged", "--result", result)
+    assert code == 1
+    assert f"127.0.0.1:{port}" in err and "Error: Cannot reach" in err
+    assert "bug" not in err
+    assert json.loads(result.read_text())["error"]["transient"] is True
+
+
+def test_network_failures_from_any_library_are_known_and_bugs_are_not() -> None:
+    import requests
+
+    from loraship.errors import known_failure
+
+    assert known_failure(RuntimeError("upload failed")) is None  # not the network: a bug
+    wrapped = RuntimeError("upload failed")
+    wrapped.__cause__ = ConnectionError("xet: connection reset by peer")  # the xet uploader's error, chained
+    found = known_failure(wrapped)
+    assert found is not None and found.transient
+    assert found.message == "Cannot reach the network: ConnectionError (xet: connection reset by peer)."
+    request = requests.Request("GET", "https://huggingface.co/api/models/x").prepare()
+    dns = known_failure(requests.exceptions.ConnectionError("Name or service not known", request=request))
+    assert (
+        dns is not None and dns.message == "Cannot reach `huggingface.co`: ConnectionError (Name or service not known)."
+    )

@@ -1,5 +1,5 @@
 """``loraship verify``: passes on correct merges; fails, naming the check, on broken ones; bad input
-exits 2."""
+exits 1 with a message that says it could not verify."""
 
 from __future__ import annotations
 
@@ -258,13 +258,13 @@ def test_peft_merge_of_a_tied_model_fails_verification(model_cache, tmp_path: Pa
     assert "outputs: merge error / adapter effect" in failed(report)
 
 
-# --------------------------------------------------------------------------- could not verify: exit 2
+# --------------------------------------------------------------------------- could not verify: exit 1, said so
 
 
 def test_merged_folder_missing(llama_case, tmp_path: Path, capsys) -> None:
     base, adapter, _ = llama_case
     code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", tmp_path / "nope")
-    assert code == 2
+    assert code == 1
     assert err == (
         f"Error: The merged folder `{tmp_path / 'nope'}` does not exist.\n"
         "Fix: Pass --merged the folder `loraship merge --output` wrote.\n"
@@ -275,7 +275,7 @@ def test_merged_folder_without_weights(llama_case, capsys) -> None:
     base, adapter, merged = llama_case
     (merged / "model.safetensors").unlink()
     code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged)
-    assert code == 2
+    assert code == 1
     assert err == (
         f"Error: The merged folder `{merged}` is incomplete: it has no model.safetensors and no "
         "model.safetensors.index.json.\n"
@@ -287,7 +287,7 @@ def test_merged_folder_without_config(llama_case, capsys) -> None:
     base, adapter, merged = llama_case
     (merged / "config.json").unlink()
     code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged)
-    assert code == 2
+    assert code == 1
     assert err.startswith(f"Error: The merged folder `{merged}` is incomplete: it has no config.json.\n")
 
 
@@ -297,7 +297,7 @@ def test_merged_folder_missing_a_shard(model_cache, tmp_path: Path, capsys) -> N
     merge(base, adapter, tmp_path / "merged", max_shard_size="10KB", progress=False)
     (tmp_path / "merged" / "model-00002-of-00003.safetensors").unlink()
     code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", tmp_path / "merged")
-    assert code == 2
+    assert code == 1
     assert err == (
         f"Error: The merged folder `{tmp_path / 'merged'}` is incomplete: `{tmp_path / 'merged'}/"
         f"model.safetensors.index.json` lists 1 weight file(s) missing from `{tmp_path / 'merged'}`: "
@@ -310,7 +310,7 @@ def test_adapter_does_not_fit_base(llama_case, model_cache, tmp_path: Path, caps
     _, adapter, merged = llama_case
     gpt2 = model_cache(GPT2)
     code, _, err = run_verify(capsys, "--base", gpt2, "--adapter", adapter, "--merged", merged)
-    assert code == 2
+    assert code == 1
     assert err.startswith("Error: None of the 6 modules the adapter changes exist in the base model")
 
 
@@ -323,7 +323,7 @@ def test_bad_prompts_file(llama_case, tmp_path: Path, capsys, content) -> None:
     else:
         prompts.write_text(content)
     code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged, "--prompts", prompts)
-    assert code == 2
+    assert code == 1
     if content is None:
         assert err == (
             f"Error: Cannot read the prompts file `{prompts}`: Is a directory.\n"
@@ -343,7 +343,7 @@ def test_model_class_needing_remote_code(llama_case, capsys) -> None:
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.MyCustomForCausalLM"}
     (merged / "config.json").write_text(json.dumps(config))
     code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged)
-    assert code == 2
+    assert code == 1
     assert err == (
         f"Error: transformers cannot load the model class MyCustomForCausalLM of `{merged}` without running code "
         "from the model repo.\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from loraship import __version__
-from loraship.errors import LorashipError, VerificationFailed
+from loraship.errors import BUG_EXIT_CODE, LorashipError, known_failure, versions
 
 DTYPE_CHOICES = ("keep", "bfloat16", "float16", "float32")
 
@@ -138,19 +138,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_demo(args.workdir)
         raise AssertionError(args.command)  # pragma: no cover
     except LorashipError as e:
-        print(f"Error: {e.message}", file=sys.stderr)
-        if e.fix:
-            print(f"Fix: {e.fix}", file=sys.stderr)
-        if args.command == "verify" and not isinstance(e, VerificationFailed):
-            return 2  # verify: 1 means "does not match", 2 means "could not verify"
-        return e.exit_code
+        return _report(e)
     except KeyboardInterrupt:
         print("Interrupted: nothing was written.", file=sys.stderr)
         return 130
-    except Exception:
+    except Exception as e:
+        known = known_failure(e)
+        if known is not None:
+            return _report(known)
         traceback.print_exc()
-        print("Internal error: this is a bug in loraship. Please report it with the traceback above.", file=sys.stderr)
-        return 2
+        print(f"Internal error: this is a bug in loraship ({versions()}). Please report it with the traceback above "
+              "and these versions.", file=sys.stderr)  # fmt: skip
+        return BUG_EXIT_CODE
+
+
+def _report(e: LorashipError) -> int:
+    print(f"Error: {e.message}", file=sys.stderr)
+    if e.fix:
+        print(f"Fix: {e.fix}", file=sys.stderr)
+    return e.exit_code
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -246,9 +252,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             results.append(run(job, hub=hub, workdir=workdir, dry_run=args.dry_run, overwrite=args.overwrite,
                                progress=not args.quiet, log=log))  # fmt: skip
-        except LorashipError as e:  # the bot reads this to decide between retrying and giving up
+        except Exception as error:  # the bot reads this to decide between retrying and giving up
+            e = error if isinstance(error, LorashipError) else known_failure(error)
+            if e is None:
+                raise
             record({"job": job.name, "title": e.title, "message": e.message, "fix": e.fix, "transient": e.transient})
-            raise
+            raise e from (None if e is error else error)
         record()
     print(format_run_results(results))
     return 0

@@ -8,6 +8,7 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -115,3 +116,81 @@ def first_line(error: BaseException) -> str:
     """An exception's first line of text for a message (its type's name when it has none)."""
     lines = str(error).strip().splitlines()
     return lines[0] if lines else type(error).__name__
+
+
+#: Exit code of a bug (sysexits' EX_SOFTWARE): not 1 (a known failure) nor 2 (a usage error).
+BUG_EXIT_CODE = 70
+
+
+class NetworkError(HubError):
+    """The network failed (no connection, DNS, timeout, offline mode): known, and worth retrying."""
+
+    title = "Network error"
+
+
+def known_failure(error: BaseException) -> LorashipError | None:
+    """A failure that is not a bug although it is not a :class:`LorashipError`: the network (a
+    connection refused or dropped, DNS, a timeout, huggingface_hub's offline mode, the xet uploader's
+    ``ConnectionError``), said with the host and what to do. None for anything else."""
+    import socket
+
+    seen: BaseException | None = error
+    chain: list[BaseException] = []
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in chain:
+        kind = type(e).__name__
+        module = type(e).__module__
+        if kind == "OfflineModeIsEnabled" or (kind == "LocalEntryNotFoundError" and os.environ.get("HF_HUB_OFFLINE")):
+            return NetworkError(
+                "The Hugging Face Hub is not reachable: HF_HUB_OFFLINE is set, and the files are not in the local "
+                "cache.",
+                fix="Unset HF_HUB_OFFLINE (or set it to 0) to download, or pass local folders instead of repo ids.",
+                transient=False,
+            )
+        network = isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)) or (
+            module.split(".")[0] in ("requests", "httpx", "httpcore", "urllib3")
+            and any(word in kind for word in ("Connect", "Timeout", "Network", "Protocol", "ReadError", "Transport"))
+        )
+        if network:
+            host = _host_of(e)
+            return NetworkError(
+                f"Cannot reach {host}: {kind}" + (f" ({_first(e)})" if _first(e) else "") + ".",
+                fix="Check the network connection, proxy settings and HF_ENDPOINT, then run again (network failures "
+                "are retried by the bot).",
+                transient=True,
+            )
+    return None
+
+
+def _host_of(error: BaseException) -> str:
+    from urllib.parse import urlsplit
+
+    request = getattr(error, "request", None)
+    url = getattr(request, "url", None) if request is not None else None
+    try:
+        netloc = urlsplit(str(url)).netloc if url else ""
+    except ValueError:
+        netloc = ""
+    return f"`{netloc}`" if netloc else "the network"
+
+
+def _first(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def versions() -> str:
+    """``loraship 0.1.0, torch 2.13.0, …`` for bug reports."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name in ("loraship", "torch", "transformers", "peft", "huggingface_hub", "safetensors"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            parts.append(f"{name} (not installed)")
+    import platform
+
+    return ", ".join(parts) + f", Python {platform.python_version()}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loraship import __version__
-from loraship.errors import HubError
+from loraship.errors import HubError, known_failure
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -329,6 +329,10 @@ class Hub:
                 fix="Try again in a while; if it persists, check https://status.huggingface.co.",
                 transient=status is None or status >= 500 or status == 429,
             )
+        if type(error).__name__ == "OfflineModeIsEnabled":  # not the network: the user's setting
+            offline = known_failure(error)
+            assert isinstance(offline, HubError)
+            return offline
         if isinstance(error, (httpx.TransportError, ConnectionError, TimeoutError)):
             return HubError(
                 f"Cannot reach the Hub at {self.endpoint} to {target}: {type(error).__name__}.",
