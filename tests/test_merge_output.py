@@ -195,3 +195,19 @@ def test_classification_head_added_to_a_causal_lm_base(model_cache, tmp_path: Pa
         expected = PeftModel.from_pretrained(reference_model, str(tmp_path / "adapter")).eval()(**inputs).logits
         merged = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "out")).eval()
         torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_output_folder_gets_the_normal_umask_not_mkdtemps_0700(model_cache, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    base = model_cache(LLAMA)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    old = os.umask(0o022)
+    try:
+        merge(base, adapter, tmp_path / "merged", progress=False)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755  # a server running as another user reads it
+    for f in (tmp_path / "merged").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, f.name

@@ -528,3 +528,25 @@ def test_network_failures_from_any_library_are_known_and_bugs_are_not() -> None:
     assert (
         dns is not None and dns.message == "Cannot reach `huggingface.co`: ConnectionError (Name or service not known)."
     )
+
+
+def test_quiet_silences_every_libraries_progress_bars(model_cache, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from loraship.tiny import build_adapter
+
+    base = model_cache(LLAMA)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+
+    def run(out: str, *extra: str) -> str:
+        cmd = [sys.executable, "-m", "loraship", "run", "--adapter", str(adapter), "--base", str(base), "--output",
+               f"dir:{tmp_path / out}", *extra]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    assert "%|" in run("loud")  # transformers' "Loading weights" bars, without --quiet
+    assert "%|" not in run("quiet", "--quiet")

@@ -367,3 +367,26 @@ def test_tokenizer_needing_remote_code_is_a_clear_error(llama_case) -> None:
         "If you trust the repo, pass --trust-remote-code (`trust_remote_code: true` in loraship.yaml); otherwise "
         "verify with --weights-only."
     )
+
+
+def test_exact_weights_failing_a_bf16_output_check_say_it_is_rounding(model_cache, tmp_path: Path, capsys) -> None:
+    """An exact merge must not be told to "merge again" when only the half-precision outputs differ."""
+    base = model_cache(LLAMA)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    main(["merge", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "m"), "--dtype",
+          "bfloat16", "--quiet"])  # fmt: skip
+    code, _, err = run_verify(  # a zero error budget: bf16 rounding alone fails it
+        capsys, "--base", base, "--adapter", adapter, "--merged", tmp_path / "m", "--max-error-ratio", "0",
+        "--generation-tokens", "2",
+    )  # fmt: skip
+    assert code == 1
+    assert err.startswith(
+        "Error: The merged weights are exact (every changed tensor bit-identical to base + adapter), but the output "
+        "check in bfloat16 failed: outputs: merge error / adapter effect"
+    )
+    assert "The difference is bfloat16 rounding in the check (the larger the adapter's effect, the larger it is), not "\
+           "a wrong merge.\n" in err  # fmt: skip
+    assert err.endswith(
+        "Fix: Run the output check in float32 (`--dtype float32`; in loraship.yaml `verify: {dtype: float32}`), or "
+        "relax its thresholds for this adapter (`--max-error-ratio`, `--min-top1`).\n"
+    )

@@ -118,6 +118,8 @@ def _inputs(p: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``loraship`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     try:
         if args.command == "plan":
             return cmd_plan(args)
@@ -150,6 +152,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Internal error: this is a bug in loraship ({versions()}). Please report it with the traceback above "
               "and these versions.", file=sys.stderr)  # fmt: skip
         return BUG_EXIT_CODE
+
+
+def quiet_libraries() -> None:
+    """``--quiet``: no progress bar from huggingface_hub (downloads, uploads) or transformers (loads)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # child processes and libraries imported later
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _report(e: LorashipError) -> int:

@@ -283,11 +283,19 @@ def _write_errors(output: Path) -> Iterator[None]:
         ) from e
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it, then restored)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_folder(output: Path, *, overwrite: bool) -> Iterator[Path]:
     """A temporary folder beside ``output`` that becomes ``output`` only if the block succeeds."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}{_PARTIAL_MARK}", dir=output.parent))
+    tmp.chmod(0o777 & ~current_umask())  # not mkdtemp's 0700: a server running as another user must read it
     try:
         yield tmp
     except BaseException:

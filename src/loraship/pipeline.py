@@ -27,6 +27,7 @@ from loraship.adapter import CONFIG_NAME as ADAPTER_CONFIG
 from loraship.adapter import PICKLE_NAME, WEIGHTS_NAME
 from loraship.errors import AdapterError, BaseModelError, HubError, OutputError
 from loraship.hub import CommitConflict, Hub, Publication, RepoState
+from loraship.merge import current_umask
 from loraship.plan import CODE_NAMES
 from loraship.quantized import check_base
 from loraship.repo_files import CARD_NAME, CHAT_TEMPLATE_FILES, TOKENIZER_FILES, WEIGHT_DIRS, WEIGHT_SUFFIXES
@@ -305,6 +306,7 @@ class _Run:
             try:
                 parent.mkdir(parents=True, exist_ok=True)
                 probe = Path(tempfile.mkdtemp(prefix=f".{final.name}.loraship-staging-", dir=parent))
+                probe.chmod(0o777 & ~current_umask())
             except OSError as e:
                 raise OutputError(
                     f"The output folder `{final}` cannot be written: {e.strerror or e}.",

@@ -529,6 +529,21 @@ def write_report(report: VerifyReport, *, json_path: Path | None, markdown_path:
 def raise_if_failed(report: VerifyReport) -> None:
     """Raise :class:`VerificationFailed`, carrying the report, unless every check passed."""
     if not report.passed:
+        weights_exact = all(c.passed is not False for c in report.checks if c.level == "weights")
+        half = report.outputs is not None and report.outputs.dtype in ("bfloat16", "float16")
+        if weights_exact and half:  # the merge is exact: the outputs differ by half-precision rounding
+            assert report.outputs is not None
+            dtype = report.outputs.dtype
+            error = VerificationFailed(
+                f"The merged weights are exact (every changed tensor bit-identical to base + adapter), but the "
+                f"output check in {dtype} failed: " + "; ".join(report.failed_checks) + f". The difference is "
+                f"{dtype} rounding in the check (the larger the adapter's effect, the larger it is), not a wrong "
+                "merge.",
+                fix="Run the output check in float32 (`--dtype float32`; in loraship.yaml `verify: {dtype: float32}`), "
+                "or relax its thresholds for this adapter (`--max-error-ratio`, `--min-top1`).",
+            )
+            error.report = report
+            raise error
         error = VerificationFailed(
             "The merged model does not match base + adapter: " + "; ".join(report.failed_checks) + ".",
             fix="Do not publish it. Merge again with `loraship merge` (and check that the adapter and base are "
