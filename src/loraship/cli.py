@@ -157,9 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def quiet_libraries() -> None:
     """``--quiet``: no progress bar from huggingface_hub (downloads, uploads) or transformers (loads)."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # child processes and libraries imported later
-    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub import utils as hf_utils
 
-    disable_progress_bars()
+    hf_utils.disable_progress_bars()  # type: ignore[attr-defined]  # exported lazily
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 
