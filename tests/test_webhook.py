@@ -60,7 +60,7 @@ def config(**executor: Any) -> BotConfig:
 class Running:
     def __init__(self, bot: Bot, url: str) -> None:
         self.bot, self.url = bot, url
-        self.client = httpx.Client(base_url=url, timeout=30)
+        self.client = httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {SECRET}"})
 
     def deliver(self, body: Any, *, secret: str | None = SECRET, raw: bytes | None = None) -> httpx.Response:
         headers = {"Content-Type": "application/json"}
@@ -631,3 +631,15 @@ def test_bot_yaml_errors_name_key_and_line(tmp_path: Path) -> None:
         "  line 5: `dtype`: input should be 'keep', 'bfloat16', 'float16' or 'float32' (got 'int4') (in the job of "
         "watch entry 1)"
     )
+
+
+def test_jobs_listing_needs_the_webhook_secret(start_bot_once) -> None:  # type: ignore[no-untyped-def]
+    """/jobs names repos (private ones too) and their failures: not for anyone who finds the URL."""
+    bot = start_bot_once
+    anonymous = httpx.Client(base_url=bot.url, timeout=30)
+    response = anonymous.get("/jobs")
+    assert response.status_code == 401
+    assert response.json()["error"] == "/jobs needs `Authorization: Bearer <the webhook secret>`"
+    wrong = anonymous.get("/jobs/x", headers={"Authorization": "Bearer nope"})
+    assert (wrong.status_code, wrong.json()["error"]) == (403, "wrong bearer token (use the webhook secret)")
+    assert bot.client.get("/jobs").status_code == 200

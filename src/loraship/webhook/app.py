@@ -68,12 +68,27 @@ def create_app(bot: Bot, secret: str) -> FastAPI:
         jobs = bot.accept(triggers)
         return JSONResponse({"status": "accepted", "jobs": jobs}, status_code=202)
 
-    @app.get("/jobs")
-    def jobs() -> dict[str, Any]:
+    def denied(request: Request) -> JSONResponse | None:
+        """/jobs names repos (private ones too) and failures: only for who holds the webhook secret."""
+        given = request.headers.get("authorization", "")
+        if not given.startswith("Bearer "):
+            return _error(401, "/jobs needs `Authorization: Bearer <the webhook secret>`")
+        if not hmac.compare_digest(given.removeprefix("Bearer ").encode(), secret.encode()):
+            return _error(403, "wrong bearer token (use the webhook secret)")
+        return None
+
+    @app.get("/jobs", response_model=None)
+    def jobs(request: Request) -> dict[str, Any] | JSONResponse:
+        refused = denied(request)
+        if refused is not None:
+            return refused
         return {"jobs": [job.to_json() for job in bot.queue.list()]}
 
     @app.get("/jobs/{job_id}")
-    def job(job_id: str) -> JSONResponse:
+    def job(job_id: str, request: Request) -> JSONResponse:
+        refused = denied(request)
+        if refused is not None:
+            return refused
         found = bot.queue.get(job_id)
         if found is None:
             return _error(404, f"no job {job_id}")
