@@ -272,6 +272,7 @@ class FakeHub:
             fault = hub._take_fault(request.method, request.url.path)
             if fault is None:
                 return await call_next(request)
+            await request.body()  # the whole request first: a hook that kills the client must not cut it short
             if fault.hook is not None:
                 fault.hook()
             if fault.action == "drop":  # declares 1000 bytes, sends 2: the client sees the connection break
