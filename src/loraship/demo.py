@@ -19,9 +19,16 @@ def run_demo(workdir: Path | None = None) -> int:
     """Run the demo in ``workdir`` (a temporary folder when None); returns the exit code."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="loraship-demo-") as tmp:
-            return _run(Path(tmp))
+            code = _run(Path(tmp))
+        print(f"\nThe files were in a temporary folder ({tmp}), now deleted: pass --workdir DIR to keep them.")
+        return code
     workdir.mkdir(parents=True, exist_ok=True)
-    return _run(workdir)
+    code = _run(workdir)
+    print(
+        f"\nKept in {workdir}: base/, adapter/ and merged/ (try `loraship plan --base {workdir / 'base'} "
+        f"--adapter {workdir / 'adapter'}`)."
+    )
+    return code
 
 
 def _run(work: Path) -> int:

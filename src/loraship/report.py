@@ -10,12 +10,29 @@ if TYPE_CHECKING:
     from loraship.pipeline import RunResult
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A left-aligned text table."""
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], *, width: int = 100, wrap: Sequence[int] = ()
+) -> str:
+    """A left-aligned text table; the ``wrap`` columns are wrapped so that lines fit ``width``."""
+    import textwrap
+
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    floor = {i: max(12, len(str(headers[i]))) for i in wrap}
+    while sum(widths) + 2 * (len(widths) - 1) > width:
+        shrinkable = [i for i in wrap if widths[i] > floor[i]]
+        if not shrinkable:
+            break
+        widest = max(shrinkable, key=lambda i: widths[i])
+        widths[widest] -= 1
+    lines: list[str] = []
+    for n, row in enumerate(cells):
+        parts = [textwrap.wrap(c, widths[i]) or [""] if i in wrap else [c] for i, c in enumerate(row)]
+        for k in range(max(len(p) for p in parts)):
+            line = [(p[k] if k < len(p) else "").ljust(w) for p, w in zip(parts, widths, strict=True)]
+            lines.append("  ".join(line).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
@@ -41,7 +58,7 @@ def format_plan(prepared: PreparedMerge, *, show_all: bool = False) -> str:
         + (", DoRA" if adapter.use_dora else "")
         + f"; {len(adapter.tensors)} tensors)",
         "",
-        table(("tensor", "shape", "dtype", "change"), rows) if rows else "No tensor changes.",
+        table(("tensor", "shape", "dtype", "change"), rows, wrap=(3,)) if rows else "No tensor changes.",
         "",
         f"{len(plan.changed)} of {len(plan.tensors)} output tensors change; "
         f"{len(plan.tensors) - len(plan.changed)} are copied unchanged. Output: {human_bytes(plan.total_bytes)}.",

@@ -503,7 +503,7 @@ def render_text(report: VerifyReport) -> str:
         (c.level, c.name, "pass" if c.passed else ("FAIL" if c.passed is False else "info"), c.measured, c.required)
         for c in report.checks
     ]
-    out = [table(("level", "check", "result", "measured", "required"), rows)]
+    out = [table(("level", "check", "result", "measured", "required"), rows, wrap=(1, 3, 4))]
     for c in report.checks:
         if c.passed is False and c.detail:
             out.append(f"{c.name}: {c.detail}")
