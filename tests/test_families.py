@@ -141,6 +141,8 @@ QWEN3_MOE = {"model_type": "qwen3_moe", **MOE_TEXT, "intermediate_size": 24, "mo
 QWEN2_MOE = {"model_type": "qwen2_moe", **MOE_TEXT, "intermediate_size": 24, "moe_intermediate_size": 12,
              "shared_expert_intermediate_size": 20, "num_experts": 4}  # fmt: skip
 MIXTRAL = {"model_type": "mixtral", **MOE_TEXT, "intermediate_size": 12, "num_local_experts": 4}
+PHIMOE = {"model_type": "phimoe", **MOE_TEXT, "intermediate_size": 12, "num_local_experts": 4}
+OLMOE = {"model_type": "olmoe", **MOE_TEXT, "intermediate_size": 12, "num_experts": 4}
 DEEPSEEK_V3 = {
     "model_type": "deepseek_v3", **MOE_TEXT, "intermediate_size": 24, "moe_intermediate_size": 12,
     "n_routed_experts": 4, "n_shared_experts": 1, "first_k_dense_replace": 0, "n_group": 1, "topk_group": 1,
@@ -189,6 +191,10 @@ FAMILIES = [
     Family("gemma4-moe-experts", GEMMA4_MOE, "AutoModelForCausalLM",
            {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"], "target_modules": ["q_proj"]},
            experts_changed=2),
+    Family("phimoe-router-renamed-from-gate", PHIMOE, "AutoModelForCausalLM",
+           {"target_parameters": [*EXPERTS, "mlp.router.weight"], "target_modules": ["q_proj"]}, experts_changed=12),
+    Family("olmoe-experts", OLMOE, "AutoModelForCausalLM",
+           {"target_parameters": EXPERTS, "target_modules": ["q_proj"]}, experts_changed=12),
     Family("glm4-moe-down-proj-only", GLM4_MOE, "AutoModelForCausalLM",
            {"target_parameters": ["mlp.experts.down_proj"], "target_modules": ["q_proj"]}, experts_changed=4),
     Family("qwen3-vl-moe-experts-stored-transposed", QWEN3_VL_MOE, "Qwen3VLMoeForConditionalGeneration",
