@@ -107,33 +107,52 @@ class FusedParam:
         return slice_shape, placed
 
 
-def fused_params(model: Any, names: Iterable[str]) -> dict[str, FusedParam]:
-    """The parameters of ``model`` (built on the meta device) that transformers fuses from the
-    checkpoint tensors ``names``, with the per-expert tensors each is built from, in its order."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import (
-        Concatenate,
-        MergeModulelist,
-        Transpose,
-        WeightConverter,
-        WeightRenaming,
-        dot_natural_key,
-        rename_source_key,
-    )
+@dataclass(frozen=True)
+class ConversionRules:
+    """transformers' checkpoint-key renamings and converters for one model class, as
+    ``from_pretrained`` applies them, and the model's parameter shapes (meta device)."""
 
-    mapping = get_model_conversion_mapping(model)
-    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-    converters = [t for t in mapping if isinstance(t, WeightConverter)]
-    prefix = model.base_model_prefix
-    meta_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    meta = dict.fromkeys(meta_shapes, True)
+    renamings: tuple[Any, ...]
+    converters: tuple[Any, ...]
+    prefix: str
+    shapes: Mapping[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, model: Any) -> ConversionRules:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        mapping = get_model_conversion_mapping(model)
+        return cls(
+            renamings=tuple(t for t in mapping if isinstance(t, WeightRenaming)),
+            converters=tuple(t for t in mapping if isinstance(t, WeightConverter)),
+            prefix=model.base_model_prefix,
+            shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
+        )
+
+    def rename(self, key: str, *, convert: bool = True) -> tuple[str, str | None]:
+        """The model name of checkpoint ``key``, and the converter source pattern it matched (None: renamed only)."""
+        from transformers.core_model_loading import rename_source_key
+
+        meta = dict.fromkeys(self.shapes, True)
+        renamings, converters = (list(self.renamings), list(self.converters)) if convert else ([], [])
+        renamed, pattern = rename_source_key(key, renamings, converters, self.prefix, meta)
+        return str(renamed), pattern
+
+
+def fused_params(rules: ConversionRules, names: Iterable[str]) -> dict[str, FusedParam]:
+    """The parameters transformers fuses from the checkpoint tensors ``names`` (``rules`` of the
+    model class), with the per-expert tensors each is built from, in its order."""
+    from transformers.core_model_loading import Concatenate, MergeModulelist, Transpose, dot_natural_key
+
+    meta_shapes = rules.shapes
     found: dict[str, dict[int, list[str]]] = {}
     converter_of: dict[str, Any] = {}
     for key in names:
-        target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        target, pattern = rules.rename(key)
         if pattern is None:
             continue
-        converter = next(c for c in converters if pattern in c.source_patterns)
+        converter = next(c for c in rules.converters if pattern in c.source_patterns)
         found.setdefault(target, {}).setdefault(converter.source_patterns.index(pattern), []).append(key)
         converter_of[target] = converter
     fused: dict[str, FusedParam] = {}
@@ -147,7 +166,7 @@ def fused_params(model: Any, names: Iterable[str]) -> dict[str, FusedParam]:
         concat: int | None = None
         refusal = None
         transpose = None
-        if len(ops) == 1 and isinstance(ops[0], Transpose) and len(patterns) == 1 and target in meta:
+        if len(ops) == 1 and isinstance(ops[0], Transpose) and len(patterns) == 1 and target in meta_shapes:
             shape = tuple(meta_shapes[target])
             if len(shape) == 3 and {ops[0].dim0, ops[0].dim1} == {1, 2}:
                 transpose = (shape, bool(ops[0].check_dims))
@@ -158,7 +177,7 @@ def fused_params(model: Any, names: Iterable[str]) -> dict[str, FusedParam]:
         elif transpose is None and not (stacks and len(ops) == 1 and len(patterns) == 1):
             refusal = " then ".join(_describe_op(op) for op in ops)
         counts = {len(s) for s in sources}
-        if refusal is None and target not in meta:
+        if refusal is None and target not in meta_shapes:
             refusal = f"a target `{target}` the model does not have"
         elif refusal is None and (len(counts) != 1 or 0 in counts):
             refusal = "a different number of experts per part: " + ", ".join(

@@ -175,7 +175,7 @@ def expert_slice_delta(
     For a parameter transformers fuses from per-expert tensors: the merge never holds the whole
     stack's delta. ``tests/test_lora_math.py`` checks it is bit-identical to the whole einsum.
     """
-    a32 = a.float().reshape(experts, -1, a.shape[-1])[expert : expert + 1]
-    b32 = b.float().reshape(b.shape[0], -1, experts)[:, :, expert : expert + 1]
+    a32 = a.reshape(experts, -1, a.shape[-1])[expert : expert + 1].float()  # one expert's rows, not all of A
+    b32 = b.reshape(b.shape[0], -1, experts)[:, :, expert : expert + 1].float()
     pattern = "o r e, e r i -> e i o" if transposed else "o r e, e r i -> e o i"
     return (torch.einsum(pattern, b32, a32) * scale)[0]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraship.conversions import FusedParam, fused_params
+from loraship.conversions import ConversionRules, FusedParam, fused_params
 
 #: PEFT task types and the transformers Auto class PeftModel uses for each (PEFT's own mapping).
 TASK_AUTO_CLASSES = {
@@ -152,7 +152,8 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
     model = build_meta_model(folder, class_name)
     names = list(checkpoint_names)
     params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    to_model = key_renamer(model)
+    rules = ConversionRules.of(model)
+    to_model = key_renamer(model, rules)
     stored: dict[str, str] = {}
     for key in names:
         target = to_model(key)
@@ -180,7 +181,7 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
         params=tuple(params),
         stored=stored,
         saved_as=saved_as,
-        fused=fused_params(model, names),
+        fused=fused_params(rules, names),
         groups=groups,
         untied_groups=untied,
         untie_by_config=by_config,
@@ -191,23 +192,16 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
     )
 
 
-def key_renamer(model: Any) -> Any:
+def key_renamer(model: Any, rules: ConversionRules | None = None) -> Any:
     """checkpoint key -> model parameter name, exactly as ``from_pretrained`` renames keys."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    mapping = get_model_conversion_mapping(model)
-    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-    converters = [t for t in mapping if isinstance(t, WeightConverter)]
-    prefix = model.base_model_prefix
-    meta = dict.fromkeys(model.state_dict(), True)
+    rules = rules or ConversionRules.of(model)
 
     def to_model(key: str) -> str:
         """The parameter name; for a key a converter fuses with others (MoE experts), ``name#converted``."""
-        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta)
-        if renamed not in meta and key in meta:
-            renamed, pattern = rename_source_key(key, [], [], prefix, meta)
-        return f"{renamed}#converted" if pattern is not None else str(renamed)
+        renamed, pattern = rules.rename(key)
+        if renamed not in rules.shapes and key in rules.shapes:
+            renamed, pattern = rules.rename(key, convert=False)
+        return f"{renamed}#converted" if pattern is not None else renamed
 
     return to_model
 

@@ -28,9 +28,9 @@ from loraship.adapter import PICKLE_NAME, WEIGHTS_NAME
 from loraship.errors import AdapterError, BaseModelError, HubError, OutputError
 from loraship.hub import CommitConflict, Hub, Publication, RepoState
 from loraship.merge import current_umask
-from loraship.plan import CODE_NAMES
 from loraship.quantized import check_base
 from loraship.repo_files import CARD_NAME, CHAT_TEMPLATE_FILES, TOKENIZER_FILES, WEIGHT_DIRS, WEIGHT_SUFFIXES
+from loraship.safetensors_io import CODE_NAMES
 from loraship.spec import MergeJob, Source
 
 Status = Literal["published", "already-published", "written", "dry-run"]

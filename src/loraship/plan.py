@@ -22,11 +22,7 @@ from loraship.heads import head_config
 from loraship.layouts import Layout, Layouts, place_fused
 from loraship.model_map import ModelMap
 from loraship.quantized import check_base, dequantized
-from loraship.safetensors_io import FLOAT_CODES, Checkpoint, TensorInfo, nbytes_of
-
-DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
-CODE_NAMES = {v: k for k, v in DTYPE_NAMES.items()}
-
+from loraship.safetensors_io import DTYPE_NAMES, FLOAT_CODES, Checkpoint, TensorInfo, nbytes_of
 
 # --------------------------------------------------------------------------- steps
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from loraship.errors import BaseModelError
-from loraship.safetensors_io import Checkpoint, TensorInfo
+from loraship.safetensors_io import CODE_NAMES, DTYPE_NAMES, Checkpoint, TensorInfo
 
 if TYPE_CHECKING:
     from loraship.plan import TensorPlan
@@ -77,8 +77,8 @@ def packed_view(base: Checkpoint, config: Mapping[str, Any]) -> Checkpoint:
 
 def output_code(config: Mapping[str, Any], out_code: str | None) -> str:
     """The dtype code a dequantized tensor is written in: ``--dtype``, else the config's, else BF16."""
-    names = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-    return out_code or names.get(str(config.get("dtype") or config.get("torch_dtype")), "BF16")
+    code = DTYPE_NAMES.get(str(config.get("dtype") or config.get("torch_dtype")), "BF16")
+    return out_code or ("BF16" if code == "F64" else code)
 
 
 #: The 16 values of an E2M1 (FP4) nibble, as transformers' ``FP4_VALUES``.
@@ -217,10 +217,9 @@ def dequantized(
         out.append(t)
     count = sum(1 for t in out if t.scale is not None)
     how = "Mxfp4Config" if method(config) == "mxfp4" else "FineGrainedFP8Config"
-    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
     note = (
         f"The base is quantized ({describe(config)}): its {count} quantized weights are dequantized as transformers "
-        f"dequantizes them ({how}(dequantize=True)) and written in {names.get(code, code)}, with the adapter merged "
-        "in; config.json loses its quantization_config."
+        f"dequantizes them ({how}(dequantize=True)) and written in {CODE_NAMES.get(code, code)}, with the adapter "
+        "merged in; config.json loses its quantization_config."
     )
     return out, note

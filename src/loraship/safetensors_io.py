@@ -48,6 +48,9 @@ _TORCH_NAMES: dict[str, str] = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }  # fmt: skip
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+#: torch dtype names <-> safetensors codes, for the floating-point dtypes users name.
+DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+CODE_NAMES = {v: k for k, v in DTYPE_NAMES.items()}
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -24,8 +24,16 @@ from loraship.errors import InputError, LorashipError, VerificationFailed, first
 from loraship.merge import PreparedMerge, prepare_merge
 from loraship.oracle import OracleReport
 from loraship.output_check import OutputReport, Prompt, Thresholds, check_outputs, model_class
-from loraship.plan import CODE_NAMES, LoraStep, TensorPlan
-from loraship.safetensors_io import FLOAT_CODES, Checkpoint, TensorInfo, TensorReader, read_checkpoint, weight_files
+from loraship.plan import LoraStep, TensorPlan
+from loraship.safetensors_io import (
+    CODE_NAMES,
+    FLOAT_CODES,
+    Checkpoint,
+    TensorInfo,
+    TensorReader,
+    read_checkpoint,
+    weight_files,
+)
 
 _COMPARE_CHUNK = 16 << 20
 
