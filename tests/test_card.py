@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from huggingface_hub import ModelCard
 
 from loraship import __version__
 from loraship.adapter import PREFIX, parse_adapter
-from loraship.card import CardInputs, lora_summary, modules_summary, render_card
+from loraship.card import (
+    CardInputs,
+    adapter_description,
+    auto_class,
+    lora_summary,
+    modules_summary,
+    pipeline_tag,
+    render_card,
+)
 from loraship.safetensors_io import TensorInfo
 from loraship.spec import MergeJob
 
@@ -68,3 +78,48 @@ def test_summaries() -> None:
     spec = card_inputs().spec
     assert lora_summary(spec) == "r = 16, alpha = 32, scale = 8 (rsLoRA)"
     assert modules_summary(spec) == "`model.layers.*.self_attn.q_proj` ×2, `model.layers.*.self_attn.v_proj` ×2"
+
+
+def test_peft_unfilled_card_is_left_out_and_a_filled_one_keeps_only_what_it_says(tmp_path: Path) -> None:
+    from loraship import tiny
+
+    base = tiny.build_model(tmp_path / "base", dict(tiny.TINY_LLAMA))
+    peft_card = (tiny.build_adapter(base, tmp_path / "adapter") / "README.md").read_text()
+    assert peft_card.count("[More Information Needed]") > 30  # PEFT's save_pretrained wrote the template
+    assert adapter_description(peft_card) == ""
+    card = render_card(replace(card_inputs(), adapter_text=peft_card))
+    assert "About the adapter" not in card and "More Information" not in card
+    assert "[org/chat-lora](https://huggingface.co/org/chat-lora)" in card  # linked either way
+
+    filled = peft_card.replace(
+        "<!-- Provide a quick summary of what the model is/does. -->", "A German support-chat adapter."
+    ).replace("- **Developed by:** [More Information Needed]", "- **Developed by:** Acme")
+    assert adapter_description(filled) == (
+        "A German support-chat adapter.\n\n### Model Details\n\n#### Model Description\n\n- **Developed by:** Acme"
+    )
+
+
+@pytest.mark.parametrize(
+    ("architecture", "tag", "auto"),
+    [
+        ("LlamaForCausalLM", "text-generation", "AutoModelForCausalLM"),
+        ("Qwen3MoeForCausalLM", "text-generation", "AutoModelForCausalLM"),
+        ("Qwen2VLForConditionalGeneration", "image-text-to-text", "AutoModelForImageTextToText"),
+        ("Gemma3ForConditionalGeneration", "image-text-to-text", "AutoModelForImageTextToText"),
+        ("WhisperForConditionalGeneration", "automatic-speech-recognition", "AutoModelForSpeechSeq2Seq"),
+        ("T5ForConditionalGeneration", "text2text-generation", "AutoModelForSeq2SeqLM"),
+        ("BertForSequenceClassification", "text-classification", "AutoModelForSequenceClassification"),
+        ("LlamaModel", None, "AutoModel"),
+    ],
+)
+def test_pipeline_tag_and_auto_class_follow_transformers_auto_mappings(
+    architecture: str, tag: str | None, auto: str
+) -> None:
+    config = {"architectures": [architecture]}
+    assert (pipeline_tag(config), auto_class(config)) == (tag, auto)
+
+
+def test_languages_come_from_the_adapter_the_job_and_the_base(tmp_path: Path) -> None:
+    inputs = replace(card_inputs(), base_card={"license": "apache-2.0", "language": ["en", "fr"]})
+    (tmp_path / "README.md").write_text(render_card(inputs))
+    assert ModelCard.load(tmp_path / "README.md").data.to_dict()["language"] == ["de", "en", "fr"]

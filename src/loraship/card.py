@@ -10,9 +10,10 @@ verification report, a usage snippet, how to reproduce it, and the adapter card'
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -20,25 +21,25 @@ from typing import Any
 from loraship import __version__
 from loraship.adapter import AdapterSpec
 
-_PIPELINES = {
-    "ForCausalLM": "text-generation",
-    "LMHeadModel": "text-generation",
-    "ForSequenceClassification": "text-classification",
-    "ForTokenClassification": "token-classification",
-    "ForQuestionAnswering": "question-answering",
-    "ForMaskedLM": "fill-mask",
-    "ForImageClassification": "image-classification",
-    "ForConditionalGeneration": "text2text-generation",
-}
-_AUTO_CLASSES = {
-    "ForCausalLM": "AutoModelForCausalLM",
-    "LMHeadModel": "AutoModelForCausalLM",
-    "ForSequenceClassification": "AutoModelForSequenceClassification",
-    "ForTokenClassification": "AutoModelForTokenClassification",
-    "ForQuestionAnswering": "AutoModelForQuestionAnswering",
-    "ForMaskedLM": "AutoModelForMaskedLM",
-    "ForImageClassification": "AutoModelForImageClassification",
-}
+# transformers' auto-model mappings, most specific task first, with the Hub's pipeline tag for each:
+# an architecture takes the first mapping that lists it (Gemma3ForConditionalGeneration is in the
+# causal-LM mapping too, but it reads images: image-text-to-text).
+_TASKS = (
+    ("SPEECH_SEQ_2_SEQ", "automatic-speech-recognition", "AutoModelForSpeechSeq2Seq"),
+    ("CTC", "automatic-speech-recognition", "AutoModelForCTC"),
+    ("IMAGE_TEXT_TO_TEXT", "image-text-to-text", "AutoModelForImageTextToText"),
+    ("VISUAL_QUESTION_ANSWERING", "visual-question-answering", "AutoModelForVisualQuestionAnswering"),
+    ("SEQ_TO_SEQ_CAUSAL_LM", "text2text-generation", "AutoModelForSeq2SeqLM"),
+    ("CAUSAL_LM", "text-generation", "AutoModelForCausalLM"),
+    ("SEQUENCE_CLASSIFICATION", "text-classification", "AutoModelForSequenceClassification"),
+    ("TOKEN_CLASSIFICATION", "token-classification", "AutoModelForTokenClassification"),
+    ("QUESTION_ANSWERING", "question-answering", "AutoModelForQuestionAnswering"),
+    ("MASKED_LM", "fill-mask", "AutoModelForMaskedLM"),
+    ("IMAGE_CLASSIFICATION", "image-classification", "AutoModelForImageClassification"),
+    ("AUDIO_CLASSIFICATION", "audio-classification", "AutoModelForAudioClassification"),
+    ("TEXT_TO_WAVEFORM", "text-to-speech", "AutoModelForTextToWaveform"),
+    ("OBJECT_DETECTION", "object-detection", "AutoModelForObjectDetection"),
+)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def render_card(c: CardInputs) -> str:
     metadata: dict[str, Any] = {}
     if license_name == "other":
         metadata.update({k: base_card[k] for k in ("license_name", "license_link") if k in base_card})
-    languages = _unique([*_listed(adapter_card.get("language")), *c.language])
+    languages = _unique([*_listed(adapter_card.get("language")), *c.language, *_listed(base_card.get("language"))])
     datasets = _listed(adapter_card.get("datasets"))
     card_data = ModelCardData(
         base_model=c.base if c.base_is_hub else None,
@@ -139,19 +140,32 @@ def render_card(c: CardInputs) -> str:
         has_tokenizer=c.has_tokenizer,
         job_yaml=c.job_yaml,
         extra=(c.extra or "").strip(),
-        adapter_text=_strip_title(c.adapter_text),
+        adapter_text=adapter_description(c.adapter_text),
     )
     return str(card.content).rstrip() + "\n"
 
 
 def pipeline_tag(config: Mapping[str, Any]) -> str | None:
-    arch = str((config.get("architectures") or [""])[0])
-    return next((tag for suffix, tag in _PIPELINES.items() if arch.endswith(suffix)), None)
+    """The Hub's pipeline tag for the model's architecture, from transformers' auto-model mappings."""
+    task = _task(config)
+    return task[1] if task else None
 
 
 def auto_class(config: Mapping[str, Any]) -> str:
+    """The transformers Auto class that loads the architecture (``AutoModel`` when no task lists it)."""
+    task = _task(config)
+    return task[2] if task else "AutoModel"
+
+
+def _task(config: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    from transformers.models.auto import modeling_auto
+
     arch = str((config.get("architectures") or [""])[0])
-    return next((cls for suffix, cls in _AUTO_CLASSES.items() if arch.endswith(suffix)), "AutoModel")
+    for task in _TASKS:
+        names = getattr(modeling_auto, f"MODEL_FOR_{task[0]}_MAPPING_NAMES", {})
+        if any(arch == v or (isinstance(v, tuple) and arch in v) for v in names.values()):
+            return task
+    return None
 
 
 def lora_summary(spec: AdapterSpec) -> str:
@@ -200,13 +214,55 @@ def _unique(values: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def _strip_title(text: str) -> str:
-    """The adapter card's body, without its metadata block and first heading, headings demoted."""
+def adapter_description(text: str) -> str:
+    """What the adapter's card says beyond the unfilled template, without metadata or title, headings demoted.
+
+    PEFT's ``save_pretrained`` writes huggingface_hub's model card template with every field left as
+    "[More Information Needed]". Lines of that template, HTML comments and PEFT's "Framework
+    versions" stamp are dropped; a heading stays only when something under it is left.
+    """
     body = text
     if body.startswith("---"):
         end = body.find("\n---", 3)
         body = body[end + 4 :] if end != -1 else body
+    body = re.sub(r"<!--.*?-->", "", body, flags=re.DOTALL)
     lines = body.strip().splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
-    return "\n".join(("#" + line) if line.startswith("#") else line for line in lines).strip()
+    template = _template_lines()
+    sections: list[tuple[int, str, list[str]]] = [(0, "", [])]  # (heading level, heading, kept lines)
+    for line in lines:
+        if found := re.match(r"(#+)\s", line):
+            sections.append((len(found.group(1)), line, []))
+        elif line.strip() not in template and not _UNFILLED.search(line):
+            sections[-1][2].append(line)
+    out: list[str] = []
+    for i, (_, title, kept) in enumerate(sections):
+        if title and _says_something(kept, *_subsections(sections, i)):
+            out += ["", "#" + title, ""]
+        out += kept if _says_something(kept) else []
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip()
+
+
+_UNFILLED = re.compile(r"\[More Information Needed\]|^- PEFT \S+$")
+
+
+def _says_something(*parts: Sequence[str]) -> bool:
+    return any(line.strip() for lines in parts for line in lines)
+
+
+def _subsections(sections: Sequence[tuple[int, str, list[str]]], i: int) -> Iterator[list[str]]:
+    """The kept lines of each section nested under section ``i``."""
+    for level, _, kept in sections[i + 1 :]:
+        if level <= sections[i][0]:
+            return
+        yield kept
+
+
+@functools.cache
+def _template_lines() -> frozenset[str]:
+    """The lines of huggingface_hub's default model card, unfilled (what PEFT saves with an adapter)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    text = re.sub(r"<!--.*?-->", "", str(ModelCard.from_template(ModelCardData()).content), flags=re.DOTALL)
+    return frozenset(line.strip() for line in text.splitlines() if line.strip())
