@@ -162,6 +162,26 @@ def test_plan_lists_changes_without_reading_tensor_data(model_cache, tmp_path: P
     assert "Every adapter tensor is accounted for: 5 applied." in out
     assert "Adapter: " in out and "(LoRA r=4, alpha=8, rsLoRA; 5 tensors)" in out
 
+    assert main(["plan", "--base", str(base), "--adapter", str(adapter), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)  # stdout holds the JSON and nothing else
+    assert data["adapter"] | {"path": None} == {"path": None, "r": 4, "lora_alpha": 8, "use_rslora": True,
+                                                  "use_dora": False, "tensors": 5}  # fmt: skip
+    assert data["output"] | {"bytes": None, "largest_tensor_bytes": None} == {
+        "tensors": 21, "changed": 3, "bytes": None, "largest_tensor_bytes": None
+    }  # fmt: skip
+    assert len(data["tensors"]) == 21 and data["accounting"] == {"applied": 5, "ignored": []}
+    q = next(t for t in data["tensors"] if t["name"] == "model.layers.0.self_attn.q_proj.weight")
+    assert q == {
+        "name": "model.layers.0.self_attn.q_proj.weight", "shape": [16, 16], "dtype": "F32",
+        "source": "model.layers.0.self_attn.q_proj.weight", "source_dtype": "F32", "changed": True,
+        "change": "LoRA r=4 scale=4",
+        "steps": [{"kind": "lora", "module": "model.layers.0.self_attn.q_proj", "param": "weight", "rank": 4,
+                   "alpha": 8, "scale": 4, "layout": "linear"}],
+    }  # fmt: skip
+    head = next(t for t in data["tensors"] if t["name"] == "lm_head.weight")
+    assert head["steps"] == [{"kind": "replace", "tensor": "base_model.model.lm_head.weight",
+                              "origin": "modules_to_save"}]  # fmt: skip
+
 
 def test_vocabulary_resize_updates_config(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)

@@ -19,10 +19,10 @@ from conftest import bits, load_tensors
 from safetensors.torch import save_file
 from test_families import MIXTRAL, QWEN3_MOE
 
+from loraship.console import format_plan, plan_json
 from loraship.errors import UnsupportedError
 from loraship.merge import merge, prepare_merge
 from loraship.plan import plan_merge
-from loraship.report import format_plan
 from loraship.tiny import build_adapter, build_model
 from loraship.verify import verify
 
@@ -99,6 +99,8 @@ def test_plan_shows_the_conversion(tmp_path: Path) -> None:
     prepared = prepare_merge(base, adapter, scratch=tmp_path)
     up = next(t for t in prepared.plan.tensors if t.name == "model.layers.0.mlp.experts.3.up_proj.weight")
     assert up.describe() == "LoRA expert 3 of experts.gate_up_proj [12:24] r=4 scale=2"
+    step = next(t for t in plan_json(prepared)["tensors"] if t["name"] == up.name)["steps"][0]
+    assert step["expert"] == {"fused": "experts.gate_up_proj", "index": 3, "start": 12, "length": 12}
     text = format_plan(prepared)
     table = text.split("\n\n")[1].splitlines()
     assert table[0].split() == ["tensor", "shape", "dtype", "change"] and max(map(len, table)) <= 100

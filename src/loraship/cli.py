@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="show what a merge will change, tensor by tensor (reads no tensor data)")
     _inputs(plan)
     plan.add_argument("--all", action="store_true", help="list unchanged tensors too")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (every tensor) for scripts")
 
     merge = sub.add_parser("merge", help="merge an adapter into its base model, writing a model folder")
     _inputs(merge)
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="let transformers run Python code shipped in the model repo (only for repos you trust)",
     )  # fmt: skip
     verify.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights")
+    verify.add_argument("--quiet", action="store_true", help="no progress (bars, model loads)")
 
     run = sub.add_parser(
         "run", help="the main job: pull base and adapter from the Hub, merge, verify, publish one commit"
@@ -174,22 +176,23 @@ def _report(e: LorashipError) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    import json
     import tempfile
 
+    from loraship.console import format_plan, plan_json
     from loraship.merge import prepare_merge
-    from loraship.report import format_plan
 
     with tempfile.TemporaryDirectory(prefix="loraship-scratch-") as scratch:
         prepared = prepare_merge(
             args.base, args.adapter, dtype=_dtype(args.dtype), allow_pickle=args.allow_pickle, scratch=Path(scratch)
         )
-        print(format_plan(prepared, show_all=args.all))
+        print(json.dumps(plan_json(prepared), indent=2) if args.json else format_plan(prepared, show_all=args.all))
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from loraship.console import format_merge_result
     from loraship.merge import merge
-    from loraship.report import format_merge_result
 
     result = merge(
         args.base,
@@ -229,9 +232,9 @@ def run_overrides(args: argparse.Namespace) -> dict[str, object]:
 def cmd_run(args: argparse.Namespace) -> int:
     import json
 
+    from loraship.console import format_run_results
     from loraship.errors import ConfigError
     from loraship.pipeline import RunResult, run
-    from loraship.report import format_run_results
     from loraship.spec import job_from_values, load_jobs
 
     overrides = run_overrides(args)
@@ -294,7 +297,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = verify(
         args.base, args.adapter, args.merged, outputs=not args.weights_only, prompts=prompts, device=args.device,
         dtype=args.dtype, threshold_overrides=overrides, weight_atol=args.weight_atol,
-        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, progress=not args.quiet,
     )  # fmt: skip
     print(render_text(report))
     write_report(report, json_path=args.report, markdown_path=args.markdown)

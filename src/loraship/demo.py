@@ -34,8 +34,8 @@ def run_demo(workdir: Path | None = None) -> int:
 def _run(work: Path) -> int:
     from transformers.utils import logging as hf_logging
 
+    from loraship.console import format_merge_result
     from loraship.merge import merge
-    from loraship.report import format_merge_result
     from loraship.verify import render_text, verify
 
     hf_logging.set_verbosity_error()
