@@ -21,8 +21,9 @@ from loraship.verify import verify
 FAST = ["--generation-tokens", "8"]
 
 
-def run_verify(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    code = main(["verify", *map(str, args)])
+def run_verify(capsys: pytest.CaptureFixture[str], *args: str | Path, loud: bool = False) -> tuple[int, str, str]:
+    """``loraship verify`` with ``args``; ``--quiet`` (stderr holds only the error) unless ``loud``."""
+    code = main(["verify", *map(str, args), *([] if loud else ["--quiet"])])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -98,6 +99,18 @@ def test_cli_passes_and_writes_both_reports(llama_case, tmp_path: Path, capsys) 
     markdown = report_md.read_text()
     assert markdown.startswith("### loraship verification: passed\n\n| level | check | result | measured | required |")
     assert "| weights | changed tensors recomputed | ✅ pass | 6 of 6 bit-identical | bit-identical |" in markdown
+
+
+def test_cli_shows_progress_on_stderr_and_quiet_silences_it(llama_case, capsys) -> None:
+    base, adapter, merged = llama_case
+    code, out, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged, *FAST, loud=True)
+    assert code == 0 and out.endswith("Verification passed.\n")
+    for shown in ("Checking weights", "Loading the base with the adapter (PEFT, unmerged) on cpu in float32",
+                  "Base + adapter outputs", "Loading the merged model (plain transformers) on cpu in float32",
+                  "Merged outputs"):  # fmt: skip
+        assert shown in err, shown
+    code, out, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged, *FAST)
+    assert (code, err) == (0, "") and out.endswith("Verification passed.\n")
 
 
 def test_weights_only_and_dtype_conversion(model_cache, tmp_path: Path, capsys) -> None:

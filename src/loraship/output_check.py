@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -157,6 +158,7 @@ def compare(
     overrides: Mapping[str, float | int] | None = None,
     trust_remote_code: bool = False,
     per_expert: Sequence[PerExpertLora] = (),
+    progress: bool = False,
 ) -> OutputReport:
     """Compare base + adapter (PEFT, unmerged) with the merged folder (plain transformers).
 
@@ -170,11 +172,20 @@ def compare(
         dtype: ``auto`` (the merged model's dtype) or a dtype name.
         thresholds: Replaces the dtype's defaults (:data:`THRESHOLDS`); ``overrides`` change single fields.
         trust_remote_code: Allow model classes defined by code in the model repo.
+        progress: Say on stderr which model is loading, and show a bar over the prompts of each pass.
 
     Raises:
         InputError: The model class cannot be loaded (e.g. it needs remote code).
     """
     import torch
+    from tqdm.auto import tqdm
+
+    def step(message: str) -> None:
+        if progress:
+            print(message, file=sys.stderr, flush=True)
+
+    def prompts_bar(items: list[dict[str, Any]], desc: str) -> Any:
+        return tqdm(items, desc=desc, unit="prompt", disable=not progress, leave=False)
 
     config = json.loads((merged / "config.json").read_text())
     cls = model_class(config, merged, trust_remote_code=trust_remote_code)
@@ -195,6 +206,7 @@ def compare(
     head: dict[str, Any] = {k: config[k] for k in ("id2label", "label2id") if k in config and k not in base_config}
     if "id2label" in head:  # the adapter brings a classifier head: the reference gets one of that size
         head["num_labels"] = len(head["id2label"])
+    step(f"Loading the base with the adapter (PEFT, unmerged) on {run_device} in {run_dtype}")
     reference = cls.from_pretrained(str(base), **load, **head, **quantized.loader_kwargs(base_config))
     vocab = vocab_size(config)
     if vocab is not None and vocab != vocab_size(base_config) and hasattr(reference, "resize_token_embeddings"):
@@ -219,7 +231,7 @@ def compare(
     continuations: list[torch.Tensor] = []
     logits = True
     with torch.no_grad():
-        for i, item in enumerate(inputs):
+        for i, item in enumerate(prompts_bar(list(inputs), "Base + adapter outputs")):
             if causal and limits.generation_tokens > 0:
                 ids = item["input_ids"]
                 new = reference.generate(
@@ -240,12 +252,13 @@ def compare(
     _free()
 
     # Candidate: the merged folder with plain transformers; PEFT plays no part in this load.
+    step(f"Loading the merged model (plain transformers) on {run_device} in {run_dtype}")
     candidate = cls.from_pretrained(str(merged), **load).eval()
     stats: list[Any] = []
     effect = [compare_outputs(r, b, logits=logits) for r, b in zip(ref_outputs, base_outputs, strict=True)]
     generation: list[GenerationAgreement] = []
     with torch.no_grad():
-        for i, item in enumerate(inputs):
+        for i, item in enumerate(prompts_bar(inputs, "Merged outputs")):
             out, _ = _main_output(candidate(**_to(item, candidate)))
             cand = out.float().cpu()
             stats.append(compare_outputs(ref_outputs[i], cand, logits=logits))

@@ -331,7 +331,7 @@ class _Run:
             base.folder, adapter.folder, merged, outputs=spec.outputs, prompts=prompts, device=spec.device,
             dtype=spec.dtype, threshold_overrides=spec.threshold_overrides(), weight_atol=spec.weight_atol,
             trust_remote_code=self.job.trust_remote_code, allow_pickle=self.job.allow_pickle,
-            labels=(base.label, adapter.label, self.job.output),
+            labels=(base.label, adapter.label, self.job.output), progress=self.progress,
         )  # fmt: skip
         self.log(render_text(report))
         raise_if_failed(report)

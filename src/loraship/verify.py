@@ -163,9 +163,15 @@ def merged_dtype(prepared: PreparedMerge, merged: Checkpoint) -> str | None:
     return None
 
 
-def verify_weights(prepared: PreparedMerge, merged: Checkpoint, *, atol: float = 0.0) -> WeightReport:
-    """Compare every merged tensor with its recomputation from base + adapter (streaming)."""
+def verify_weights(
+    prepared: PreparedMerge, merged: Checkpoint, *, atol: float = 0.0, progress: bool = False
+) -> WeightReport:
+    """Compare every merged tensor with its recomputation from base + adapter (streaming).
+
+    ``progress``: a bar over the bytes checked, on stderr.
+    """
     import torch
+    from tqdm.auto import tqdm
 
     from loraship.stream import TensorStreamer
     from loraship.writer import DataChunk
@@ -186,9 +192,12 @@ def verify_weights(prepared: PreparedMerge, merged: Checkpoint, *, atol: float =
     untouched_bad: list[str] = []
     change_missing: list[str] = []
     non_finite: list[str] = []
-    with TensorReader() as reader, TensorStreamer(reader) as streamer:
+    bar = tqdm(total=sum(merged.tensors[t.name].nbytes for t in comparable), unit="B", unit_scale=True,
+               desc="Checking weights", disable=not progress, leave=False)  # fmt: skip
+    with bar, TensorReader() as reader, TensorStreamer(reader) as streamer:
         for t in comparable:
             actual_info = merged.tensors[t.name]
+            bar.update(actual_info.nbytes)
             if t.copies_bytes and t.source is not None:
                 if not _same_bytes(reader, t.source, actual_info):
                     untouched_bad.append(t.name)
@@ -423,11 +432,13 @@ def verify(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     labels: tuple[str, str, str] | None = None,
+    progress: bool = False,
 ) -> VerifyReport:
     """Verify a merged folder against base + adapter; see the module docstring.
 
     Args:
         labels: How to name base, adapter and merged in the report (e.g. ``repo@sha``); paths when None.
+        progress: Show progress on stderr: a bar over the weights checked, each model load, each prompt.
 
     Raises:
         LorashipError: The inputs cannot be verified (missing or incomplete folders, corrupt files, an
@@ -443,7 +454,8 @@ def verify(
         out_dtype = merged_dtype(prepared, merged_ckpt)
         if out_dtype:
             prepared = prepared.with_dtype(out_dtype)
-        weights = replace(verify_weights(prepared, merged_ckpt, atol=weight_atol), dtype=out_dtype)
+        weights = verify_weights(prepared, merged_ckpt, atol=weight_atol, progress=progress)
+        weights = replace(weights, dtype=out_dtype)
     checks = [*weight_checks(weights), library_check(merged_ckpt), names_check(prepared.names)]
     output_report = None
     notes: list[str] = list(prepared.plan.notes)
@@ -451,6 +463,7 @@ def verify(
         output_report = check_outputs(
             base, adapter, merged, prompts=prompts, device=device, dtype=dtype, thresholds=thresholds,
             overrides=threshold_overrides, trust_remote_code=trust_remote_code, per_expert=_per_expert(prepared),
+            progress=progress,
         )  # fmt: skip
         checks += output_checks(output_report)
         notes.extend(output_report.notes)
