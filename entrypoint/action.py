@@ -25,7 +25,8 @@ REPORT_NAME = "loraship-report.json"
 #: The inputs action.yml declares (tests check the two agree).
 INPUTS = (
     "config", "job", "adapter", "adapter-revision", "base", "output-repo", "hf-token", "hf-oidc-resource",
-    "github-token", "dtype", "private", "create-pr", "tag", "verify", "prompts", "device", "github-release",
+    "github-token", "dtype", "requantize", "private", "create-pr", "tag", "verify", "prompts", "device",
+    "github-release",
 )  # fmt: skip
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
@@ -184,6 +185,8 @@ def build_job(env: Mapping[str, str], ctx: Context) -> Any:
             overrides[key] = value
     if (dtype := _choice(env, "dtype", ("keep", "bfloat16", "float16", "float32"))) is not None:
         overrides["dtype"] = dtype
+    if (requantize := _bool(env, "requantize")) is not None:
+        overrides["requantize"] = requantize
     if (private := _bool(env, "private")) is not None:
         overrides["private"] = private
     publish: dict[str, Any] = {}

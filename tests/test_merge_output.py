@@ -174,7 +174,7 @@ def test_plan_lists_changes_without_reading_tensor_data(model_cache, tmp_path: P
     assert q == {
         "name": "model.layers.0.self_attn.q_proj.weight", "shape": [16, 16], "dtype": "F32",
         "source": "model.layers.0.self_attn.q_proj.weight", "source_dtype": "F32", "changed": True,
-        "change": "LoRA r=4 scale=4",
+        "change": "LoRA r=4 scale=4", "requantize": None,
         "steps": [{"kind": "lora", "module": "model.layers.0.self_attn.q_proj", "param": "weight", "rank": 4,
                    "alpha": 8, "scale": 4, "layout": "linear"}],
     }  # fmt: skip

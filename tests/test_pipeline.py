@@ -443,7 +443,7 @@ def test_config_with_unknown_key_and_wrong_type(seeded, tmp_path: Path, capsys) 
     assert_failed(code, err, (
         f"Error: `{config}` has 3 problem(s):\n"
         "  line 5: unknown key `privat` (known keys: adapter, allow_pickle, base, card, dtype, max_shard_size, output, "
-        "private, publish, trust_remote_code, verify)\n"
+        "private, publish, requantize, trust_remote_code, verify)\n"
         "  line 7: `publish.mode`: input should be 'commit' or 'pr' (got 'push')\n"
         "  line 9: `verify.generation_tokens`: input should be a valid integer, unable to parse string as an integer "
         "(got 'many')\n"

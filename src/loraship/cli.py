@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--base", help="base repo id or local folder (default: the adapter's base_model_name_or_path)")
     run.add_argument("--output", help="output repo id (org/name), or dir:PATH to write the repo's folder locally")
     run.add_argument("--dtype", choices=DTYPE_CHOICES, help="output dtype (default: keep)")
+    run.add_argument(
+        "--requantize", action="store_true", default=None,
+        help="FP8 base: publish the changed weights in FP8 with the base's blocks (lossy; default: 16 bits)",
+    )  # fmt: skip
     run.add_argument("--private", action="store_true", default=None, help="create the output repo private")
     run.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     run.add_argument("--tag", help="tag the published commit")
@@ -112,6 +116,10 @@ def _inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, type=Path, metavar="BASE_DIR", help="base model folder")
     p.add_argument("--adapter", required=True, type=Path, metavar="ADAPTER_DIR", help="PEFT adapter folder")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="keep", help="output dtype (default: keep)")
+    p.add_argument(
+        "--requantize", action="store_true",
+        help="FP8 base: write the changed weights back in FP8 with the base's blocks (lossy; default: 16 bits)",
+    )  # fmt: skip
     p.add_argument(
         "--allow-pickle", action="store_true", help="accept pickled .bin weights (loaded with weights_only=True)"
     )
@@ -186,6 +194,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         prepared = prepare_merge(
             args.base, args.adapter, dtype=_dtype(args.dtype), allow_pickle=args.allow_pickle, scratch=Path(scratch)
         )
+        if args.requantize:
+            prepared = prepared.requantized()
         print(json.dumps(plan_json(prepared), indent=2) if args.json else format_plan(prepared, show_all=args.all))
     return 0
 
@@ -204,6 +214,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         progress=not args.quiet,
         keep_code=args.trust_remote_code,
+        requantize=args.requantize,
     )
     print(format_merge_result(result))
     return 0
@@ -212,7 +223,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def run_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The job fields the `run` flags set (nested like loraship.yaml)."""
     values: dict[str, object] = {}
-    for name in ("adapter", "base", "output", "dtype", "private"):
+    for name in ("adapter", "base", "output", "dtype", "requantize", "private"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     publish: dict[str, object] = {}

@@ -10,7 +10,7 @@ from typing import Any
 
 from loraship.merge import MergeResult, PreparedMerge
 from loraship.pipeline import RunResult
-from loraship.plan import LoraBiasStep, LoraStep, ReplaceStep, Step, TensorPlan
+from loraship.plan import LoraBiasStep, LoraStep, ReplaceStep, ScalesStep, Step, TensorPlan
 from loraship.report import human_bytes, table
 
 
@@ -113,6 +113,7 @@ def _tensor_json(t: TensorPlan) -> dict[str, Any]:
         "source_dtype": t.source.dtype if t.source else None,
         "changed": t.changed,
         "change": t.describe(),
+        "requantize": None if t.requantize is None else {"via": t.requantize.via, "block": list(t.requantize.block)},
         "steps": [_step_json(s) for s in t.steps],
     }
 
@@ -130,4 +131,6 @@ def _step_json(step: Step) -> dict[str, Any]:
         return out
     if isinstance(step, LoraBiasStep):
         return {"kind": "lora_bias", "module": step.module.module, "scale": step.module.scale}
+    if isinstance(step, ScalesStep):
+        return {"kind": "requantized_scales", "weight": step.weight}
     return {"kind": "token_rows", "rows": len(step.update.indices)}

@@ -72,6 +72,14 @@ class PreparedMerge:
         plan = _plan(self.base, self.base_config, self.adapter, self.model, self.model_problem, dtype, self.base_dir)
         return replace(self, plan=plan)
 
+    def requantized(self) -> PreparedMerge:
+        """The merge writing the base's FP8 format (``--requantize``) instead of 16 bits.
+
+        Raises:
+            UnsupportedError: The base is not block-scaled FP8.
+        """
+        return replace(self, plan=quantized.requantized(self.plan, self.base_config, str(self.base_dir)))
+
 
 @dataclass(frozen=True)
 class MergeResult:
@@ -420,6 +428,7 @@ def merge(
     allow_pickle: bool = False,
     progress: bool = True,
     keep_code: bool = False,
+    requantize: bool = False,
 ) -> MergeResult:
     """Merge the adapter in ``adapter_dir`` into the base in ``base_dir``, writing ``output``.
 
@@ -433,6 +442,8 @@ def merge(
         allow_pickle: Accept pickled ``.bin`` weights (loaded with ``weights_only=True``).
         progress: Show a progress bar over bytes written.
         keep_code: Carry the base's Python files (remote code) into the output.
+        requantize: For a block-scaled FP8 base: write the merged weights in FP8 with the base's
+            blocks (lossy) instead of 16 bits.
 
     Returns:
         What was written, with the plan.
@@ -444,4 +455,6 @@ def merge(
     with tempfile.TemporaryDirectory(prefix="loraship-scratch-") as scratch:
         prepared = prepare_merge(base_dir, adapter_dir, dtype=dtype, allow_pickle=allow_pickle, scratch=Path(scratch),
                                  keep_code=keep_code)  # fmt: skip
+        if requantize:
+            prepared = prepared.requantized()
         return execute(prepared, output, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)

@@ -63,6 +63,9 @@ THRESHOLDS: dict[str, Thresholds] = {
     "bfloat16": Thresholds(max_error_ratio=0.2, min_top1=0.9, tie_fraction=0.1),
     "float16": Thresholds(max_error_ratio=0.1, min_top1=0.9, tie_fraction=0.05),
 }
+#: A merged model requantized to the base's FP8 (``--requantize``) is lossy by design: at least half
+#: of the adapter's effect on the outputs must survive; top-1 and generation are reported only.
+REQUANTIZED_MAX_ERROR_RATIO = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class OutputReport:
     notes: tuple[str, ...] = field(default_factory=tuple)
     #: Why PEFT's unmerged model is not base + adapter (outputs were then not compared).
     reference_problem: str | None = None
+    #: The merged weights were quantized again (``--requantize``): the comparison measures what survives.
+    requantized: bool = False
 
 
 def load_prompts(path: Path) -> list[Prompt]:
@@ -159,6 +164,7 @@ def compare(
     trust_remote_code: bool = False,
     per_expert: Sequence[PerExpertLora] = (),
     progress: bool = False,
+    requantized: bool = False,
 ) -> OutputReport:
     """Compare base + adapter (PEFT, unmerged) with the merged folder (plain transformers).
 
@@ -173,6 +179,8 @@ def compare(
         thresholds: Replaces the dtype's defaults (:data:`THRESHOLDS`); ``overrides`` change single fields.
         trust_remote_code: Allow model classes defined by code in the model repo.
         progress: Say on stderr which model is loading, and show a bar over the prompts of each pass.
+        requantized: The merged folder holds requantized FP8 weights (``--requantize``): the error
+            ratio's limit is :data:`REQUANTIZED_MAX_ERROR_RATIO`, top-1 and generation are reported.
 
     Raises:
         InputError: The model class cannot be loaded (e.g. it needs remote code).
@@ -192,6 +200,8 @@ def compare(
     run_dtype = _run_dtype(dtype, config)
     run_device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     limits = thresholds or THRESHOLDS.get(run_dtype, THRESHOLDS["bfloat16"])
+    if requantized and thresholds is None:
+        limits = replace(limits, max_error_ratio=REQUANTIZED_MAX_ERROR_RATIO)
     if overrides:
         limits = replace(limits, **overrides)  # type: ignore[arg-type]
     load: dict[str, Any] = {"dtype": getattr(torch, run_dtype), "trust_remote_code": trust_remote_code}
@@ -253,7 +263,7 @@ def compare(
 
     # Candidate: the merged folder with plain transformers; PEFT plays no part in this load.
     step(f"Loading the merged model (plain transformers) on {run_device} in {run_dtype}")
-    candidate = cls.from_pretrained(str(merged), **load).eval()
+    candidate = cls.from_pretrained(str(merged), **load, **quantized.loader_kwargs(config)).eval()
     stats: list[Any] = []
     effect = [compare_outputs(r, b, logits=logits) for r, b in zip(ref_outputs, base_outputs, strict=True)]
     generation: list[GenerationAgreement] = []
@@ -287,6 +297,7 @@ def compare(
         generation=tuple(generation),
         thresholds=limits,
         notes=tuple(notes),
+        requantized=requantized,
     )
 
 

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -170,7 +170,7 @@ class _Run:
 
         result = merge(base.folder, adapter.folder, staging, dtype=None if job.dtype == "keep" else job.dtype,
                        max_shard_size=job.max_shard_size, overwrite=True, allow_pickle=job.allow_pickle,
-                       progress=self.progress, keep_code=job.trust_remote_code)  # fmt: skip
+                       progress=self.progress, keep_code=job.trust_remote_code, requantize=job.requantize)  # fmt: skip
         notes = result.prepared.notes
         self.stage("Verify")
         report = self._verify(base, adapter, staging)
@@ -352,7 +352,8 @@ class _Run:
             base_card=base.state.card_data if base.state else _card_metadata(base.folder / CARD_NAME),
             adapter_card=adapter.state.card_data if adapter.state else _card_metadata(adapter_card),
             adapter_text=adapter_card.read_text() if adapter_card.is_file() else "", spec=spec, config=config,
-            dtype=", ".join(dtypes), job_yaml=self.job.to_yaml(), job_hash=self.job.job_hash(),
+            dtype=", ".join(dtypes) + _requantized(result.prepared.plan, result.prepared.base_config),
+            job_yaml=self.job.to_yaml(), job_hash=self.job.job_hash(),
             verification=report.to_markdown() if report else None, tags=self.job.card.tags,
             language=self.job.card.language, extra=self.job.card.extra, notes=result.prepared.notes,
             has_tokenizer=any((staging / name).is_file() for name in TOKENIZER_FILES),
@@ -487,3 +488,15 @@ def _card_metadata(path: Path) -> dict[str, Any]:
         return dict(ModelCard.load(path).data.to_dict())
     except Exception:  # a malformed card is not a reason to fail the merge
         return {}
+
+
+def _requantized(plan: Any, config: Mapping[str, Any]) -> str:
+    """What the card's Weights row adds for a ``--requantize`` merge."""
+    if not any(t.requantize for t in plan.tensors):
+        return ""
+    from loraship.quantized import describe
+
+    return (
+        f"; the weights the adapter changes were quantized again to the base's {describe(config)} by loraship "
+        "(lossy: see Verification for how much of the adapter's effect survives)"
+    )

@@ -21,7 +21,7 @@ from loraship.errors import BaseModelError, IncompatibleError, UnsupportedError
 from loraship.heads import head_config
 from loraship.layouts import Layout, Layouts, place_fused
 from loraship.model_map import ModelMap
-from loraship.quantized import check_base, dequantized
+from loraship.quantized import Requantize, check_base, dequantized
 from loraship.safetensors_io import DTYPE_NAMES, FLOAT_CODES, Checkpoint, TensorInfo, nbytes_of
 
 # --------------------------------------------------------------------------- steps
@@ -66,7 +66,14 @@ class TokenRowsStep:
     update: TokenUpdate
 
 
-Step = ReplaceStep | LoraStep | LoraBiasStep | TokenRowsStep
+@dataclass(frozen=True)
+class ScalesStep:
+    """The block scales of ``weight``, requantized: computed with that weight, written after it."""
+
+    weight: str
+
+
+Step = ReplaceStep | LoraStep | LoraBiasStep | TokenRowsStep | ScalesStep
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,8 @@ class TensorPlan:
         steps: What is applied, in order.
         note: Why this tensor is special (e.g. an untied copy), for the plan's table.
         scale: For a quantized base tensor: its scale tensor; the source is dequantized with it first.
+        requantize: Quantize the merged value again (``--requantize``): how; ``dtype`` is then the
+            quantized dtype, and the merge runs in ``requantize.via``.
     """
 
     name: str
@@ -90,6 +99,7 @@ class TensorPlan:
     steps: tuple[Step, ...] = ()
     note: str | None = None
     scale: TensorInfo | None = None
+    requantize: Requantize | None = None
 
     @property
     def changed(self) -> bool:
@@ -120,9 +130,14 @@ class TensorPlan:
                 parts.append(f"{kind}{layout} r={m.rank} scale={m.scale:g}")
             elif isinstance(step, LoraBiasStep):
                 parts.append(f"+ lora bias scale={step.module.scale:g}")
+            elif isinstance(step, ScalesStep):
+                parts.append("new block scales of the requantized weight")
             else:
                 parts.append(f"replace {len(step.update.indices)} token rows")
-        if self.scale is not None and self.source is not None:
+        if self.requantize is not None and self.source is not None:
+            parts.insert(0, f"dequantize {self.source.dtype} -> {self.requantize.via}")
+            parts.append(f"quantize -> {self.dtype} ({self.requantize.block[0]}x{self.requantize.block[1]} blocks)")
+        elif self.scale is not None and self.source is not None:
             parts.insert(0, f"dequantize {self.source.dtype} -> {self.dtype}")
         elif self.source is not None and self.source.dtype != self.dtype:
             parts.append(f"cast {self.source.dtype} -> {self.dtype}")

@@ -18,11 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from loraship.errors import BaseModelError
-from loraship.safetensors_io import CODE_NAMES, DTYPE_NAMES, Checkpoint, TensorInfo
+from loraship.errors import BaseModelError, UnsupportedError
+from loraship.safetensors_io import CODE_NAMES, DTYPE_NAMES, Checkpoint, TensorInfo, torch_dtype
 
 if TYPE_CHECKING:
-    from loraship.plan import TensorPlan
+    from loraship.plan import MergePlan, TensorPlan
 
 #: quant_method values whose tensors loraship dequantizes (as transformers does) while streaming.
 DEQUANTIZED = frozenset({"fp8", "mxfp4"})
@@ -163,6 +163,103 @@ def dequantize_fp8(quantized: Any, scales: Any, dtype: Any) -> Any:
     s = scales.to(torch.float32).reshape(-1, grid_rows, grid_cols).unsqueeze(-1).unsqueeze(2)
     blocks = q.reshape(-1, grid_rows, block_rows, grid_cols, block_cols)
     return (blocks * s).to(dtype).reshape(q.shape)
+
+
+@dataclass(frozen=True)
+class Requantize:
+    """How a merged weight is quantized again (``--requantize``), as transformers' ``Fp8Quantize`` does.
+
+    Attributes:
+        via: The dtype code the weight is dequantized to and merged in.
+        block: The (rows, columns) block of one scale: the base's.
+        scales: The output name of the new scales, written right after the weight.
+        scales_code: Their dtype code: the base's.
+        ue8m0: Scales are powers of two (``scale_fmt: ue8m0``).
+    """
+
+    via: str
+    block: tuple[int, int]
+    scales: str
+    scales_code: str
+    ue8m0: bool = False
+
+
+def quantize_fp8(value: Any, how: Requantize) -> tuple[Any, Any]:
+    """``value`` quantized to float8_e4m3fn per block, and its ``weight_scale_inv``: the steps of
+    transformers' ``Fp8Quantize`` (per-block max |x| → scale 448 / max, kept at 1 for zero blocks;
+    with ue8m0 the inverse scale is rounded up to a power of two first)."""
+    import torch
+
+    fp8 = torch.float8_e4m3fn
+    lo, hi = torch.finfo(fp8).min, torch.finfo(fp8).max
+    *lead, rows, cols = value.shape
+    block_rows, block_cols = how.block
+    tiles = value.to(torch.float32).reshape(*lead, rows // block_rows, block_rows, cols // block_cols, block_cols)
+    max_abs = tiles.abs().amax(dim=(-3, -1))
+    scales = hi / torch.where(max_abs > 0, max_abs, torch.ones_like(max_abs))
+    scales = torch.where(max_abs > 0, scales, torch.ones_like(scales))
+    inverse = (1.0 / scales).to(torch.float32)
+    if how.ue8m0:
+        inverse = torch.pow(2.0, torch.ceil(torch.log2(inverse.clamp(min=torch.finfo(torch.float32).tiny))))
+        scales = 1.0 / inverse
+    q = torch.clamp(tiles * scales.unsqueeze(-1).unsqueeze(-3), min=lo, max=hi).to(fp8).reshape(value.shape)
+    return q, inverse.to(torch_dtype(how.scales_code))
+
+
+def requantized(plan: MergePlan, config: Mapping[str, Any], where: str) -> MergePlan:
+    """``plan`` (of a dequantized FP8 base) writing the base's format instead of 16 bits: weights the
+    adapter does not change are copied with their scales byte for byte; changed ones are merged in
+    16 bits and quantized again with the base's block size, their new scales written after them;
+    config.json keeps its quantization_config.
+
+    Raises:
+        UnsupportedError: The base is not block-scaled FP8 (e4m3).
+    """
+    from loraship.plan import ScalesStep
+
+    quant = quantization(config) or {}
+    fp8 = [t for t in plan.tensors if t.scale is not None and t.source is not None]
+    if method(config) != "fp8" or any(t.source is not None and t.source.dtype != "F8_E4M3" for t in fp8):
+        found = describe(config) or "not quantized"
+        raise UnsupportedError(
+            f"--requantize writes the merged weights back in the base's format; loraship requantizes block-scaled "
+            f"FP8 (float8_e4m3fn) only, and the base model `{where}` is {found}.",
+            fix="Drop --requantize (in loraship.yaml: `requantize: false`): the merged model is written in 16 bits.",
+        )
+    tensors: list[TensorPlan] = []
+    requantized_count = 0
+    for t in plan.tensors:
+        source, scales = t.source, t.scale
+        if source is None or scales is None:
+            tensors.append(t)
+        elif not t.steps:  # untouched: the base's bytes, and its scales
+            tensors.append(replace(t, dtype=source.dtype, scale=None))
+            tensors.append(replace(t, name=scales.name, shape=scales.shape, dtype=scales.dtype, source=scales,
+                                   scale=None))  # fmt: skip
+        else:
+            how = Requantize(t.dtype, block_grid(source.shape, scales.shape), scales.name, scales.dtype,
+                             ue8m0=quant.get("scale_fmt") == "ue8m0")  # fmt: skip
+            tensors.append(replace(t, dtype=source.dtype, requantize=how))
+            tensors.append(replace(t, name=scales.name, shape=scales.shape, dtype=scales.dtype, source=scales,
+                                   steps=(ScalesStep(t.name),), scale=None, note=None))  # fmt: skip
+            requantized_count += 1
+    updates = {k: v for k, v in plan.config_updates.items() if k != "quantization_config"}
+    note = (
+        f"--requantize: the base is quantized ({describe(config)}): the adapter changes {requantized_count} of its "
+        f"{len(fp8)} FP8 weights, which are dequantized, merged, and quantized again as transformers quantizes them "
+        "(Fp8Quantize, the base's blocks); the others are copied with their scales byte for byte, and config.json "
+        "keeps its quantization_config. Requantizing rounds away part of the adapter's effect: `loraship verify` "
+        "measures how much survives."
+    )
+    notes = (*(n for n in plan.notes if not n.startswith("The base is quantized (")), note)
+    return replace(plan, tensors=tuple(tensors), config_updates=updates, notes=notes)
+
+
+def requantized_output(plan: MergePlan, merged: Checkpoint) -> bool:
+    """Whether ``merged`` was written with ``--requantize``: the weights the plan dequantizes are
+    stored quantized in it."""
+    fp8 = [t.name for t in plan.tensors if t.scale is not None and t.source is not None and t.source.dtype in FP8_CODES]
+    return bool(fp8) and all(n in merged.tensors and merged.tensors[n].dtype in FP8_CODES for n in fp8)
 
 
 def loader_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,7 @@ DTYPE_BITS: dict[str, int] = {
 _TORCH_NAMES: dict[str, str] = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
 }  # fmt: skip
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
 #: torch dtype names <-> safetensors codes, for the floating-point dtypes users name.

@@ -128,6 +128,7 @@ class MergeJob(_Spec):
     base: str | None = None
     output: str
     dtype: Literal["keep", "bfloat16", "float16", "float32"] = "keep"
+    requantize: bool = False
     private: bool = False
     publish: PublishSpec = Field(default_factory=PublishSpec)
     verify: VerifySpec = Field(default_factory=VerifySpec)
@@ -182,6 +183,7 @@ class MergeJob(_Spec):
             "adapter": self.adapter_source.repo_id or "local",
             "base": self.base_source.repo_id if self.base_source else None,
             "dtype": self.dtype,
+            **({"requantize": True} if self.requantize else {}),
             "max_shard_size": self.max_shard_size,
             "card": self.card.model_dump(),
         }

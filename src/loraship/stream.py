@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from loraship import lora_math, quantized
-from loraship.plan import LoraBiasStep, LoraStep, ReplaceStep, TensorPlan
+from loraship.plan import LoraBiasStep, LoraStep, ReplaceStep, ScalesStep, TensorPlan, TokenRowsStep
 from loraship.safetensors_io import TensorInfo, TensorReader, torch_dtype
 from loraship.writer import Chunk, DataChunk
 
@@ -81,6 +81,7 @@ class TensorStreamer:
         self._local = threading.local()
         self._blocks_ok: dict[tuple[object, ...], bool] = {}
         self._factors = FactorCache()
+        self._scales: dict[str, torch.Tensor] = {}  # requantized weights' new scales, until written
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -107,7 +108,7 @@ class TensorStreamer:
                 if blocked is not None:
                     yield from blocked
                     return
-        yield [DataChunk(compute_tensor(t, self.reader, self._factors))], t.nbytes
+        yield [DataChunk(compute_tensor(t, self.reader, self._factors, self._scales))], t.nbytes
 
     def _lora_work(
         self, t: TensorPlan, source: TensorInfo, step: LoraStep
@@ -195,9 +196,23 @@ class FactorCache:
             return found
 
 
-def compute_tensor(t: TensorPlan, reader: TensorReader, factors: FactorCache | None = None) -> torch.Tensor:
-    """The merged value of one planned tensor, whole, contiguous, in its output dtype."""
-    dtype = torch_dtype(t.dtype)
+def compute_tensor(
+    t: TensorPlan,
+    reader: TensorReader,
+    factors: FactorCache | None = None,
+    scales: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The merged value of one planned tensor, whole, contiguous, in its output dtype.
+
+    ``scales``: new block scales of requantized weights, kept from the weight to the scales that
+    follow it in the plan.
+    """
+    if any(isinstance(step, ScalesStep) for step in t.steps):
+        found = (scales or {}).pop(t.name, None)
+        if found is None:
+            raise RuntimeError(f"the scales {t.name} were planned before their weight")
+        return found
+    dtype = torch_dtype(t.requantize.via if t.requantize else t.dtype)
     value: torch.Tensor | None = None
     if t.source is not None and t.scale is not None:  # a quantized base tensor, dequantized first
         dequantize = quantized.dequantize_mxfp4 if t.source.dtype == "U8" else quantized.dequantize_fp8
@@ -215,10 +230,14 @@ def compute_tensor(t: TensorPlan, reader: TensorReader, factors: FactorCache | N
         elif isinstance(step, LoraBiasStep):
             assert value is not None and step.module.bias is not None
             value = lora_math.merge_lora_bias(value, reader.read(step.module.bias), step.module.scale)
-        else:
+        elif isinstance(step, TokenRowsStep):
             assert value is not None
             value = lora_math.replace_rows(value, step.update.indices, reader.read(step.update.tensor))
     assert value is not None
+    if t.requantize is not None:
+        value, new_scales = quantized.quantize_fp8(value, t.requantize)
+        if scales is not None:
+            scales[t.requantize.scales] = new_scales
     return value.contiguous()
 
 
