@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -550,3 +551,52 @@ def test_quiet_silences_every_libraries_progress_bars(model_cache, tmp_path: Pat
 
     assert "%|" in run("loud")  # transformers' "Loading weights" bars, without --quiet
     assert "%|" not in run("quiet", "--quiet")
+
+
+def test_preflight_refuses_a_run_the_disk_cannot_hold_before_downloading(
+    seeded, hub_server, capsys, monkeypatch
+) -> None:
+    import shutil as real_shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(real_shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**6, 10**6))
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "alice/merged")
+    assert code == 1
+    weights = (seeded.base / "model.safetensors").stat().st_size
+    found = re.fullmatch(
+        r"Error: Not enough disk space for this run: it needs about (\S+ \S+) on the disk of `[^`]+` \(the base's "
+        r"files, downloaded to the Hugging Face cache: (\S+ \S+) in `[^`]+`; the merged model, staged: (\S+ \S+) in "
+        r"`[^`]+`\), which has 1\.0 MB free\. Nothing was downloaded\.\n"
+        r"Fix: Free space there, or put the Hugging Face cache \(HF_HUB_CACHE or HF_HOME\) and the staging folder "
+        r"\(--workdir\) on disks with more room, or run on a machine with a larger disk\.\n",
+        err,
+    )
+    assert found, err
+    assert all(_parse_bytes(found.group(i)) >= weights for i in (2, 3))  # the weights, downloaded, then merged
+    assert not any(path.endswith("/model.safetensors") for _, path in hub_server.requests)
+    assert "alice/merged" not in hub_server.repos
+
+
+def test_preflight_refuses_an_output_check_the_memory_cannot_hold(seeded, capsys, monkeypatch) -> None:
+    from loraship import preflight
+
+    monkeypatch.setattr(preflight, "available_memory", lambda: 10**6)
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "alice/merged")
+    assert code == 1
+    assert re.fullmatch(
+        r"Error: The output check loads the model into memory, one model at a time: about \S+ MB in float32, and "
+        r"this machine has 1\.0 MB available\. Nothing was downloaded\.\n"
+        r"Fix: Run on a machine with more memory or a GPU \(`verify: \{device: cuda\}`\), or check the weights only "
+        r"\(`verify: \{outputs: false\}`; every merged tensor is still compared bit for bit with base \+ adapter\)\.\n",
+        err,
+    ), err
+    config = seeded.base.parent / "weights-only.yaml"
+    config.write_text("adapter: alice/lora\noutput: alice/merged\nverify:\n  outputs: false\n")
+    code, _, err = run_cli(capsys, "--config", config)
+    assert code == 0, err  # the weights are checked without loading a model: nothing to refuse
+
+
+def _parse_bytes(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]

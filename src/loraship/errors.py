@@ -79,6 +79,12 @@ class OutputError(LorashipError):
     title = "Cannot write the output"
 
 
+class ResourceError(LorashipError):
+    """The machine lacks the disk space or memory the run needs (found before downloading)."""
+
+    title = "Not enough room on this machine"
+
+
 class VerificationFailed(LorashipError):
     """The merged model does not behave like base + adapter. ``report`` holds the VerifyReport."""
 

@@ -148,6 +148,22 @@ class Hub:
         return RepoState(repo_id=repo_id, sha=str(info.sha), requested=revision, private=bool(info.private),
                          gated=gated, files=files, card_data=card)  # fmt: skip
 
+    def file_sizes(self, repo: RepoState) -> dict[str, int]:
+        """Each file's size at the pinned SHA, from the Hub's file listing (no download).
+
+        Raises:
+            HubError: The listing failed.
+        """
+        with self._errors("list the files of", repo.repo_id, repo.sha):
+            entries = list(self.api.list_repo_tree(repo.repo_id, revision=repo.sha, recursive=True))
+        return {e.path: int(getattr(e, "size", 0) or 0) for e in entries if getattr(e, "size", None) is not None}
+
+    def missing_from_cache(self, repo: RepoState, files: Sequence[str]) -> list[str]:
+        """The files the Hugging Face cache does not hold yet at the pinned SHA (what a fetch downloads)."""
+        from huggingface_hub import try_to_load_from_cache
+
+        return [f for f in files if not isinstance(try_to_load_from_cache(repo.repo_id, f, revision=repo.sha), str)]
+
     def fetch(self, repo: RepoState, files: Sequence[str]) -> Path:
         """Download ``files`` of the repo at its pinned SHA (into the Hugging Face cache).
 

@@ -264,9 +264,37 @@ class _Run:
             )
         return named
 
+    def _preflight(self, config: Mapping[str, Any], base_sizes: Mapping[str, int], download: int) -> None:
+        """Refuse, before downloading, a run this machine's disks or memory cannot hold."""
+        from huggingface_hub import constants
+
+        from loraship import preflight
+
+        job, spec = self.job, self.job.verify
+        out_dtype = None if job.dtype == "keep" else job.dtype
+        e = preflight.element_sizes(config, out_dtype, spec.dtype, requantize=job.requantize)
+        weights = sum(n for f, n in base_sizes.items() if f.endswith(WEIGHT_SUFFIXES))
+        others = sum(base_sizes.values()) - weights
+        staging = self.work if self.target.path is None else self.target.path.resolve().parent
+        preflight.check_disk([
+            preflight.Need("the base's files, downloaded to the Hugging Face cache", Path(constants.HF_HUB_CACHE),
+                           download),
+            preflight.Need("the merged model, staged", staging, int(weights / e.stored * e.written) + others),
+        ])  # fmt: skip
+        if spec.enabled and spec.outputs and preflight.cpu_output_check(spec.device):
+            written = out_dtype or str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+            dtype = spec.dtype if spec.dtype != "auto" else written
+            preflight.check_memory(int(weights / e.stored * e.loaded), dtype)
+
     def _base(self, source: Source, state: RepoState | None) -> _Input:
         if state is None:
             assert source.path is not None
+            from loraship.preflight import folder_bytes
+
+            config_file = source.path / "config.json"
+            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+            if source.path.is_dir():  # a missing folder is refused by the merge, with its own message
+                self._preflight(config, folder_bytes(source.path, [p.name for p in source.path.iterdir()]), 0)
             return _Input(source, source.path)
         hub = self._hub()
         if "config.json" not in state.files:
@@ -288,6 +316,9 @@ class _Run:
             ) from e
         files = base_files(state.files, allow_pickle=self.job.allow_pickle,
                            remote_code=self.job.trust_remote_code)  # fmt: skip
+        sizes = hub.file_sizes(state)
+        missing = hub.missing_from_cache(state, files)
+        self._preflight(config, {f: sizes.get(f, 0) for f in files}, sum(sizes.get(f, 0) for f in missing))
         self.log(f"Downloading the base {state} ({len(files)} files) ...")
         return _Input(source, hub.fetch(state, files), state)
 

@@ -1,0 +1,150 @@
+"""Before a weight is downloaded: will the run fit on this machine's disks and in its memory?
+
+A run holds the base in the Hugging Face cache and the merged model in a staging folder, then
+loads one model at a time for the output check. On a GitHub-hosted runner (about 14 GB free disk,
+16 GB RAM) a model above ~3 B parameters does not fit, and finding out after a 20-minute download
+(or from the kernel's OOM killer, with no message at all) is the worst way to learn it. The sizes
+come from the Hub's file listing (or the local folder) and the config, before anything is read.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loraship.errors import ResourceError
+from loraship.report import human_bytes
+
+#: Room kept free beyond the estimate: metadata, the config and tokenizer files, rounding.
+MARGIN = 64 << 20
+#: Bytes per value of each config dtype; FP8 bases store one byte per value, MXFP4 about half a byte.
+_ELEMENT = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+_QUANTIZED_ELEMENT = {"fp8": 1.0, "mxfp4": 0.53}
+
+
+@dataclass(frozen=True)
+class Need:
+    """Bytes a stage of the run writes under ``path``."""
+
+    what: str
+    path: Path
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Bytes per weight value: as the base stores it, as the merge writes it, as the output check loads it."""
+
+    stored: float
+    written: float
+    loaded: float
+
+
+def element_sizes(config: Mapping[str, Any], out_dtype: str | None, check_dtype: str, *, requantize: bool) -> Sizes:
+    """The bytes per value of the base's weights, the merged weights and the output check's models
+    (``check_dtype``: ``auto`` for the merged model's 16-bit dtype)."""
+    from loraship import quantized
+
+    config_dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    sixteen = _ELEMENT.get(out_dtype or config_dtype, 2)  # what a dequantized or converted tensor is written in
+    method = quantized.method(config) or ""
+    stored = _QUANTIZED_ELEMENT.get(method, _ELEMENT.get(config_dtype, 2))
+    written = stored if requantize and method in _QUANTIZED_ELEMENT else sixteen
+    loaded = _ELEMENT.get(check_dtype, sixteen)
+    return Sizes(stored, written, loaded)
+
+
+def check_disk(needs: Sequence[Need]) -> None:
+    """Refuse when the needs of one filesystem add up to more than it has free.
+
+    Raises:
+        ResourceError: Naming what needs how much where, what is free, and what lowers it.
+    """
+    by_device: dict[int, list[tuple[Need, Path]]] = {}
+    for need in needs:
+        if need.nbytes <= 0:
+            continue
+        existing = _existing(need.path)
+        by_device.setdefault(existing.stat().st_dev, []).append((need, existing))
+    for group in by_device.values():
+        total = sum(n.nbytes for n, _ in group) + MARGIN
+        where = group[0][1]
+        free = shutil.disk_usage(where).free
+        if total > free:
+            parts = "; ".join(f"{n.what}: {human_bytes(n.nbytes)} in `{n.path}`" for n, _ in group)
+            raise ResourceError(
+                f"Not enough disk space for this run: it needs about {human_bytes(total)} on the disk of `{where}` "
+                f"({parts}), which has {human_bytes(free)} free. Nothing was downloaded.",
+                fix="Free space there, or put the Hugging Face cache (HF_HUB_CACHE or HF_HOME) and the staging "
+                "folder (--workdir) on disks with more room, or run on a machine with a larger disk.",
+            )
+
+
+def check_memory(model_bytes: int, dtype: str) -> None:
+    """Refuse an output check on CPU that cannot hold the model in memory.
+
+    Raises:
+        ResourceError: With the size, what is available, and the settings that avoid it.
+    """
+    available = available_memory()
+    needed = int(model_bytes * 1.15) + (512 << 20)  # activations, the tokenizer, Python itself
+    if available is None or needed <= available:
+        return
+    raise ResourceError(
+        f"The output check loads the model into memory, one model at a time: about {human_bytes(needed)} in {dtype}, "
+        f"and this machine has {human_bytes(available)} available. Nothing was downloaded.",
+        fix="Run on a machine with more memory or a GPU (`verify: {device: cuda}`), or check the weights only "
+        "(`verify: {outputs: false}`; every merged tensor is still compared bit for bit with base + adapter).",
+    )
+
+
+def available_memory() -> int | None:
+    """Memory this process can still use: the kernel's MemAvailable, capped by the cgroup (a
+    container's limit); None where neither can be read (not Linux)."""
+    values = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                values.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            values.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(values) if values else None
+
+
+def cpu_output_check(device: str) -> bool:
+    """Whether the output check will run on the CPU (``auto`` without CUDA)."""
+    if device == "cpu":
+        return True
+    if device == "cuda":
+        return False
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def _existing(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def folder_bytes(folder: Path, names: Sequence[str]) -> dict[str, int]:
+    """Sizes of the named files of a local folder (those that exist)."""
+    sizes = {}
+    for name in names:
+        path = folder / name
+        if path.is_file():
+            sizes[name] = os.stat(path).st_size
+    return sizes
