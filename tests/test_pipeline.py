@@ -600,3 +600,37 @@ def test_preflight_refuses_an_output_check_the_memory_cannot_hold(seeded, capsys
 def _parse_bytes(text: str) -> float:
     number, unit = text.split()
     return float(number) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+
+
+def test_a_new_version_leaves_no_file_of_the_old_one_in_the_repo(seeded, hub_server, tmp_path: Path, capsys) -> None:
+    """v1 is one `model.safetensors`; v2 (another adapter, sharded) must not leave it beside its shards:
+    transformers loads `model.safetensors` before an index, so a stale one would silently be the old model."""
+    from huggingface_hub import snapshot_download
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged")
+    assert code == 0, err
+    assert "model.safetensors" in hub_server.commit_list("alice/merged")[0].files
+    adapter2 = build_adapter(seeded.base, tmp_path / "adapter2", target_modules=["k_proj"], seed=7)
+    config = json.loads((adapter2 / "adapter_config.json").read_text())
+    (adapter2 / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta/base"}))
+    hub_server.seed("alice/lora2", adapter2)
+    job = tmp_path / "v2.yaml"
+    job.write_text("adapter: alice/lora2\noutput: alice/merged\nmax_shard_size: 20KB\n")
+    code, _, err = run_cli(capsys, "--config", job)
+    assert code == 0, err
+    commits = hub_server.commit_list("alice/merged")
+    files = sorted(commits[0].files)
+    assert len(commits) == 3  # the repo's creation, v1, v2
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 1 and all(re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f) for f in shards)
+    folder = snapshot_download("alice/merged", endpoint=seeded.url, token=TOKENS["alice"])
+    loaded = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    merged_v2 = {}
+    for f in shards:
+        merged_v2 |= load_file(str(Path(folder) / f))
+    assert torch.equal(
+        loaded["model.layers.0.self_attn.k_proj.weight"], merged_v2["model.layers.0.self_attn.k_proj.weight"]
+    )

@@ -219,7 +219,7 @@ class Hub:
         tag: str | None,
         parent_commit: str | None,
     ) -> Publication:
-        """Create the repo if needed, gate it, push ``folder`` as one commit (or PR), then tag it.
+        """Create the repo if needed, gate it, make it hold exactly ``folder`` in one commit (or PR), then tag it.
 
         Raises:
             HubError: The token may not write there, the tag points elsewhere, or the Hub failed.
@@ -230,9 +230,11 @@ class Hub:
             with self._errors("gate", repo_id):
                 self.api.update_repo_settings(repo_id, gated=gated)  # type: ignore[arg-type]
         with self._errors("push to", repo_id):
+            # delete_patterns="*": the commit removes every file the new version does not have (all but
+            # .gitattributes). A stale `model.safetensors` beside new shards would load instead of them.
             info = self.api.upload_folder(
                 repo_id=repo_id, folder_path=str(folder), commit_message=title, commit_description=description,
-                create_pr=create_pr, parent_commit=parent_commit if not create_pr else None,
+                create_pr=create_pr, parent_commit=parent_commit if not create_pr else None, delete_patterns="*",
             )  # fmt: skip
         sha = str(info.oid)
         if tag:
