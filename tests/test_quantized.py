@@ -23,6 +23,8 @@ DENSE = {
 }  # fmt: skip
 
 
+WIDE = {**DENSE, "hidden_size": 1024, "intermediate_size": 512, "vocab_size": 32}  # rows in several blocks
+
 GPT_OSS = {  # experts (4, 64, 64) and (4, 32, 64): 32-value MXFP4 blocks along their inputs
     "model_type": "gpt_oss", "vocab_size": 32, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 1,
     "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
@@ -60,15 +62,25 @@ def _peft_on_dequantized(base: Path, adapter: Path, out: Path) -> dict[str, torc
                 "r": 8,
             },
         ),
+        (WIDE, (128, 128), {"target_modules": ["gate_proj", "down_proj"]}),
     ],
-    ids=["dense-32x32", "dense-uneven-grid", "qwen3-moe-per-expert-fp8"],
+    ids=["dense-32x32", "dense-uneven-grid", "qwen3-moe-per-expert-fp8", "wide-row-groups-on-workers"],
 )
 def test_fp8_base_is_dequantized_bit_identically(
-    config: dict, block: tuple[int, int], lora: dict, tmp_path: Path
+    config: dict, block: tuple[int, int], lora: dict, tmp_path: Path, monkeypatch
 ) -> None:
+    from loraship.stream import TensorStreamer
+
+    grouped: list[tuple[str, int]] = []  # (tensor, first row) of each row block computed on the workers
+    compute_group = TensorStreamer._compute_group
+    monkeypatch.setattr(TensorStreamer, "_compute_group", lambda self, t, source, blocks, lora: (
+        grouped.extend((t.name, b[0]) for b in blocks), compute_group(self, t, source, blocks, lora))[1])  # fmt: skip
     base = quantize_fp8(build_model(tmp_path / "base", config, dtype="bfloat16"), block=block)
     adapter = build_adapter(base, tmp_path / "adapter", **lora)
     result = merge(base, adapter, tmp_path / "merged", progress=False)
+    if config is WIDE:  # LoRA on several row blocks, each starting on a 128-row scale block
+        starts = [first for name, first in grouped if name == "model.layers.0.mlp.down_proj.weight"]
+        assert len(starts) > 1 and all(first % 128 == 0 for first in starts)
     ours = load_tensors(tmp_path / "merged")
     theirs = _peft_on_dequantized(base, adapter, tmp_path / "peft")
     assert set(ours) == set(theirs)

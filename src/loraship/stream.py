@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -98,28 +98,30 @@ class TensorStreamer:
         Tensors copied as they are (``t.copies_bytes``) are the caller's: they need no torch.
         """
         source = t.source
-        if source is not None and len(source.shape) == 2 and source.shape[0] > 1 and t.scale is None:
+        if source is not None and len(source.shape) == 2 and source.shape[0] > 1 and _blockable(t, source):
+            bounds = lora_math.block_bounds(source.shape[0], source.shape[1] * 4)
+            if t.scale is not None:  # FP8: groups of whole scale blocks, dequantized on the workers
+                bounds = _aligned(bounds, source.shape[0] // t.scale.shape[0])
             step = t.steps[0] if len(t.steps) == 1 else None
             if not t.steps:  # a dtype change only: elementwise, any blocks will do
-                yield from self._groups(t, source, lora_math.block_bounds(source.shape[0], source.shape[1] * 4))
+                yield from self._groups(t, source, bounds)
                 return
             if isinstance(step, LoraStep) and step.layout in ("linear", "conv1d") and not step.dora:
-                blocked = self._lora_work(t, source, step)
+                blocked = self._lora_work(t, source, step, bounds)
                 if blocked is not None:
                     yield from blocked
                     return
         yield [DataChunk(compute_tensor(t, self.reader, self._factors, self._scales))], t.nbytes
 
     def _lora_work(
-        self, t: TensorPlan, source: TensorInfo, step: LoraStep
+        self, t: TensorPlan, source: TensorInfo, step: LoraStep, bounds: list[tuple[int, int]]
     ) -> Iterator[tuple[Future[list[Chunk]], int]] | None:
         m = step.module
         fifo = step.layout == "conv1d"
-        bounds = lora_math.block_bounds(source.shape[0], source.shape[1] * 4)
         if len(bounds) == 1:
             return None
         a32, b32 = self.reader.read(m.a).float(), self.reader.read(m.b).float()
-        key = (source.shape, a32.shape, fifo)
+        key = (source.shape, a32.shape, fifo, tuple(bounds))
         if key not in self._blocks_ok:
             whole = lora_math.linear_delta(a32, b32, m.scale, fan_in_fan_out=fifo)
             check = functools.partial(lora_math.blocks_match, whole, a32, b32, m.scale, bounds, fan_in_fan_out=fifo)
@@ -155,10 +157,17 @@ class TensorStreamer:
     ) -> list[Chunk]:
         first, last = blocks[0][0], blocks[-1][1]
         buf = self.buffers.get((last - first) * (source.nbytes // source.shape[0]))
-        release = functools.partial(self.buffers.put, buf)
+        release: Callable[[], None] | None = functools.partial(self.buffers.put, buf)
         rows = self.reader.read_rows(source, first, last, into=buf)
         dtype = torch_dtype(t.dtype)
-        out = rows if rows.dtype == dtype else rows.to(dtype)
+        if t.scale is not None:  # whole blocks of an FP8 weight: each value times its block's scale
+            block_rows = source.shape[0] // t.scale.shape[0]
+            scales = self.reader.read_rows(t.scale, first // block_rows, last // block_rows)
+            out = quantized.dequantize_fp8(rows, scales, dtype)
+            self.buffers.put(buf)
+            release = None
+        else:
+            out = rows if rows.dtype == dtype else rows.to(dtype)
         if lora is not None:
             a32, b32, scale, fifo = lora
             scratch = self._scratch(max(stop - start for start, stop in blocks) * source.shape[1])
@@ -173,6 +182,23 @@ class TensorStreamer:
             scratch = torch.empty(numel, dtype=torch.float32)
             self._local.scratch = scratch
         return scratch
+
+
+def _blockable(t: TensorPlan, source: TensorInfo) -> bool:
+    """Whether the tensor can be computed in groups of rows: a plain tensor, or a 2-D block-scaled FP8
+    weight written in 16 bits (not MXFP4, not requantized: those are computed whole)."""
+    if t.scale is None:
+        return True
+    return (
+        t.requantize is None and source.dtype in quantized.FP8_CODES and len(t.scale.shape) == 2
+        and source.shape[0] % t.scale.shape[0] == 0
+    )  # fmt: skip
+
+
+def _aligned(bounds: list[tuple[int, int]], block_rows: int) -> list[tuple[int, int]]:
+    """``bounds`` moved to multiples of ``block_rows`` (blocks that shrink to nothing merge)."""
+    starts = sorted({(start // block_rows) * block_rows for start, _ in bounds})
+    return list(zip(starts, [*starts[1:], bounds[-1][1]], strict=True))
 
 
 class FactorCache:
