@@ -612,10 +612,7 @@ def test_a_new_version_leaves_no_file_of_the_old_one_in_the_repo(seeded, hub_ser
     code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged")
     assert code == 0, err
     assert "model.safetensors" in hub_server.commit_list("alice/merged")[0].files
-    adapter2 = build_adapter(seeded.base, tmp_path / "adapter2", target_modules=["k_proj"], seed=7)
-    config = json.loads((adapter2 / "adapter_config.json").read_text())
-    (adapter2 / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta/base"}))
-    hub_server.seed("alice/lora2", adapter2)
+    _seed_adapter(seeded, hub_server, "alice/lora2", ["k_proj"])
     job = tmp_path / "v2.yaml"
     job.write_text("adapter: alice/lora2\noutput: alice/merged\nmax_shard_size: 20KB\n")
     code, _, err = run_cli(capsys, "--config", job)
@@ -634,3 +631,70 @@ def test_a_new_version_leaves_no_file_of_the_old_one_in_the_repo(seeded, hub_ser
     assert torch.equal(
         loaded["model.layers.0.self_attn.k_proj.weight"], merged_v2["model.layers.0.self_attn.k_proj.weight"]
     )
+
+
+def _wait_for_blob(hub_server, merged: Path, timeout: float = 30) -> str:
+    """Block until the Hub holds the staged `model.safetensors` as an LFS blob; its sha256."""
+    import hashlib
+    import time
+
+    oid = hashlib.sha256((merged / "model.safetensors").read_bytes()).hexdigest()
+    deadline = time.monotonic() + timeout
+    while oid not in hub_server.lfs:
+        assert time.monotonic() < deadline, "the weights were not uploaded while verification ran"
+        time.sleep(0.05)
+    return oid
+
+
+def test_weights_upload_while_verification_runs_and_one_commit_references_them(
+    seeded, hub_server, capsys, monkeypatch
+) -> None:
+    import loraship.verify
+
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged")  # creates the repo
+    assert code == 0, err
+    before = len(hub_server.commit_list("alice/merged"))
+    _seed_adapter(seeded, hub_server, "alice/lora2", ["o_proj"])
+    real_verify, seen = loraship.verify.verify, []
+
+    def verify_after_upload(base, adapter, merged, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(_wait_for_blob(hub_server, merged))  # deadlocks (and fails) if the upload waited for this
+        return real_verify(base, adapter, merged, **kwargs)
+
+    monkeypatch.setattr(loraship.verify, "verify", verify_after_upload)
+    puts_before = sum(1 for method, path in hub_server.requests if method == "PUT" and path.startswith("/lfs-upload"))
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora2", "--output", "alice/merged")
+    assert code == 0, err
+    commits = hub_server.commit_list("alice/merged")
+    assert len(commits) == before + 1  # one commit, after verification
+    assert commits[0].files["model.safetensors"].lfs_oid == seen[0]  # the uploaded blob is the verified bytes
+    puts = [p for m, p in hub_server.requests if m == "PUT" and p.startswith("/lfs-upload")][puts_before:]
+    assert puts == [f"/lfs-upload/{seen[0]}"]  # uploaded once: the commit found it there
+
+
+def test_a_failed_verification_after_the_upload_publishes_nothing(seeded, hub_server, capsys, monkeypatch) -> None:
+    import loraship.verify
+    from loraship.errors import VerificationFailed
+
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged")
+    assert code == 0, err
+    commits = hub_server.commit_list("alice/merged")
+    _seed_adapter(seeded, hub_server, "alice/lora2", ["o_proj"])
+
+    def failing_verify(base, adapter, merged, **kwargs):  # type: ignore[no-untyped-def]
+        _wait_for_blob(hub_server, merged)
+        raise VerificationFailed("outputs differ (simulated).", fix="Do not publish it.")
+
+    monkeypatch.setattr(loraship.verify, "verify", failing_verify)
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora2", "--output", "alice/merged")
+    assert code == 1 and "outputs differ (simulated)." in err
+    assert hub_server.commit_list("alice/merged") == commits  # the uploaded blob is referenced by nothing
+
+
+def _seed_adapter(seeded: Seeded, hub_server, repo_id: str, modules: list[str]) -> None:  # type: ignore[no-untyped-def]
+    """Another adapter of meta/base on the local Hub."""
+    folder = seeded.base.parent / repo_id.replace("/", "--")
+    adapter = build_adapter(seeded.base, folder, target_modules=modules, seed=7)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta/base"}))
+    hub_server.seed(repo_id, adapter)

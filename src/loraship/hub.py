@@ -8,13 +8,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loraship import __version__
-from loraship.errors import HubError, known_failure
+from loraship.errors import HubError, first_line, known_failure
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -61,6 +62,37 @@ class Publication:
     def link(self) -> str:
         """Where people see it: the pull request, else the commit."""
         return self.pr_url or f"{self.repo_url}/commit/{self.commit_sha}"
+
+
+class PreUpload:
+    """Weights uploaded while the merged model is verified (the repo must exist: a new repo would be
+    visible before verification passed).
+
+    Nothing is committed here. :meth:`Hub.publish` hashes the files again after verification and
+    commits those hashes, so the commit references exactly the verified bytes: a blob uploaded
+    here is used only if its sha256 is the same. A failure here is not an error: publish uploads
+    whatever is missing; :attr:`problem` says what happened.
+    """
+
+    def __init__(self, hub: Hub, repo_id: str, folder: Path, files: tuple[str, ...], *, create_pr: bool) -> None:
+        self.problem: str | None = None
+        self.uploaded = False
+        self._thread = threading.Thread(target=self._run, args=(hub, repo_id, folder, files, create_pr),
+                                        name="loraship-preupload", daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _run(self, hub: Hub, repo_id: str, folder: Path, files: tuple[str, ...], create_pr: bool) -> None:
+        from huggingface_hub import CommitOperationAdd
+
+        try:
+            additions = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+            hub.api.preupload_lfs_files(repo_id, additions, create_pr=create_pr)
+            self.uploaded = True
+        except Exception as e:  # publish uploads what is missing; the reason is kept for the log
+            self.problem = first_line(e)
+
+    def wait(self) -> None:
+        self._thread.join()
 
 
 def hub_token() -> str | None:
@@ -205,6 +237,12 @@ class Hub:
                 return None
 
     # -- writing
+
+    def preupload(self, repo_id: str, folder: Path, files: Sequence[str], *, create_pr: bool) -> PreUpload:
+        """Start uploading ``files`` of ``folder`` to an existing repo in the background, as blobs no
+        commit references yet (``preupload_lfs_files``): invisible until :meth:`publish` commits the
+        same bytes, which then need no upload. See :class:`PreUpload`."""
+        return PreUpload(self, repo_id, folder, tuple(files), create_pr=create_pr)
 
     def publish(
         self,

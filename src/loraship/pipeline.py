@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,7 @@ from loraship import __version__
 from loraship.adapter import CONFIG_NAME as ADAPTER_CONFIG
 from loraship.adapter import PICKLE_NAME, WEIGHTS_NAME
 from loraship.errors import AdapterError, BaseModelError, HubError, OutputError
-from loraship.hub import CommitConflict, Hub, Publication, RepoState
+from loraship.hub import CommitConflict, Hub, PreUpload, Publication, RepoState
 from loraship.merge import current_umask
 from loraship.quantized import check_base
 from loraship.repo_files import CARD_NAME, CHAT_TEMPLATE_FILES, TOKENIZER_FILES, WEIGHT_DIRS, WEIGHT_SUFFIXES
@@ -128,6 +128,7 @@ class _Run:
         self.overwrite, self.progress, self.log = overwrite, progress, log
         self.stage: Log = lambda name: None
         self.target = job.output_target
+        self.preupload: PreUpload | None = None
 
     def _hub(self) -> Hub:
         assert self.hub is not None
@@ -172,6 +173,7 @@ class _Run:
                        max_shard_size=job.max_shard_size, overwrite=True, allow_pickle=job.allow_pickle,
                        progress=self.progress, keep_code=job.trust_remote_code, requantize=job.requantize)  # fmt: skip
         notes = result.prepared.notes
+        self.preupload = self._start_preupload(staging, result.weight_files)
         self.stage("Verify")
         report = self._verify(base, adapter, staging)
         self.log("Writing the model card ...")
@@ -406,9 +408,23 @@ class _Run:
         shutil.rmtree(staging.parent, ignore_errors=True)
         return final
 
+    def _start_preupload(self, staging: Path, weight_files: Sequence[str]) -> PreUpload | None:
+        """Upload the weights while they are verified, when the output repo already exists (a new one
+        is created only once verification passed): nothing is visible until the commit."""
+        repo_id = self.target.repo_id
+        if repo_id is None or self.dry_run or not self.job.verify.enabled or self._hub().head(repo_id) is None:
+            return None
+        shards = [f for f in weight_files if f.endswith(".safetensors")]
+        self.log(f"Uploading {len(shards)} weight file(s) while verifying (no commit until verification passes) ...")
+        return self._hub().preupload(repo_id, staging, shards, create_pr=self.job.publish.mode == "pr")
+
     def _publish(self, staging: Path, base: _Input, key: str, done: RunResult) -> RunResult:
         hub = self._hub()
         repo_id = self.target.repo_id or ""
+        if self.preupload is not None:
+            self.preupload.wait()
+            if self.preupload.problem:
+                self.log(f"The upload during verification did not finish ({self.preupload.problem}): uploading now.")
         parent = hub.head(repo_id)
         found = hub.find_publication(repo_id, key)  # again: a run beside this one may have finished first
         if found is not None:
