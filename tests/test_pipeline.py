@@ -698,3 +698,18 @@ def _seed_adapter(seeded: Seeded, hub_server, repo_id: str, modules: list[str]) 
     config = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "meta/base"}))
     hub_server.seed(repo_id, adapter)
+
+
+def test_publishing_is_one_create_commit_never_upload_folder(seeded, hub_server, capsys, monkeypatch) -> None:
+    """With hf_xet installed (every real install), huggingface_hub 2.4's upload_folder streams a large
+    folder into several commits; the first would carry the provenance a rerun trusts. The test Hub has
+    no xet, so the guard is on the call: publishing must not go through upload_folder."""
+    from huggingface_hub import HfApi
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("upload_folder may split a publication into several commits")
+
+    monkeypatch.setattr(HfApi, "upload_folder", refuse)
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged")
+    assert code == 0, err
+    assert hub_server.commit_list("alice/merged")[0].title.startswith("Merge alice/lora")

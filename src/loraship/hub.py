@@ -268,16 +268,32 @@ class Hub:
             with self._errors("gate", repo_id):
                 self.api.update_repo_settings(repo_id, gated=gated)  # type: ignore[arg-type]
         with self._errors("push to", repo_id):
-            # delete_patterns="*": the commit removes every file the new version does not have (all but
-            # .gitattributes). A stale `model.safetensors` beside new shards would load instead of them.
-            info = self.api.upload_folder(
-                repo_id=repo_id, folder_path=str(folder), commit_message=title, commit_description=description,
-                create_pr=create_pr, parent_commit=parent_commit if not create_pr else None, delete_patterns="*",
+            info = self.api.create_commit(
+                repo_id, operations=self._replacing(folder, repo_id), commit_message=title,
+                commit_description=description, create_pr=create_pr,
+                parent_commit=parent_commit if not create_pr else None,
             )  # fmt: skip
         sha = str(info.oid)
         if tag:
             self.ensure_tag(repo_id, tag, sha)
         return Publication(repo_url=self.url(repo_id), commit_sha=sha, pr_url=info.pr_url, tag=tag)
+
+    def _replacing(self, folder: Path, repo_id: str) -> list[Any]:
+        """Operations that make the repo's default branch hold exactly ``folder``: every file added,
+        every other file deleted (but ``.gitattributes``). A stale `model.safetensors` left beside
+        new shards would load instead of them.
+
+        One ``create_commit``, never ``upload_folder``: with hf_xet installed, huggingface_hub 2.4's
+        ``upload_folder`` streams large folders into several commits ("part 2"...), and a partial
+        first commit would carry the provenance title that tells a rerun the model is published.
+        """
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        from huggingface_hub.hf_api import RepoFile
+
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        remote = [e.path for e in self.api.list_repo_tree(repo_id, recursive=True) if isinstance(e, RepoFile)]
+        stale = [CommitOperationDelete(path_in_repo=p) for p in remote if p not in files and p != ".gitattributes"]
+        return [*stale, *(CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files)]
 
     def ensure_tag(self, repo_id: str, tag: str, sha: str) -> None:
         """Tag ``sha`` (nothing to do when the tag is already there).
