@@ -9,6 +9,7 @@ repos, and the Jobs API (``run_job``). State lives in memory; every request is l
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import itertools
@@ -16,7 +17,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt")
 _INVALID_TOKEN = {"X-Error-Message": "Invalid credentials in Authorization header"}
@@ -123,6 +124,8 @@ class FakeHub:
         #: The request token GitHub Actions gives a job with `id-token: write`, and the id token it mints.
         self.actions_oidc: tuple[str, str] | None = None
         self.url = ""
+        #: Bytes per second for file downloads and LFS uploads, each way (benchmarks/run_bench.py); None: no limit.
+        self.bandwidth: float | None = None
         self._lock = threading.RLock()
         self._counter = itertools.count(1)
         self.app = self._build_app()
@@ -246,6 +249,24 @@ class FakeHub:
             headers = {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model is restricted"}
             return Response(status_code=401 if user is None else 403, headers=headers)
         return None
+
+    async def _paced(self, data: bytes, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
+        """``data`` in chunks, at ``bandwidth`` bytes per second."""
+        assert self.bandwidth is not None
+        start = time.monotonic()
+        for offset in range(0, len(data), chunk):
+            yield data[offset : offset + chunk]
+            await asyncio.sleep(max(0.0, start + (offset + chunk) / self.bandwidth - time.monotonic()))
+
+    async def _paced_body(self, request: Request) -> bytes:
+        """A request body read at ``bandwidth`` bytes per second."""
+        assert self.bandwidth is not None
+        start, parts, size = time.monotonic(), [], 0
+        async for part in request.stream():
+            parts.append(part)
+            size += len(part)
+            await asyncio.sleep(max(0.0, start + size / self.bandwidth - time.monotonic()))
+        return b"".join(parts)
 
     def _card_data(self, commit: Commit) -> dict[str, Any] | None:
         stored = commit.files.get("README.md")
@@ -374,6 +395,8 @@ class FakeHub:
             if request.method == "HEAD":
                 return Response(status_code=200, headers=headers)
             data = stored.content if stored.content is not None else hub.lfs[stored.lfs_oid or ""]
+            if hub.bandwidth is not None:
+                return StreamingResponse(hub._paced(data), headers=headers, media_type="application/octet-stream")
             return Response(content=data, headers=headers, media_type="application/octet-stream")
 
         @app.get("/api/models/{ns}/{name}/refs")
@@ -471,7 +494,7 @@ class FakeHub:
 
         @app.put("/lfs-upload/{oid}")
         async def lfs_upload(request: Request, oid: str) -> Any:
-            data = await request.body()
+            data = await request.body() if hub.bandwidth is None else await hub._paced_body(request)
             if hashlib.sha256(data).hexdigest() != oid:
                 return JSONResponse({"error": "sha256 mismatch"}, status_code=400)
             hub.lfs[oid] = data

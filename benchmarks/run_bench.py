@@ -1,0 +1,191 @@
+"""Run benchmark (not a test): `loraship run` Hub to Hub through the local test Hub, with a bandwidth limit.
+
+The 1.1 B benchmark model of merge_bench.py (``--size 2``: 2.2 B) is seeded on the local Hub of the
+tests (tests/hub_server.py, the real huggingface_hub client talks to it), which serves downloads and
+takes LFS uploads at ``--bandwidth`` MB/s each way, so the network matters as it does in real life.
+
+Measured, each `loraship run` in its own process with a fresh Hugging Face cache:
+
+- the pure transfers of the same bytes: downloading the base, uploading a model of that size;
+- **first publication** (a new output repo): download, merge, verify, then upload and commit;
+- **release into an existing repo**: the weights upload while they are verified (preupload).
+
+For each: wall time, wall ÷ max(download, upload), peak disk used (the cache and the staging
+folder, sampled every 0.2 s), peak RSS. Verification checks the weights (``verify.outputs: false``)
+unless ``--outputs``.
+
+    .venv/bin/python benchmarks/run_bench.py [--size 1] [--bandwidth 200] [--outputs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+import merge_bench  # noqa: E402  (benchmarks/, on the path above)
+
+TOKEN = "hf_bench_token_not_a_secret"
+
+
+class DiskSampler:
+    """The largest total size of the files under some folders, sampled in a thread."""
+
+    def __init__(self, *folders: Path) -> None:
+        self.folders, self.peak, self._stop = folders, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak = max(self.peak, sum(_size(f) for f in self.folders))
+
+    def __enter__(self) -> DiskSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):  # a file deleted while walking
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def measured(cmd: list[str], env: dict[str, str], *folders: Path) -> dict[str, float]:
+    """Wall seconds, peak RSS and peak disk (bytes) of one child process."""
+    with DiskSampler(*folders) as disk:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return {"wall_s": wall, "rss_bytes": usage.ru_maxrss * 1024, "disk_bytes": disk.peak}
+
+
+def bench(size: int, bandwidth_mb: float, outputs: bool) -> dict[str, object]:
+    from hub_server import start_hub, stop
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = merge_bench.cached(size)
+    running = start_hub()
+    hub = running.hub
+    hub.add_user(TOKEN, "bench")
+    work = Path(tempfile.mkdtemp(prefix="loraship-run-bench-"))
+    try:
+        hub.seed("bench/base", base)
+        for name, factor in (("bench/lora", 1.0), ("bench/lora2", 1.01)):  # two adapters: different merged bytes
+            folder = work / name.replace("/", "--")
+            shutil.copytree(adapter, folder)
+            config = json.loads((folder / "adapter_config.json").read_text())
+            (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "bench/base"}))
+            tensors = load_file(str(folder / "adapter_model.safetensors"))
+            save_file({k: v * factor if "lora_B" in k else v for k, v in tensors.items()},
+                      str(folder / "adapter_model.safetensors"))  # fmt: skip
+            hub.seed(name, folder)
+        (work / "readme").mkdir()
+        (work / "readme" / "README.md").write_text("An earlier release.\n")
+        hub.seed("bench/existing", work / "readme")
+        hub.bandwidth = bandwidth_mb * 1e6
+        weights = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+
+        def env(home: Path) -> dict[str, str]:
+            return {**os.environ, "HF_HOME": str(home), "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN,
+                    "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                    "HF_HUB_DISABLE_XET": "1"}  # fmt: skip  # the test Hub speaks LFS, not xet
+
+        py = sys.executable
+        results: dict[str, dict[str, float]] = {}
+        home = work / "home-download"
+        results["download"] = measured(
+            [py, "-c", "import sys; from huggingface_hub import snapshot_download; snapshot_download('bench/base')"],
+            env(home), home,
+        )  # fmt: skip
+        upload = (
+            "import sys; from huggingface_hub import HfApi; api = HfApi(); api.create_repo('bench/upload'); "
+            "api.upload_folder(repo_id='bench/upload', folder_path=sys.argv[1])"
+        )
+        probe = work / "upload-probe"  # fresh random bytes: blobs the Hub already holds are not sent again
+        probe.mkdir()
+        with open(probe / "model.safetensors", "wb") as f:
+            for offset in range(0, weights, 64 << 20):
+                f.write(os.urandom(min(64 << 20, weights - offset)))
+        results["upload"] = measured([py, "-c", upload, str(probe)], env(work / "home-upload"))
+        shutil.rmtree(probe)
+        verify = "" if outputs else "verify:\n  outputs: false\n"
+        runs = (("first publication (new repo)", "bench/lora", "bench/first"),
+                ("release into an existing repo", "bench/lora2", "bench/existing"))  # fmt: skip
+        for label, adapter_repo, output in runs:
+            job = work / f"{output.replace('/', '--')}.yaml"
+            job.write_text(f"adapter: {adapter_repo}\noutput: {output}\n{verify}")
+            home, staging = work / f"home-{output.replace('/', '--')}", work / f"staging-{output.replace('/', '--')}"
+            cmd = [py, "-m", "loraship", "run", "--config", str(job), "--workdir", str(staging), "--quiet"]
+            results[label] = measured(cmd, env(home), home, staging)
+            shutil.rmtree(home, ignore_errors=True)
+    finally:
+        stop(running.server, running.thread)
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPython {platform.python_version()}",
+        "size": size,
+        "weights_bytes": weights,
+        "bandwidth_mb_s": bandwidth_mb,
+        "outputs_checked": outputs,
+        "results": results,
+    }
+
+
+def table(result: dict[str, object]) -> str:
+    results = result["results"]
+    assert isinstance(results, dict)
+    transfer = max(results["download"]["wall_s"], results["upload"]["wall_s"])
+    rows = ["| what | wall | ÷ max(download, upload) | peak disk | peak RSS |", "|---|---|---|---|---|"]
+    for label, r in results.items():
+        disk = f"{r['disk_bytes'] / 1e9:.2f} GB" if r["disk_bytes"] else "–"
+        rows.append(f"| {label} | {r['wall_s']:.1f} s | {r['wall_s'] / transfer:.2f}× | {disk} | "
+                    f"{r['rss_bytes'] / 1e9:.2f} GB |")  # fmt: skip
+    weights = result["weights_bytes"]
+    assert isinstance(weights, int)
+    head = (f"{weights / 1e9:.2f} GB of weights (x{result['size']}), {result['bandwidth_mb_s']:g} MB/s each way, "
+            f"outputs checked: {result['outputs_checked']}; {result['machine']}; {result['date']}")  # fmt: skip
+    return head + "\n\n" + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=1, help="model depth multiplier (1: 1.1 B, 2: 2.2 B)")
+    parser.add_argument("--bandwidth", type=float, default=200, help="MB/s each way at the local Hub (default 200)")
+    parser.add_argument("--outputs", action="store_true", help="run the output-level check too (slow on CPU)")
+    parser.add_argument("--json", type=Path, help="write the result here (default: benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    result = bench(args.size, args.bandwidth, args.outputs)
+    print(table(result))
+    out = args.json or merge_bench.RESULTS / f"run_bench_x{args.size}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nWrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
