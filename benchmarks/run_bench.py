@@ -83,44 +83,59 @@ def measured(cmd: list[str], env: dict[str, str], *folders: Path) -> dict[str, f
     return {"wall_s": wall, "rss_bytes": usage.ru_maxrss * 1024, "disk_bytes": disk.peak}
 
 
-def bench(size: int, bandwidth_mb: float, outputs: bool) -> dict[str, object]:
+def serve_hub(base: Path, adapter: Path, work: Path, bandwidth_mb: float) -> None:
+    """``--serve``: seed the local Hub, print its URL, serve until stdin closes. Its own process: it
+    holds every file in memory, and a child inherits its parent's peak-RSS mark across exec."""
     from hub_server import start_hub, stop
     from safetensors.torch import load_file, save_file
 
-    base, adapter = merge_bench.cached(size)
     running = start_hub()
     hub = running.hub
     hub.add_user(TOKEN, "bench")
+    hub.seed("bench/base", base)
+    for name, factor in (("bench/lora", 1.0), ("bench/lora2", 1.01)):  # two adapters: different merged bytes
+        folder = work / name.replace("/", "--")
+        shutil.copytree(adapter, folder)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "bench/base"}))
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        save_file({k: v * factor if "lora_B" in k else v for k, v in tensors.items()},
+                  str(folder / "adapter_model.safetensors"))  # fmt: skip
+        hub.seed(name, folder)
+    (work / "readme").mkdir()
+    (work / "readme" / "README.md").write_text("An earlier release.\n")
+    hub.seed("bench/existing", work / "readme")
+    hub.bandwidth = bandwidth_mb * 1e6
+    print(hub.url, flush=True)
+    sys.stdin.read()
+    stop(running.server, running.thread)
+
+
+def bench(size: int, bandwidth_mb: float, outputs: bool) -> dict[str, object]:
+    base, adapter = merge_bench.cached(size)
     work = Path(tempfile.mkdtemp(prefix="loraship-run-bench-"))
+    py = sys.executable
+    server = subprocess.Popen([py, __file__, "--serve", str(base), str(adapter), str(work), str(bandwidth_mb)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        hub.seed("bench/base", base)
-        for name, factor in (("bench/lora", 1.0), ("bench/lora2", 1.01)):  # two adapters: different merged bytes
-            folder = work / name.replace("/", "--")
-            shutil.copytree(adapter, folder)
-            config = json.loads((folder / "adapter_config.json").read_text())
-            (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "bench/base"}))
-            tensors = load_file(str(folder / "adapter_model.safetensors"))
-            save_file({k: v * factor if "lora_B" in k else v for k, v in tensors.items()},
-                      str(folder / "adapter_model.safetensors"))  # fmt: skip
-            hub.seed(name, folder)
-        (work / "readme").mkdir()
-        (work / "readme" / "README.md").write_text("An earlier release.\n")
-        hub.seed("bench/existing", work / "readme")
-        hub.bandwidth = bandwidth_mb * 1e6
+        assert server.stdout is not None
+        url = server.stdout.readline().strip()
+        if not url:
+            raise SystemExit("the local Hub did not start")
         weights = sum(p.stat().st_size for p in base.glob("*.safetensors"))
 
         def env(home: Path) -> dict[str, str]:
-            return {**os.environ, "HF_HOME": str(home), "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN,
+            return {**os.environ, "HF_HOME": str(home), "HF_ENDPOINT": url, "HF_TOKEN": TOKEN,
                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                     "HF_HUB_DISABLE_XET": "1"}  # fmt: skip  # the test Hub speaks LFS, not xet
 
-        py = sys.executable
         results: dict[str, dict[str, float]] = {}
         home = work / "home-download"
         results["download"] = measured(
             [py, "-c", "import sys; from huggingface_hub import snapshot_download; snapshot_download('bench/base')"],
             env(home), home,
         )  # fmt: skip
+        shutil.rmtree(home, ignore_errors=True)
         upload = (
             "import sys; from huggingface_hub import HfApi; api = HfApi(); api.create_repo('bench/upload'); "
             "api.upload_folder(repo_id='bench/upload', folder_path=sys.argv[1])"
@@ -136,14 +151,15 @@ def bench(size: int, bandwidth_mb: float, outputs: bool) -> dict[str, object]:
         runs = (("first publication (new repo)", "bench/lora", "bench/first"),
                 ("release into an existing repo", "bench/lora2", "bench/existing"))  # fmt: skip
         for label, adapter_repo, output in runs:
-            job = work / f"{output.replace('/', '--')}.yaml"
+            slug = output.replace("/", "--")
+            job = work / f"{slug}.yaml"
             job.write_text(f"adapter: {adapter_repo}\noutput: {output}\n{verify}")
-            home, staging = work / f"home-{output.replace('/', '--')}", work / f"staging-{output.replace('/', '--')}"
+            home, staging = work / f"home-{slug}", work / f"staging-{slug}"
             cmd = [py, "-m", "loraship", "run", "--config", str(job), "--workdir", str(staging), "--quiet"]
             results[label] = measured(cmd, env(home), home, staging)
             shutil.rmtree(home, ignore_errors=True)
     finally:
-        stop(running.server, running.thread)
+        server.communicate(timeout=30)  # closes its stdin: it stops
         shutil.rmtree(work, ignore_errors=True)
     return {
         "date": date.today().isoformat(),
@@ -178,7 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidth", type=float, default=200, help="MB/s each way at the local Hub (default 200)")
     parser.add_argument("--outputs", action="store_true", help="run the output-level check too (slow on CPU)")
     parser.add_argument("--json", type=Path, help="write the result here (default: benchmarks/results/...)")
+    parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)  # internal: the local Hub's process
     args = parser.parse_args(argv)
+    if args.serve:
+        base, adapter, work, bandwidth = args.serve
+        serve_hub(Path(base), Path(adapter), Path(work), float(bandwidth))
+        return 0
     result = bench(args.size, args.bandwidth, args.outputs)
     print(table(result))
     out = args.json or merge_bench.RESULTS / f"run_bench_x{args.size}.json"

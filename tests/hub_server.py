@@ -126,6 +126,7 @@ class FakeHub:
         self.url = ""
         #: Bytes per second for file downloads and LFS uploads, each way (benchmarks/run_bench.py); None: no limit.
         self.bandwidth: float | None = None
+        self._link_free: dict[str, float] = {}  # when each way of the link is free again
         self._lock = threading.RLock()
         self._counter = itertools.count(1)
         self.app = self._build_app()
@@ -251,22 +252,27 @@ class FakeHub:
         return None
 
     async def _paced(self, data: bytes, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
-        """``data`` in chunks, at ``bandwidth`` bytes per second."""
-        assert self.bandwidth is not None
-        start = time.monotonic()
+        """``data`` in chunks, all downloads together at ``bandwidth`` bytes per second."""
         for offset in range(0, len(data), chunk):
             yield data[offset : offset + chunk]
-            await asyncio.sleep(max(0.0, start + (offset + chunk) / self.bandwidth - time.monotonic()))
+            await self._take("down", min(chunk, len(data) - offset))
 
     async def _paced_body(self, request: Request) -> bytes:
-        """A request body read at ``bandwidth`` bytes per second."""
-        assert self.bandwidth is not None
-        start, parts, size = time.monotonic(), [], 0
+        """A request body, all uploads together at ``bandwidth`` bytes per second."""
+        parts = []
         async for part in request.stream():
             parts.append(part)
-            size += len(part)
-            await asyncio.sleep(max(0.0, start + size / self.bandwidth - time.monotonic()))
+            await self._take("up", len(part))
         return b"".join(parts)
+
+    async def _take(self, way: str, nbytes: int) -> None:
+        """Wait until ``nbytes`` more fit in the link one way (shared by every connection)."""
+        assert self.bandwidth is not None
+        with self._lock:
+            start = max(time.monotonic(), self._link_free.get(way, 0.0))
+            self._link_free[way] = start + nbytes / self.bandwidth
+            until = self._link_free[way]
+        await asyncio.sleep(max(0.0, until - time.monotonic()))
 
     def _card_data(self, commit: Commit) -> dict[str, Any] | None:
         stored = commit.files.get("README.md")
