@@ -375,3 +375,16 @@ def test_a_workspace_file_named_entrypoint_cannot_run_instead(tmp_path: Path) ->
                           text=True, check=False)  # fmt: skip
     assert "SHADOWED" not in proc.stdout
     assert "::error" in proc.stdout  # loraship's entry ran: no adapter was given
+
+
+def test_requantize_input_reaches_the_job(seeded, hub_server, github, tmp_path: Path) -> None:
+    run = run_action(tmp_path, hub_server, github, {**BASIC, "requantize": "true"})  # the seeded base is not FP8
+    assert run.code == 1
+    assert (
+        "::error title=Bad input::--requantize writes the merged weights back in the base's format; loraship "
+        "requantizes block-scaled FP8 (float8_e4m3fn) only, and the base model "
+    ) in run.stdout
+    assert "alice/merged" not in hub_server.repos
+    assert not any(path.endswith("/model.safetensors") for _, path in hub_server.requests)  # refused before
+    run = run_action(tmp_path, hub_server, github, {**BASIC, "requantize": "maybe"})
+    assert "::error title=Bad input::Input `requantize` must be true or false, got 'maybe'." in run.stdout

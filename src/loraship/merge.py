@@ -76,7 +76,7 @@ class PreparedMerge:
         """The merge writing the base's FP8 format (``--requantize``) instead of 16 bits.
 
         Raises:
-            UnsupportedError: The base is not block-scaled FP8.
+            InputError: The base is not block-scaled FP8.
         """
         return replace(self, plan=quantized.requantized(self.plan, self.base_config, str(self.base_dir)))
 

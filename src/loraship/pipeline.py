@@ -28,7 +28,7 @@ from loraship.adapter import PICKLE_NAME, WEIGHTS_NAME
 from loraship.errors import AdapterError, BaseModelError, HubError, OutputError
 from loraship.hub import CommitConflict, Hub, PreUpload, Publication, RepoState
 from loraship.merge import current_umask
-from loraship.quantized import check_base
+from loraship.quantized import check_base, check_requantizable
 from loraship.repo_files import CARD_NAME, CHAT_TEMPLATE_FILES, TOKENIZER_FILES, WEIGHT_DIRS, WEIGHT_SUFFIXES
 from loraship.safetensors_io import CODE_NAMES
 from loraship.spec import MergeJob, Source
@@ -316,6 +316,8 @@ class _Run:
                 fix=f"Set `base:` in the job (or --base) to the full-precision model{hint}; adapters trained on a "
                 "quantized copy merge into the original weights.",
             ) from e
+        if self.job.requantize:
+            check_requantizable(config, str(state))
         files = base_files(state.files, allow_pickle=self.job.allow_pickle,
                            remote_code=self.job.trust_remote_code)  # fmt: skip
         sizes = hub.file_sizes(state)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from loraship.errors import BaseModelError, UnsupportedError
+from loraship.errors import BaseModelError, InputError
 from loraship.safetensors_io import CODE_NAMES, DTYPE_NAMES, Checkpoint, TensorInfo, torch_dtype
 
 if TYPE_CHECKING:
@@ -206,6 +206,22 @@ def quantize_fp8(value: Any, how: Requantize) -> tuple[Any, Any]:
     return q, inverse.to(torch_dtype(how.scales_code))
 
 
+def check_requantizable(config: Mapping[str, Any], where: str, *, e4m3: bool = True) -> None:
+    """Refuse ``--requantize`` for a base that is not block-scaled FP8 (from its config: before any
+    weight is downloaded; ``e4m3``: its FP8 weights, once their headers are read, are float8_e4m3fn).
+
+    Raises:
+        InputError: The option does not apply to this base.
+    """
+    if method(config) == "fp8" and e4m3:
+        return
+    raise InputError(
+        f"--requantize writes the merged weights back in the base's format; loraship requantizes block-scaled "
+        f"FP8 (float8_e4m3fn) only, and the base model `{where}` is {describe(config) or 'not quantized'}.",
+        fix="Drop --requantize (in loraship.yaml: `requantize: false`): the merged model is written in 16 bits.",
+    )
+
+
 def requantized(plan: MergePlan, config: Mapping[str, Any], where: str) -> MergePlan:
     """``plan`` (of a dequantized FP8 base) writing the base's format instead of 16 bits: weights the
     adapter does not change are copied with their scales byte for byte; changed ones are merged in
@@ -213,19 +229,13 @@ def requantized(plan: MergePlan, config: Mapping[str, Any], where: str) -> Merge
     config.json keeps its quantization_config.
 
     Raises:
-        UnsupportedError: The base is not block-scaled FP8 (e4m3).
+        InputError: The base is not block-scaled FP8 (e4m3): the option does not apply.
     """
     from loraship.plan import ScalesStep
 
     quant = quantization(config) or {}
     fp8 = [t for t in plan.tensors if t.scale is not None and t.source is not None]
-    if method(config) != "fp8" or any(t.source is not None and t.source.dtype != "F8_E4M3" for t in fp8):
-        found = describe(config) or "not quantized"
-        raise UnsupportedError(
-            f"--requantize writes the merged weights back in the base's format; loraship requantizes block-scaled "
-            f"FP8 (float8_e4m3fn) only, and the base model `{where}` is {found}.",
-            fix="Drop --requantize (in loraship.yaml: `requantize: false`): the merged model is written in 16 bits.",
-        )
+    check_requantizable(config, where, e4m3=all(t.source is not None and t.source.dtype == "F8_E4M3" for t in fp8))
     tensors: list[TensorPlan] = []
     requantized_count = 0
     for t in plan.tensors:
