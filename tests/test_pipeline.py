@@ -713,3 +713,25 @@ def test_publishing_is_one_create_commit_never_upload_folder(seeded, hub_server,
     code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged")
     assert code == 0, err
     assert hub_server.commit_list("alice/merged")[0].title.startswith("Merge alice/lora")
+
+
+def test_killed_during_the_upload_publishes_nothing_and_a_rerun_publishes_once(seeded, hub_server, capsys) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged")  # the repo exists
+    assert code == 0, err
+    commits = hub_server.commit_list("alice/merged")
+    _seed_adapter(seeded, hub_server, "alice/lora2", ["o_proj"])
+    cmd = [sys.executable, "-m", "loraship", "run", "--adapter", "alice/lora2", "--output", "alice/merged", "--quiet"]
+    env = {**os.environ, "HF_ENDPOINT": seeded.url, "HF_TOKEN": TOKENS["alice"]}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    hub_server.faults.append(Fault("PUT", "/lfs-upload/", "drop", hook=lambda: os.killpg(proc.pid, signal.SIGKILL)))
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL  # killed while its weights were on the way
+    assert hub_server.commit_list("alice/merged") == commits  # nothing visible
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora2", "--output", "alice/merged")
+    assert code == 0, err
+    assert len(hub_server.commit_list("alice/merged")) == len(commits) + 1
