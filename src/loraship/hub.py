@@ -9,7 +9,7 @@ import contextlib
 import json
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,31 +68,44 @@ class PreUpload:
     """Weights uploaded while the merged model is verified (the repo must exist: a new repo would be
     visible before verification passed).
 
-    Nothing is committed here. :meth:`Hub.publish` hashes the files again after verification and
-    commits those hashes, so the commit references exactly the verified bytes: a blob uploaded
-    here is used only if its sha256 is the same. A failure here is not an error: publish uploads
-    whatever is missing; :attr:`problem` says what happened.
+    Nothing is committed here. The files are made read-only first; :meth:`Hub.publish` reuses an
+    operation (its sha256, its uploaded blob) only for a file whose size, mtime and inode are still
+    those it had then, so the commit names exactly the bytes that verification read; any other file
+    is hashed and uploaded again. A failure here is not an error: publish uploads whatever is
+    missing; :attr:`problem` says what happened.
     """
 
     def __init__(self, hub: Hub, repo_id: str, folder: Path, files: tuple[str, ...], *, create_pr: bool) -> None:
         self.problem: str | None = None
-        self.uploaded = False
-        self._thread = threading.Thread(target=self._run, args=(hub, repo_id, folder, files, create_pr),
+        self.folder = folder
+        self.additions: dict[str, Any] = {}
+        self._stats = {}
+        for f in files:
+            (folder / f).chmod(0o444)
+            self._stats[f] = _identity(folder / f)
+        self._thread = threading.Thread(target=self._run, args=(hub, repo_id, files, create_pr),
                                         name="loraship-preupload", daemon=True)  # fmt: skip
         self._thread.start()
 
-    def _run(self, hub: Hub, repo_id: str, folder: Path, files: tuple[str, ...], create_pr: bool) -> None:
+    def _run(self, hub: Hub, repo_id: str, files: tuple[str, ...], create_pr: bool) -> None:
         from huggingface_hub import CommitOperationAdd
 
         try:
-            additions = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
-            hub.api.preupload_lfs_files(repo_id, additions, create_pr=create_pr)
-            self.uploaded = True
+            additions = {f: CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(self.folder / f)) for f in files}
+            self.additions = additions
+            hub.api.preupload_lfs_files(repo_id, list(additions.values()), create_pr=create_pr)
         except Exception as e:  # publish uploads what is missing; the reason is kept for the log
             self.problem = first_line(e)
 
-    def wait(self) -> None:
+    def wait(self) -> dict[str, Any]:
+        """When the upload has ended: the operations publish may reuse (files unchanged since)."""
         self._thread.join()
+        return {f: op for f, op in self.additions.items() if _identity(self.folder / f) == self._stats[f]}
+
+
+def _identity(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def hub_token() -> str | None:
@@ -256,6 +269,7 @@ class Hub:
         create_pr: bool,
         tag: str | None,
         parent_commit: str | None,
+        reuse: Mapping[str, Any] | None = None,
     ) -> Publication:
         """Create the repo if needed, gate it, make it hold exactly ``folder`` in one commit (or PR), then tag it.
 
@@ -269,7 +283,7 @@ class Hub:
                 self.api.update_repo_settings(repo_id, gated=gated)  # type: ignore[arg-type]
         with self._errors("push to", repo_id):
             info = self.api.create_commit(
-                repo_id, operations=self._replacing(folder, repo_id), commit_message=title,
+                repo_id, operations=self._replacing(folder, repo_id, reuse or {}), commit_message=title,
                 commit_description=description, create_pr=create_pr,
                 parent_commit=parent_commit if not create_pr else None,
             )  # fmt: skip
@@ -278,7 +292,7 @@ class Hub:
             self.ensure_tag(repo_id, tag, sha)
         return Publication(repo_url=self.url(repo_id), commit_sha=sha, pr_url=info.pr_url, tag=tag)
 
-    def _replacing(self, folder: Path, repo_id: str) -> list[Any]:
+    def _replacing(self, folder: Path, repo_id: str, reuse: Mapping[str, Any]) -> list[Any]:
         """Operations that make the repo's default branch hold exactly ``folder``: every file added,
         every other file deleted (but ``.gitattributes``). A stale `model.safetensors` left beside
         new shards would load instead of them.
@@ -293,7 +307,8 @@ class Hub:
         files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
         remote = [e.path for e in self.api.list_repo_tree(repo_id, recursive=True) if isinstance(e, RepoFile)]
         stale = [CommitOperationDelete(path_in_repo=p) for p in remote if p not in files and p != ".gitattributes"]
-        return [*stale, *(CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files)]
+        added = [reuse.get(f) or CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+        return [*stale, *added]
 
     def ensure_tag(self, repo_id: str, tag: str, sha: str) -> None:
         """Tag ``sha`` (nothing to do when the tag is already there).

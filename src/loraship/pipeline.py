@@ -423,8 +423,9 @@ class _Run:
     def _publish(self, staging: Path, base: _Input, key: str, done: RunResult) -> RunResult:
         hub = self._hub()
         repo_id = self.target.repo_id or ""
+        reuse: dict[str, Any] = {}
         if self.preupload is not None:
-            self.preupload.wait()
+            reuse = self.preupload.wait()
             if self.preupload.problem:
                 self.log(f"The upload during verification did not finish ({self.preupload.problem}): uploading now.")
         parent = hub.head(repo_id)
@@ -443,7 +444,7 @@ class _Run:
         try:
             publication = hub.publish(
                 staging, repo_id, private=self.job.private, gated=gated, title=title, description=description,
-                create_pr=self.job.publish.mode == "pr", tag=self.job.publish.tag, parent_commit=parent,
+                create_pr=self.job.publish.mode == "pr", tag=self.job.publish.tag, parent_commit=parent, reuse=reuse,
             )  # fmt: skip
         except CommitConflict:
             # Someone committed first: maybe this very merge (an earlier attempt whose reply was lost).
