@@ -27,6 +27,7 @@ from loraship.errors import BaseModelError, OutputError, UnsupportedError, first
 from loraship.model_map import ModelMap, ModelMapError, inspect_model
 from loraship.oracle import OracleReport, check_plan
 from loraship.plan import MergePlan, TensorPlan, plan_merge
+from loraship.preflight import existing_ancestor
 from loraship.repo_files import CONFIG_NAME, FileChoice, check_input_folder, choose_files, copy_files
 from loraship.report import human_bytes
 from loraship.safetensors_io import (
@@ -264,9 +265,7 @@ def check_output(output: Path, *, overwrite: bool, inputs: tuple[Path, ...], nee
             f"The output folder `{output}` exists and is not empty.",
             fix="Pass --overwrite to replace it, or choose another --output.",
         )
-    existing = output.resolve()
-    while not existing.exists():
-        existing = existing.parent
+    existing = existing_ancestor(output)
     if not os.access(existing, os.W_OK):
         raise OutputError(f"The output folder `{output}` cannot be created: `{existing}` is not writable.",
                           fix="Choose an --output in a folder you can write to.")  # fmt: skip

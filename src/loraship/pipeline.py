@@ -284,19 +284,16 @@ class _Run:
             preflight.Need("the merged model, staged", staging, int(weights / e.stored * e.written) + others),
         ])  # fmt: skip
         if spec.enabled and spec.outputs and preflight.cpu_output_check(spec.device):
-            written = out_dtype or str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
-            dtype = spec.dtype if spec.dtype != "auto" else written
-            preflight.check_memory(int(weights / e.stored * e.loaded), dtype)
+            preflight.check_memory(int(weights / e.stored * e.loaded), e.loaded_dtype)
 
     def _base(self, source: Source, state: RepoState | None) -> _Input:
         if state is None:
             assert source.path is not None
-            from loraship.preflight import folder_bytes
-
             config_file = source.path / "config.json"
             config = json.loads(config_file.read_text()) if config_file.is_file() else {}
             if source.path.is_dir():  # a missing folder is refused by the merge, with its own message
-                self._preflight(config, folder_bytes(source.path, [p.name for p in source.path.iterdir()]), 0)
+                sizes = {p.name: p.stat().st_size for p in source.path.iterdir() if p.is_file()}
+                self._preflight(config, sizes, 0)
             return _Input(source, source.path)
         hub = self._hub()
         if "config.json" not in state.files:

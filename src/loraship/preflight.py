@@ -9,7 +9,6 @@ come from the Hub's file listing (or the local folder) and the config, before an
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ class Sizes:
     stored: float
     written: float
     loaded: float
+    loaded_dtype: str
 
 
 def element_sizes(config: Mapping[str, Any], out_dtype: str | None, check_dtype: str, *, requantize: bool) -> Sizes:
@@ -54,8 +54,8 @@ def element_sizes(config: Mapping[str, Any], out_dtype: str | None, check_dtype:
     method = quantized.method(config) or ""
     stored = _QUANTIZED_ELEMENT.get(method, _ELEMENT.get(config_dtype, 2))
     written = stored if requantize and method in _QUANTIZED_ELEMENT else sixteen
-    loaded = _ELEMENT.get(check_dtype, sixteen)
-    return Sizes(stored, written, loaded)
+    loaded_dtype = check_dtype if check_dtype in _ELEMENT else (out_dtype or config_dtype)
+    return Sizes(stored, written, _ELEMENT.get(loaded_dtype, 2), loaded_dtype)
 
 
 def check_disk(needs: Sequence[Need]) -> None:
@@ -68,7 +68,7 @@ def check_disk(needs: Sequence[Need]) -> None:
     for need in needs:
         if need.nbytes <= 0:
             continue
-        existing = _existing(need.path)
+        existing = existing_ancestor(need.path)
         by_device.setdefault(existing.stat().st_dev, []).append((need, existing))
     for group in by_device.values():
         total = sum(n.nbytes for n, _ in group) + MARGIN
@@ -133,18 +133,9 @@ def cpu_output_check(device: str) -> bool:
     return not torch.cuda.is_available()
 
 
-def _existing(path: Path) -> Path:
+def existing_ancestor(path: Path) -> Path:
+    """``path`` (resolved), or its nearest parent that exists: where a folder still to be made will live."""
     path = path.resolve()
     while not path.exists():
         path = path.parent
     return path
-
-
-def folder_bytes(folder: Path, names: Sequence[str]) -> dict[str, int]:
-    """Sizes of the named files of a local folder (those that exist)."""
-    sizes = {}
-    for name in names:
-        path = folder / name
-        if path.is_file():
-            sizes[name] = os.stat(path).st_size
-    return sizes
