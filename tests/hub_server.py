@@ -193,6 +193,14 @@ class FakeHub:
                     return self.faults.pop(i)
         return None
 
+    async def _repo_request(self, request: Request) -> tuple[User, dict[str, Any], str] | Response:
+        """The user, JSON body and repo id of a repo creation or deletion (``name`` + ``organization``)."""
+        user = self._user(request)
+        if user is None or isinstance(user, Response):
+            return user or Response(status_code=401)
+        body = await request.json()
+        return user, body, f"{body.get('organization') or user.name}/{body['name']}"
+
     def _user(self, request: Request) -> User | Response | None:
         header = request.headers.get("authorization", "")
         if not header.lower().startswith("bearer "):
@@ -401,9 +409,17 @@ class FakeHub:
             if request.method == "HEAD":
                 return Response(status_code=200, headers=headers)
             data = stored.content if stored.content is not None else hub.lfs[stored.lfs_oid or ""]
+            status = 200
+            ranged = _byte_range(request.headers.get("range"), len(data))
+            if ranged is not None:  # what get_safetensors_metadata and resumed downloads ask for
+                start, stop = ranged
+                headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+                headers["Content-Length"] = str(stop - start)
+                data, status = data[start:stop], 206
             if hub.bandwidth is not None:
-                return StreamingResponse(hub._paced(data), headers=headers, media_type="application/octet-stream")
-            return Response(content=data, headers=headers, media_type="application/octet-stream")
+                return StreamingResponse(hub._paced(data), status_code=status, headers=headers,
+                                         media_type="application/octet-stream")  # fmt: skip
+            return Response(content=data, status_code=status, headers=headers, media_type="application/octet-stream")
 
         @app.get("/api/models/{ns}/{name}/refs")
         def refs(request: Request, ns: str, name: str) -> Any:
@@ -435,12 +451,11 @@ class FakeHub:
 
         @app.post("/api/repos/create")
         async def create(request: Request) -> Any:
-            user = hub._user(request)
-            if user is None or isinstance(user, Response):
-                return user or Response(status_code=401)
-            body = await request.json()
-            namespace = body.get("organization") or user.name
-            repo_id = f"{namespace}/{body['name']}"
+            asked = await hub._repo_request(request)
+            if isinstance(asked, Response):
+                return asked
+            user, body, repo_id = asked
+            namespace = repo_id.split("/")[0]
             url = f"{hub.url}/{repo_id}"
             with hub._lock:
                 if repo_id in hub.repos:
@@ -454,6 +469,20 @@ class FakeHub:
                 hub._commit(repo, "main", {".gitattributes": hub._store(".gitattributes", attributes)},
                             "initial commit", "", user.name)  # fmt: skip
             return {"url": url}
+
+        @app.delete("/api/repos/delete")
+        async def delete(request: Request) -> Any:
+            asked = await hub._repo_request(request)
+            if isinstance(asked, Response):
+                return asked
+            user, _, repo_id = asked
+            with hub._lock:
+                if repo_id not in hub.repos:
+                    return Response(status_code=404, headers={"X-Error-Code": "RepoNotFound"})
+                if not hub._member(user, repo_id.split("/")[0]) or user.role == "read":
+                    return JSONResponse({"error": "You don't have the rights to delete this repo"}, status_code=403)
+                del hub.repos[repo_id]
+            return {}
 
         @app.put("/api/models/{ns}/{name}/settings")
         async def settings(request: Request, ns: str, name: str) -> Any:
@@ -702,6 +731,16 @@ def start_hub() -> RunningHub:
 def stop(server: uvicorn.Server, thread: threading.Thread) -> None:
     server.should_exit = True
     thread.join(timeout=5)
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``bytes=a-b`` / ``bytes=a-`` -> [start, stop), clipped to the data; None for no (or another) range."""
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first, _, last = header[len("bytes=") :].partition("-")
+    start = int(first) if first else max(0, size - int(last))
+    stop = min(size, int(last) + 1) if first and last else size
+    return (start, max(start, stop))
 
 
 def iter_files(folder: Path) -> Iterator[str]:

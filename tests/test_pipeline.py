@@ -421,7 +421,7 @@ def test_forbidden_by_the_hub(seeded, hub_server, capsys, monkeypatch) -> None:
     monkeypatch.setattr("loraship.pipeline._Run._check_write_access", lambda self: None)
     code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "team/merged", "--no-verify")
     assert_failed(code, err, (
-        "Error: The token's account may not push to `team/merged` (403 Forbidden).\n"
+        "Error: The token's account may not upload to `team/merged` (403 Forbidden).\n"
         "Fix: Use a token with write access to that namespace, or publish to a repo in your own namespace.\n"
     ))  # fmt: skip
     assert len(hub_server.commit_list("team/merged")) == 1
@@ -529,6 +529,15 @@ def test_network_failures_from_any_library_are_known_and_bugs_are_not() -> None:
     assert (
         dns is not None and dns.message == "Cannot reach `huggingface.co`: ConnectionError (Name or service not known)."
     )
+    import httpx2  # what huggingface_hub 2.x speaks HTTP with: a dropped upload is the network, not a bug
+
+    dropped = RuntimeError("Error while uploading 'model.safetensors' to the Hub.")
+    dropped.__cause__ = httpx2.RemoteProtocolError("peer closed connection without sending complete message body")
+    found = known_failure(dropped)
+    assert found is not None and found.transient
+    assert found.message == (
+        "Cannot reach the network: RemoteProtocolError (peer closed connection without sending complete message body)."
+    )
 
 
 def test_quiet_silences_every_libraries_progress_bars(model_cache, tmp_path: Path) -> None:
@@ -553,25 +562,48 @@ def test_quiet_silences_every_libraries_progress_bars(model_cache, tmp_path: Pat
     assert "%|" not in run("quiet", "--quiet")
 
 
+SEQUENTIAL_DISK = (
+    r"\(the base's files, downloaded to the Hugging Face cache: (\S+ \S+) in `[^`]+`; the merged model, staged: "
+    r"(\S+ \S+) in `[^`]+`\), which has 1\.0 MB free\. Nothing was downloaded\.\n"
+    r"Fix: Free space there, or put the Hugging Face cache \(HF_HUB_CACHE or HF_HOME\) and the staging folder "
+    r"\(--workdir\) on disks with more room, or run on a machine with a larger disk\.\n"
+)
+STREAMED_WHOLE_DISK = (
+    r"\(the base's weights, downloaded for this run: (\S+ \S+) in `[^`]+/base`; the merged model, staged: "
+    r"(\S+ \S+) in `[^`]+`\), which has 1\.0 MB free\. Nothing was downloaded\.\n"
+    r"Fix: Free space there, or put the run's folder \(--workdir\) on a disk with more room\. Both models are on "
+    r"disk because the output check reads both whole models: with `verify: \{outputs: false\}` \(every merged "
+    r"tensor is still compared bit for bit with base \+ adapter\) a run to the Hub holds only a few shards at a "
+    r"time\.\n"
+)
+STREAMED_DISK = (
+    r"\(3 of the base's weight files at a time: (\S+ \S+) in `[^`]+/base`; 2 merged shards at a time: "
+    r"(\S+ \S+) in `[^`]+`\), which has 1\.0 MB free\. Nothing was downloaded\.\n"
+    r"Fix: Free space there, or put the run's folder \(--workdir\) on a disk with more room, or write smaller "
+    r"shards \(`max_shard_size` in loraship\.yaml, or --max-shard-size\)\.\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "outputs", "expected"),
+    [(["--no-stream"], True, SEQUENTIAL_DISK), ([], True, STREAMED_WHOLE_DISK), ([], False, STREAMED_DISK)],
+    ids=["sequential", "streamed-with-output-check", "streamed"],
+)
 def test_preflight_refuses_a_run_the_disk_cannot_hold_before_downloading(
-    seeded, hub_server, capsys, monkeypatch
+    seeded, hub_server, capsys, monkeypatch, args: list[str], outputs: bool, expected: str
 ) -> None:
     import shutil as real_shutil
     from collections import namedtuple
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(real_shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**6, 10**6))
-    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "alice/merged")
+    config = seeded.base.parent / "job.yaml"
+    config.write_text(f"adapter: alice/lora\noutput: alice/merged\nverify:\n  outputs: {str(outputs).lower()}\n")
+    code, _, err = run_cli(capsys, "--config", config, *args)
     assert code == 1
     weights = (seeded.base / "model.safetensors").stat().st_size
-    found = re.fullmatch(
-        r"Error: Not enough disk space for this run: it needs about (\S+ \S+) on the disk of `[^`]+` \(the base's "
-        r"files, downloaded to the Hugging Face cache: (\S+ \S+) in `[^`]+`; the merged model, staged: (\S+ \S+) in "
-        r"`[^`]+`\), which has 1\.0 MB free\. Nothing was downloaded\.\n"
-        r"Fix: Free space there, or put the Hugging Face cache \(HF_HUB_CACHE or HF_HOME\) and the staging folder "
-        r"\(--workdir\) on disks with more room, or run on a machine with a larger disk\.\n",
-        err,
-    )
+    found = re.fullmatch(r"Error: Not enough disk space for this run: it needs about (\S+ \S+) on the disk of "
+                         r"`[^`]+` " + expected, err)  # fmt: skip
     assert found, err
     assert all(_parse_bytes(found.group(i)) >= weights for i in (2, 3))  # the weights, downloaded, then merged
     assert not any(path.endswith("/model.safetensors") for _, path in hub_server.requests)

@@ -90,12 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--requantize", action="store_true", default=None,
         help="FP8 base: publish the changed weights in FP8 with the base's blocks (lossy; default: 16 bits)",
     )  # fmt: skip
+    run.add_argument("--max-shard-size", help="largest output shard (default: the job's max_shard_size, 5GB)")
     run.add_argument("--private", action="store_true", default=None, help="create the output repo private")
     run.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     run.add_argument("--tag", help="tag the published commit")
     run.add_argument("--commit-message", help="commit title (the provenance is appended)")
     run.add_argument("--no-verify", action="store_true", help="publish without verification (not recommended)")
     run.add_argument("--dry-run", action="store_true", help="do everything but publish; keep the staged folder")
+    run.add_argument("--no-stream", action="store_true",
+                     help="download the whole base before merging (default: download, merge, check and upload "
+                     "shard by shard)")  # fmt: skip
     run.add_argument("--overwrite", action="store_true", help="for dir: outputs, replace a non-empty folder")
     run.add_argument("--token", help="Hugging Face token (default: HF_TOKEN); never printed")
     run.add_argument("--workdir", type=Path, help="where to stage the merged folder (default: a temporary folder)")
@@ -223,7 +227,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def run_overrides(args: argparse.Namespace) -> dict[str, object]:
     """The job fields the `run` flags set (nested like loraship.yaml)."""
     values: dict[str, object] = {}
-    for name in ("adapter", "base", "output", "dtype", "requantize", "private"):
+    for name in ("adapter", "base", "output", "dtype", "max_shard_size", "requantize", "private"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     publish: dict[str, object] = {}
@@ -279,7 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workdir = args.workdir / job.name if args.workdir else None
         try:
             results.append(run(job, hub=hub, workdir=workdir, dry_run=args.dry_run, overwrite=args.overwrite,
-                               progress=not args.quiet, log=log))  # fmt: skip
+                               progress=not args.quiet, stream=not args.no_stream, log=log))  # fmt: skip
         except Exception as error:  # the bot reads this to decide between retrying and giving up
             e = error if isinstance(error, LorashipError) else known_failure(error)
             if e is None:

@@ -156,7 +156,7 @@ def known_failure(error: BaseException) -> LorashipError | None:
                 transient=False,
             )
         network = isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)) or (
-            module.split(".")[0] in ("requests", "httpx", "httpcore", "urllib3")
+            module.split(".")[0] in ("requests", "httpx", "httpcore", "httpx2", "httpcore2", "h11", "urllib3")
             and any(word in kind for word in ("Connect", "Timeout", "Network", "Protocol", "ReadError", "Transport"))
         )
         if network:
@@ -173,7 +173,10 @@ def known_failure(error: BaseException) -> LorashipError | None:
 def _host_of(error: BaseException) -> str:
     from urllib.parse import urlsplit
 
-    request = getattr(error, "request", None)
+    try:
+        request = getattr(error, "request", None)  # httpx raises RuntimeError for an error without a request
+    except RuntimeError:
+        request = None
     url = getattr(request, "url", None) if request is not None else None
     try:
         netloc = urlsplit(str(url)).netloc if url else ""

@@ -82,7 +82,7 @@ class PreUpload:
         self._stats = {}
         for f in files:
             (folder / f).chmod(0o444)
-            self._stats[f] = _identity(folder / f)
+            self._stats[f] = file_identity(folder / f)
         self._thread = threading.Thread(target=self._run, args=(hub, repo_id, files, create_pr),
                                         name="loraship-preupload", daemon=True)  # fmt: skip
         self._thread.start()
@@ -100,10 +100,11 @@ class PreUpload:
     def wait(self) -> dict[str, Any]:
         """When the upload has ended: the operations publish may reuse (files unchanged since)."""
         self._thread.join()
-        return {f: op for f, op in self.additions.items() if _identity(self.folder / f) == self._stats[f]}
+        return {f: op for f, op in self.additions.items() if file_identity(self.folder / f) == self._stats[f]}
 
 
-def _identity(path: Path) -> tuple[int, int, int]:
+def file_identity(path: Path) -> tuple[int, int, int]:
+    """Inode, size and modification time: a file is unchanged while they are."""
     st = path.stat()
     return st.st_ino, st.st_size, st.st_mtime_ns
 
@@ -222,6 +223,64 @@ class Hub:
                                      token=self.token or False, endpoint=self.endpoint)  # fmt: skip
         return Path(path)
 
+    def header(self, repo: RepoState, filename: str) -> bytes:
+        """The first bytes of a safetensors file, up to the end of its header (ranged reads, as
+        huggingface_hub's ``get_safetensors_metadata`` does, but keeping the exact bytes: the data's
+        offsets start after them).
+
+        Raises:
+            HubError: The read failed, or the file is not safetensors.
+        """
+        import struct
+
+        from huggingface_hub import get_session, hf_hub_url, hf_raise_for_status
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+        url = hf_hub_url(repo.repo_id, filename, revision=repo.sha, endpoint=self.endpoint)
+        headers = build_hf_headers(token=self.token or False, library_name="loraship", library_version=__version__)
+        with self._errors("read the weights of", repo.repo_id, repo.sha):
+            first = get_session().get(url, headers={**headers, "range": "bytes=0-100000"})
+            hf_raise_for_status(first)
+            data = first.content
+            if len(data) < 8:
+                raise HubError(f"`{filename}` of `{repo}` is not a safetensors file.", fix="Check the base repo.")
+            (size,) = struct.unpack("<Q", data[:8])
+            if size > 100_000_000:
+                raise HubError(f"`{filename}` of `{repo}` has a {size}-byte header: not a safetensors file.",
+                               fix="Check the base repo.")  # fmt: skip
+            if len(data) < 8 + size:
+                rest = get_session().get(url, headers={**headers, "range": f"bytes={len(data)}-{size + 7}"})
+                hf_raise_for_status(rest)
+                data += rest.content
+        return data[: 8 + size]
+
+    def download(self, repo: RepoState, filename: str, folder: Path) -> Path:
+        """Download one file of the repo at its pinned SHA into ``folder`` (not the cache); returns its path.
+
+        Raises:
+            HubError: Access denied or the download failed.
+        """
+        from huggingface_hub import hf_hub_download
+
+        with self._errors("download", repo.repo_id, repo.sha):
+            path = hf_hub_download(repo.repo_id, filename, revision=repo.sha, local_dir=folder,
+                                   token=self.token or False, endpoint=self.endpoint)  # fmt: skip
+        return Path(path)
+
+    def create_empty(self, repo_id: str, *, private: bool) -> str | None:
+        """Create ``repo_id`` when it does not exist; returns its first commit then (None when it existed)."""
+        if self.head(repo_id) is not None:
+            return None
+        with self._errors("create", repo_id):
+            self.api.create_repo(repo_id, private=private, exist_ok=True)
+        return self.head(repo_id)
+
+    def delete_if_unchanged(self, repo_id: str, head: str) -> None:
+        """Delete a repo this run created, if nothing was committed to it since (best effort)."""
+        with contextlib.suppress(Exception):
+            if self.head(repo_id) == head:
+                self.api.delete_repo(repo_id)
+
     def find_publication(self, repo_id: str, key: str) -> Publication | None:
         """A commit on the default branch, or an open pull request, whose title carries ``key``."""
         from huggingface_hub.errors import RepositoryNotFoundError
@@ -256,6 +315,23 @@ class Hub:
         commit references yet (``preupload_lfs_files``): invisible until :meth:`publish` commits the
         same bytes, which then need no upload. See :class:`PreUpload`."""
         return PreUpload(self, repo_id, folder, tuple(files), create_pr=create_pr)
+
+    def upload_blob(self, repo_id: str, folder: Path, name: str, *, create_pr: bool) -> tuple[Any, bool]:
+        """Upload one file of ``folder`` as a blob no commit references yet (``preupload_lfs_files``).
+
+        Returns:
+            The operation :meth:`publish` may reuse, and whether the commit can reference the blob
+            without the file (an LFS upload; a file the Hub keeps in git goes with the commit itself).
+
+        Raises:
+            HubError: The upload failed.
+        """
+        from huggingface_hub import CommitOperationAdd
+
+        op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+        with self._errors("upload to", repo_id):
+            self.api.preupload_lfs_files(repo_id, [op], create_pr=create_pr)
+        return op, bool(getattr(op, "_upload_mode", None) == "lfs" and getattr(op, "_is_uploaded", False))
 
     def publish(
         self,
@@ -304,7 +380,8 @@ class Hub:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
         from huggingface_hub.hf_api import RepoFile
 
-        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        # Weight shards uploaded ahead and deleted since (a streaming run) are committed from their operations.
+        files = sorted({*(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()), *reuse})
         remote = [e.path for e in self.api.list_repo_tree(repo_id, recursive=True) if isinstance(e, RepoFile)]
         stale = [CommitOperationDelete(path_in_repo=p) for p in remote if p not in files and p != ".gitattributes"]
         added = [reuse.get(f) or CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]

@@ -10,6 +10,7 @@ or interrupted merge never leaves a folder that looks complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -19,14 +20,14 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from loraship import quantized
 from loraship.adapter import AdapterSpec, load_adapter, read_adapter_config
 from loraship.errors import BaseModelError, OutputError, UnsupportedError, first_line
 from loraship.model_map import ModelMap, ModelMapError, inspect_model
 from loraship.oracle import OracleReport, check_plan
-from loraship.plan import MergePlan, TensorPlan, plan_merge
+from loraship.plan import MergePlan, ScalesStep, TensorPlan, plan_merge
 from loraship.preflight import existing_ancestor
 from loraship.repo_files import CONFIG_NAME, FileChoice, check_input_folder, choose_files, copy_files
 from loraship.report import human_bytes
@@ -36,6 +37,7 @@ from loraship.safetensors_io import (
     Checkpoint,
     OutputTensor,
     ShardWriter,
+    TensorInfo,
     TensorReader,
     dtype_code,
     read_checkpoint,
@@ -338,6 +340,44 @@ def shard_layout(plan: MergePlan, max_shard_size: int | str) -> dict[str, list[T
     }
 
 
+class ShardHooks(Protocol):
+    """What a streaming run does around each output shard (:mod:`loraship.streaming`)."""
+
+    def start(self, reader: TensorReader) -> None:
+        """The merge's reader (a streaming run closes its files before deleting them)."""
+
+    def before(self, shard: str, inputs: frozenset[Path]) -> None:
+        """Block until the base files ``shard`` reads are on disk (may raise to stop the merge)."""
+
+    def after(self, shard: str, path: Path, tensors: tuple[TensorPlan, ...]) -> None:
+        """``path`` is complete (called in the writer's order); must not block for long."""
+
+    def finish(self) -> None:
+        """Every shard is written: block until the run is done with them (may raise to stop the merge)."""
+
+
+def input_files(tensor: TensorPlan, by_name: Mapping[str, TensorPlan]) -> frozenset[Path]:
+    """Every file ``tensor`` reads: its source, scales, packed parts, trained copies, LoRA factors,
+    and, for requantized scales, what their weight reads."""
+    found: set[Path] = set()
+
+    def walk(value: Any, depth: int = 0) -> None:
+        if isinstance(value, TensorInfo):
+            found.add(value.file)
+        if depth < 6 and dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name), depth + 1)
+        elif depth < 6 and isinstance(value, (tuple, list)):
+            for item in value:
+                walk(item, depth + 1)
+
+    walk(tensor)
+    for step in tensor.steps:
+        if isinstance(step, ScalesStep) and step.weight in by_name:
+            walk(by_name[step.weight])
+    return frozenset(found)
+
+
 def execute(
     prepared: PreparedMerge,
     output: Path,
@@ -345,8 +385,12 @@ def execute(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     progress: bool = True,
+    hooks: ShardHooks | None = None,
 ) -> MergeResult:
     """Write the merged model folder.
+
+    ``hooks``: merge one output shard after the other, waiting for its inputs and handing each
+    finished shard over (a streaming run); without them every untouched tensor is queued first.
 
     Raises:
         OutputError: The output is taken or the disk too small (checked before writing anything).
@@ -360,7 +404,7 @@ def execute(
         output,
         overwrite=overwrite,
         inputs=(prepared.base_dir, prepared.adapter_dir),
-        needed_bytes=plan.total_bytes + other_bytes + (1 << 20),
+        needed_bytes=(plan.total_bytes if hooks is None else 0) + other_bytes + (1 << 20),  # streaming: preflight
     )
     start = time.monotonic()
     layout = shard_layout(plan, limit)
@@ -372,37 +416,20 @@ def execute(
         TensorReader() as reader,
         OrderedWriter() as writer,
     ):
-        shards = {}
-        for fname, tensors in layout.items():
-            specs = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors]
-            shards[fname] = shard = ShardWriter(tmp / fname, specs, {"format": "pt"})
-            writer.on_error(shard.abort)
-            for t in tensors:
-                if t.copies_bytes and t.source is not None:
-                    writer.submit(functools.partial(shard.begin, t.name))
-                    chunk = CopyChunk(reader.fd(t.source.file), t.source.offset, t.source.nbytes)
-                    writer.write_chunks(shard, [chunk], 0)
-                    writer.submit(functools.partial(bar.update, t.nbytes))
-        from loraship.stream import TensorStreamer  # imports torch while the copies above run
-
-        with TensorStreamer(reader) as streamer:
-            for fname, tensors in layout.items():
-                shard = shards[fname]
-                for t in tensors:
-                    if not t.copies_bytes:
-                        writer.submit(functools.partial(shard.begin, t.name))
-                        for work, nbytes in streamer.work(t):
-                            writer.write_chunks(shard, work, nbytes)
-                        writer.submit(functools.partial(bar.update, t.nbytes))
-                writer.submit(shard.close)
-                written_files.append(fname)
-            writer.drain()  # before the compute pool closes: the writer waits on its results
+        if hooks is None:
+            _execute_all(layout, tmp, reader, writer, bar)
+        else:
+            hooks.start(reader)
+            _execute_shards(plan, layout, tmp, reader, writer, hooks, bar)
+        written_files.extend(layout)
         if len(layout) > 1:
             weight_map = {t.name: f for f, ts in layout.items() for t in ts}
             index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
             written_files.append(INDEX_NAME)
         others = copy_files(prepared.files, tmp, config_updates=plan.config_updates)
+        if hooks is not None:
+            hooks.finish()  # before the folder is renamed: the shards' checks and uploads read it
     bar.close()
     left_out = tuple((c.path, c.reason) for c in prepared.files if c.source is None)
     return MergeResult(
@@ -414,6 +441,73 @@ def execute(
         seconds=time.monotonic() - start,
         left_out=left_out,
     )
+
+
+def _execute_all(
+    layout: Mapping[str, list[TensorPlan]], folder: Path, reader: TensorReader, writer: OrderedWriter, bar: Any
+) -> None:
+    """Every output shard at once: untouched tensors are queued first (copied while torch imports)."""
+    shards = {}
+    for fname, tensors in layout.items():
+        specs = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors]
+        shards[fname] = shard = ShardWriter(folder / fname, specs, {"format": "pt"})
+        writer.on_error(shard.abort)
+        for t in tensors:
+            if t.copies_bytes and t.source is not None:
+                _copy(t, shard, reader, writer, bar)
+    from loraship.stream import TensorStreamer  # imports torch while the copies above run
+
+    with TensorStreamer(reader) as streamer:
+        for fname, tensors in layout.items():
+            shard = shards[fname]
+            for t in tensors:
+                if not (t.copies_bytes and t.source is not None):
+                    _compute(t, shard, streamer, writer, bar)
+            writer.submit(shard.close)
+        writer.drain()  # before the compute pool closes: the writer waits on its results
+
+
+def _execute_shards(
+    plan: MergePlan,
+    layout: Mapping[str, list[TensorPlan]],
+    folder: Path,
+    reader: TensorReader,
+    writer: OrderedWriter,
+    hooks: ShardHooks,
+    bar: Any,
+) -> None:
+    """One output shard after the other: wait for its inputs, write it, hand it over."""
+    from loraship.stream import TensorStreamer
+
+    by_name = {t.name: t for t in plan.tensors}
+    with TensorStreamer(reader) as streamer:
+        for fname, tensors in layout.items():
+            hooks.before(fname, frozenset().union(*(input_files(t, by_name) for t in tensors)))
+            specs = [OutputTensor(t.name, t.dtype, t.shape) for t in tensors]
+            shard = ShardWriter(folder / fname, specs, {"format": "pt"})
+            writer.on_error(shard.abort)
+            for t in tensors:
+                if t.copies_bytes and t.source is not None:
+                    _copy(t, shard, reader, writer, bar)
+                else:
+                    _compute(t, shard, streamer, writer, bar)
+            writer.submit(shard.close)
+            writer.submit(functools.partial(hooks.after, fname, folder / fname, tuple(tensors)))
+        writer.drain()
+
+
+def _copy(t: TensorPlan, shard: ShardWriter, reader: TensorReader, writer: OrderedWriter, bar: Any) -> None:
+    assert t.source is not None
+    writer.submit(functools.partial(shard.begin, t.name))
+    writer.write_chunks(shard, [CopyChunk(reader.fd(t.source.file), t.source.offset, t.source.nbytes)], 0)
+    writer.submit(functools.partial(bar.update, t.nbytes))
+
+
+def _compute(t: TensorPlan, shard: ShardWriter, streamer: Any, writer: OrderedWriter, bar: Any) -> None:
+    writer.submit(functools.partial(shard.begin, t.name))
+    for work, nbytes in streamer.work(t):
+        writer.write_chunks(shard, work, nbytes)
+    writer.submit(functools.partial(bar.update, t.nbytes))
 
 
 def merge(

@@ -32,6 +32,7 @@ from loraship.quantized import check_base, check_requantizable
 from loraship.repo_files import CARD_NAME, CHAT_TEMPLATE_FILES, TOKENIZER_FILES, WEIGHT_DIRS, WEIGHT_SUFFIXES
 from loraship.safetensors_io import CODE_NAMES
 from loraship.spec import MergeJob, Source
+from loraship.streaming import StreamResult, remote_base, reusable
 
 Status = Literal["published", "already-published", "written", "dry-run"]
 
@@ -72,6 +73,7 @@ def run(
     dry_run: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    stream: bool = True,
     log: Log = print,
     stage: Log | None = None,
 ) -> RunResult:
@@ -81,6 +83,8 @@ def run(
         hub: The Hub client (built from HF_TOKEN / HF_ENDPOINT when None and a repo is involved).
         workdir: Where the merged folder is staged (a temporary folder when None).
         dry_run: Do everything but publish; the staged folder is kept and reported.
+        stream: For a base on the Hub: download, merge, check and upload shard by shard
+            (:mod:`loraship.streaming`); False downloads the whole base first (the sequential path).
         overwrite: For ``dir:`` outputs, replace a non-empty folder.
         log: Where progress messages go.
         stage: Called with each stage's name as it starts (resolve, fetch, merge, verify, publish).
@@ -96,6 +100,7 @@ def run(
     work.mkdir(parents=True, exist_ok=True)
     try:
         runner = _Run(job, hub, work, dry_run=dry_run, overwrite=overwrite, progress=progress, log=log)
+        runner.stream = stream
         runner.stage = stage or (lambda name: None)
         return runner.execute()
     finally:
@@ -129,6 +134,9 @@ class _Run:
         self.stage: Log = lambda name: None
         self.target = job.output_target
         self.preupload: PreUpload | None = None
+        self.stream = True
+        self.streamed: StreamResult | None = None
+        self.created: str | None = None  # the output repo this run created before verifying (a streaming run)
 
     def _hub(self) -> Hub:
         assert self.hub is not None
@@ -144,6 +152,8 @@ class _Run:
         except BaseException:
             if self.target.is_local:  # the staging folder sits beside the output: leave nothing there
                 shutil.rmtree(staging.parent, ignore_errors=True)
+            if self.created is not None:  # an empty repo made for the streamed upload: gone again
+                self._hub().delete_if_unchanged(self.target.repo_id or "", self.created)
             raise
 
     def _stages(self, staging: Path) -> RunResult:
@@ -164,18 +174,24 @@ class _Run:
             if found is not None:
                 return self._already(found, key, labels)
         self.stage("Fetch")
-        base = self._base(base_source, base_state)
-        self.stage("Merge")
-        self.log(f"Merging into {staging} ...")
-        from loraship.merge import merge
+        streamed = self._streamed_base(base_source, base_state) if self.stream else None
+        if streamed is not None:
+            base, feed = streamed
+            result, report = self._stream_merge(base, adapter, feed, staging)
+        else:
+            base = self._base(base_source, base_state)
+            self.stage("Merge")
+            self.log(f"Merging into {staging} ...")
+            from loraship.merge import merge
 
-        result = merge(base.folder, adapter.folder, staging, dtype=None if job.dtype == "keep" else job.dtype,
-                       max_shard_size=job.max_shard_size, overwrite=True, allow_pickle=job.allow_pickle,
-                       progress=self.progress, keep_code=job.trust_remote_code, requantize=job.requantize)  # fmt: skip
+            result = merge(base.folder, adapter.folder, staging, dtype=self._out_dtype(),
+                           max_shard_size=job.max_shard_size, overwrite=True, allow_pickle=job.allow_pickle,
+                           progress=self.progress, keep_code=job.trust_remote_code,
+                           requantize=job.requantize)  # fmt: skip
+            self.preupload = self._start_preupload(staging, result.weight_files)
+            self.stage("Verify")
+            report = self._verify(base, adapter, staging)
         notes = result.prepared.notes
-        self.preupload = self._start_preupload(staging, result.weight_files)
-        self.stage("Verify")
-        report = self._verify(base, adapter, staging)
         self.log("Writing the model card ...")
         (staging / CARD_NAME).write_text(self._card(base, adapter, staging, result, report, key))
         done = RunResult(
@@ -266,25 +282,72 @@ class _Run:
             )
         return named
 
-    def _preflight(self, config: Mapping[str, Any], base_sizes: Mapping[str, int], download: int) -> None:
-        """Refuse, before downloading, a run this machine's disks or memory cannot hold."""
+    def _preflight(
+        self,
+        config: Mapping[str, Any],
+        base_sizes: Mapping[str, int],
+        download: int,
+        *,
+        streaming: Path | None = None,
+        keep: bool = True,
+    ) -> None:
+        """Refuse, before downloading, a run this machine's disks or memory cannot hold.
+
+        ``streaming``: the folder a streaming run downloads the base's weights into (not the cache);
+        without ``keep``, only a few base and merged shards are on disk at once.
+        """
         from huggingface_hub import constants
 
         from loraship import preflight
+        from loraship.spec import parse_size
+        from loraship.streaming import BASE_WINDOW, OUTPUT_WINDOW
 
         job, spec = self.job, self.job.verify
-        out_dtype = None if job.dtype == "keep" else job.dtype
-        e = preflight.element_sizes(config, out_dtype, spec.dtype, requantize=job.requantize)
-        weights = sum(n for f, n in base_sizes.items() if f.endswith(WEIGHT_SUFFIXES))
+        e = preflight.element_sizes(config, self._out_dtype(), spec.dtype, requantize=job.requantize)
+        weight_sizes = [n for f, n in base_sizes.items() if f.endswith(WEIGHT_SUFFIXES)]
+        weights = sum(weight_sizes)
         others = sum(base_sizes.values()) - weights
+        merged = int(weights / e.stored * e.written)
         staging = self.work if self.target.path is None else self.target.path.resolve().parent
-        preflight.check_disk([
-            preflight.Need("the base's files, downloaded to the Hugging Face cache", Path(constants.HF_HUB_CACHE),
-                           download),
-            preflight.Need("the merged model, staged", staging, int(weights / e.stored * e.written) + others),
-        ])  # fmt: skip
+        if streaming is None:
+            preflight.check_disk([
+                preflight.Need("the base's files, downloaded to the Hugging Face cache", Path(constants.HF_HUB_CACHE),
+                               download),
+                preflight.Need("the merged model, staged", staging, merged + others),
+            ])  # fmt: skip
+        elif keep:
+            why = (
+                "the output check reads both whole models"
+                if spec.enabled and spec.outputs
+                else "the merged model is kept"
+            )
+            preflight.check_disk([
+                preflight.Need("the base's weights, downloaded for this run", streaming, download),
+                preflight.Need("the merged model, staged", staging, merged + others),
+            ], fix=f"Free space there, or put the run's folder (--workdir) on a disk with more room. Both models are "
+                   f"on disk because {why}: with `verify: {{outputs: false}}` (every merged tensor is still compared "
+                   "bit for bit with base + adapter) a run to the Hub holds only a few shards at a time.")  # fmt: skip
+        else:
+            biggest = max(weight_sizes, default=0)
+            shard = min(merged, max(parse_size(job.max_shard_size), int(biggest / e.stored * e.written)))
+            preflight.check_disk([
+                preflight.Need(f"{BASE_WINDOW} of the base's weight files at a time", streaming,
+                               min(download, BASE_WINDOW * biggest)),
+                preflight.Need(f"{OUTPUT_WINDOW + 1} merged shards at a time", staging,
+                               min(merged, (OUTPUT_WINDOW + 1) * shard) + others),
+            ], fix="Free space there, or put the run's folder (--workdir) on a disk with more room, or write smaller "
+                   "shards (`max_shard_size` in loraship.yaml, or --max-shard-size).")  # fmt: skip
         if spec.enabled and spec.outputs and preflight.cpu_output_check(spec.device):
             preflight.check_memory(int(weights / e.stored * e.loaded), e.loaded_dtype)
+
+    def _out_dtype(self) -> str | None:
+        return None if self.job.dtype == "keep" else self.job.dtype
+
+    def _keep(self) -> bool:
+        """Whether a streaming run keeps every shard on disk: the output check reads both whole
+        models; a folder output or a dry run keeps the merged model."""
+        spec = self.job.verify
+        return (spec.enabled and spec.outputs) or self.target.is_local or self.dry_run
 
     def _base(self, source: Source, state: RepoState | None) -> _Input:
         if state is None:
@@ -296,13 +359,29 @@ class _Run:
                 self._preflight(config, sizes, 0)
             return _Input(source, source.path)
         hub = self._hub()
+        config = self._base_config(state)
+        files = base_files(state.files, allow_pickle=self.job.allow_pickle,
+                           remote_code=self.job.trust_remote_code)  # fmt: skip
+        sizes = hub.file_sizes(state)
+        missing = hub.missing_from_cache(state, files)
+        self._preflight(config, {f: sizes.get(f, 0) for f in files}, sum(sizes.get(f, 0) for f in missing))
+        self.log(f"Downloading the base {state} ({len(files)} files) ...")
+        return _Input(source, hub.fetch(state, files), state)
+
+    def _base_config(self, state: RepoState) -> dict[str, Any]:
+        """The Hub base's config.json (downloaded alone), after refusing bases loraship cannot merge into.
+
+        Raises:
+            BaseModelError: Not a transformers model, or quantized in a way that cannot be merged into.
+        """
+        hub = self._hub()
         if "config.json" not in state.files:
             raise BaseModelError(
                 f"The base `{state}` has no config.json: it is not a transformers model repo.",
                 fix="Set `base:` (or --base) to the full model the adapter was trained on.",
             )
         config_dir = hub.fetch(state, ["config.json"])  # small: refuse quantized bases before the weights
-        config = json.loads((config_dir / "config.json").read_text())
+        config: dict[str, Any] = json.loads((config_dir / "config.json").read_text())
         try:
             check_base(config, where=str(state))
         except BaseModelError as e:
@@ -315,13 +394,103 @@ class _Run:
             ) from e
         if self.job.requantize:
             check_requantizable(config, str(state))
+        return config
+
+    def _streamed_base(self, source: Source, state: RepoState | None) -> tuple[_Input, list[str]] | None:
+        """A Hub base for a streaming run: its small files and a placeholder per weight file (the
+        weights come during the merge), and the weight files still to download. None when the base
+        is local or has no safetensors weights (the sequential path takes those)."""
+        if state is None:
+            return None
+        hub = self._hub()
+        config = self._base_config(state)
         files = base_files(state.files, allow_pickle=self.job.allow_pickle,
                            remote_code=self.job.trust_remote_code)  # fmt: skip
-        sizes = hub.file_sizes(state)
+        weights = [f for f in files if "/" not in f and f.endswith(".safetensors")]
+        if not weights:
+            return None
         missing = hub.missing_from_cache(state, files)
-        self._preflight(config, {f: sizes.get(f, 0) for f in files}, sum(sizes.get(f, 0) for f in missing))
-        self.log(f"Downloading the base {state} ({len(files)} files) ...")
-        return _Input(source, hub.fetch(state, files), state)
+        sizes = hub.file_sizes(state)
+        folder = self.work / "base"
+        keep = self._keep()
+        if not set(weights) & set(missing):  # the cache holds the weights already: merge from there
+            self._preflight(config, {f: sizes.get(f, 0) for f in files}, 0, streaming=folder, keep=keep)
+            self.log(f"The base {state} is in the Hugging Face cache: streaming the merge and upload from there ...")
+            return _Input(source, hub.fetch(state, files), state), []
+        self._preflight(config, {f: sizes.get(f, 0) for f in files}, sum(sizes.get(f, 0) for f in weights),
+                        streaming=folder, keep=keep)  # fmt: skip
+        self.log(f"Reading the base {state} ({len(weights)} weight files, downloaded while merging) ...")
+        remote_base(hub, state, files, sizes, folder)
+        return _Input(source, folder, state), weights
+
+    def _stream_merge(self, base: _Input, adapter: _Input, downloads: Sequence[str], staging: Path) -> tuple[Any, Any]:
+        """Merge shard by shard while the base downloads; check and upload each shard as it is written."""
+        from loraship.merge import execute, input_files, prepare_merge, shard_layout
+        from loraship.streaming import BASE_WINDOW, BaseFeed, ShardStream, StreamStopped
+
+        job, spec = self.job, self.job.verify
+        keep = self._keep()
+        self.stage("Merge")
+        with tempfile.TemporaryDirectory(prefix="loraship-scratch-") as scratch:
+            prepared = prepare_merge(base.folder, adapter.folder, dtype=self._out_dtype(),
+                                     allow_pickle=job.allow_pickle, scratch=Path(scratch),
+                                     keep_code=job.trust_remote_code)  # fmt: skip
+            if job.requantize:
+                prepared = prepared.requantized()
+            layout = shard_layout(prepared.plan, job.max_shard_size)
+            feed = None
+            if downloads:
+                by_name = {t.name: t for t in prepared.plan.tensors}
+                uses = [p.name for ts in layout.values() for t in ts for p in sorted(input_files(t, by_name))
+                        if p.parent == base.folder and p.name in downloads]  # fmt: skip
+                order = list(dict.fromkeys([*uses, *downloads]))
+                assert base.state is not None
+                feed = BaseFeed(self._hub(), base.state, base.folder, order,
+                                window=len(order) + 1 if keep else BASE_WINDOW)  # fmt: skip
+            stream = ShardStream(prepared, layout, feed, check=spec.enabled and not keep,
+                                 upload=self._stream_upload(keep), keep=keep)  # fmt: skip
+            self.log(f"Merging into {staging}, shard by shard" + (", uploading each once checked" if stream.upload
+                                                                   else "") + " ...")  # fmt: skip
+            stopped = False
+            try:
+                result = execute(prepared, staging, max_shard_size=job.max_shard_size, overwrite=True,
+                                 progress=self.progress, hooks=stream)  # fmt: skip
+            except StreamStopped:
+                if not stream.check:
+                    raise
+                stopped = True  # a shard failed its check: the report below says which, and why
+            finally:
+                stream.close()
+                if feed is not None:
+                    feed.close()
+        self.streamed = stream.result
+        if keep or not spec.enabled:
+            self.stage("Verify")
+            return result, self._verify(base, adapter, staging)
+        from loraship.verify import raise_if_failed, render_text, streamed_report
+
+        self.stage("Verify")
+        labels = (base.label, adapter.label, self.job.output)
+        report = streamed_report(prepared, stream.result.weights, stream.result.tensors, stream.result.library,
+                                 stream.result.shards, labels, stopped=stopped)  # fmt: skip
+        self.log(render_text(report))
+        raise_if_failed(report)
+        assert not stopped
+        return result, report
+
+    def _stream_upload(self, keep: bool) -> tuple[Hub, str, bool] | None:
+        """Where a streaming run uploads its shards as they are checked, if anywhere."""
+        repo_id = self.target.repo_id
+        if repo_id is None or self.dry_run:
+            return None
+        hub = self._hub()
+        if hub.head(repo_id) is None:
+            if keep:  # the output check runs on the whole model: a new repo is made once it passed
+                return None
+            self.created = hub.create_empty(repo_id, private=self.job.private)
+            self.log(f"Created {hub.url(repo_id)} empty, to upload each shard once it is checked; nothing is "
+                     "committed until every shard passed, and the repo is deleted again if the run fails.")  # fmt: skip
+        return (hub, repo_id, self.job.publish.mode == "pr")
 
     # -- stages
 
@@ -421,7 +590,11 @@ class _Run:
         hub = self._hub()
         repo_id = self.target.repo_id or ""
         reuse: dict[str, Any] = {}
-        if self.preupload is not None:
+        if self.streamed is not None:
+            reuse = reusable(self.streamed, staging)
+            if self.streamed.upload_problem:
+                self.log(f"The upload while merging did not finish ({self.streamed.upload_problem}): uploading now.")
+        elif self.preupload is not None:
             reuse = self.preupload.wait()
             if self.preupload.problem:
                 self.log(f"The upload during verification did not finish ({self.preupload.problem}): uploading now.")

@@ -58,7 +58,14 @@ def element_sizes(config: Mapping[str, Any], out_dtype: str | None, check_dtype:
     return Sizes(stored, written, _ELEMENT.get(loaded_dtype, 2), loaded_dtype)
 
 
-def check_disk(needs: Sequence[Need]) -> None:
+#: What lowers the disk a sequential run needs.
+DISK_FIX = (
+    "Free space there, or put the Hugging Face cache (HF_HUB_CACHE or HF_HOME) and the staging folder (--workdir) "
+    "on disks with more room, or run on a machine with a larger disk."
+)
+
+
+def check_disk(needs: Sequence[Need], *, fix: str = DISK_FIX) -> None:
     """Refuse when the needs of one filesystem add up to more than it has free.
 
     Raises:
@@ -79,8 +86,7 @@ def check_disk(needs: Sequence[Need]) -> None:
             raise ResourceError(
                 f"Not enough disk space for this run: it needs about {human_bytes(total)} on the disk of `{where}` "
                 f"({parts}), which has {human_bytes(free)} free. Nothing was downloaded.",
-                fix="Free space there, or put the Hugging Face cache (HF_HUB_CACHE or HF_HOME) and the staging "
-                "folder (--workdir) on disks with more room, or run on a machine with a larger disk.",
+                fix=fix,
             )
 
 

@@ -22,7 +22,7 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -321,14 +321,24 @@ def read_checkpoint(folder: Path, files: tuple[Path, ...]) -> Checkpoint:
 
 
 class TensorReader:
-    """Reads tensors by ``pread`` into buffers of exactly one tensor; keeps files open."""
+    """Reads tensors by ``pread`` into buffers of exactly one tensor; keeps files open.
 
-    def __init__(self) -> None:
+    ``gate``: called with a file's path before it is first opened, and may block until the file is
+    there (a streaming run's base shards arrive while the merge runs) or raise.
+    """
+
+    def __init__(self, gate: Callable[[Path], None] | None = None) -> None:
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+        self.gate = gate
 
     def fd(self, path: Path) -> int:
         """An open descriptor of ``path`` (reads use explicit offsets: safe from several threads)."""
+        with self._lock:
+            if path in self._fds:
+                return self._fds[path]
+        if self.gate is not None:
+            self.gate(path)  # outside the lock: it may wait for a download
         with self._lock:
             if path not in self._fds:
                 self._fds[path] = os.open(path, os.O_RDONLY)
@@ -379,6 +389,13 @@ class TensorReader:
             if n == 0:
                 raise CorruptFileError(f"`{info.file}` ended while reading tensor `{info.name}`.", fix=_REDOWNLOAD)
             done += n
+
+    def forget(self, path: Path) -> None:
+        """Close ``path`` (a deleted file's space is freed only when no descriptor holds it)."""
+        with self._lock:
+            fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
 
     def close(self) -> None:
         for fd in self._fds.values():

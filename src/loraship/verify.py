@@ -10,13 +10,14 @@ loaded with plain transformers (:mod:`loraship.output_check`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from loraship import __version__, quantized
 from loraship.conversions import PerExpertLora, per_expert_loras
@@ -34,6 +35,9 @@ from loraship.safetensors_io import (
     read_checkpoint,
     weight_files,
 )
+
+if TYPE_CHECKING:
+    from loraship.stream import TensorStreamer
 
 _COMPARE_CHUNK = 16 << 20
 
@@ -164,11 +168,17 @@ def merged_dtype(prepared: PreparedMerge, merged: Checkpoint) -> str | None:
 
 
 def verify_weights(
-    prepared: PreparedMerge, merged: Checkpoint, *, atol: float = 0.0, progress: bool = False
+    prepared: PreparedMerge,
+    merged: Checkpoint,
+    *,
+    atol: float = 0.0,
+    progress: bool = False,
+    streamer: TensorStreamer | None = None,
 ) -> WeightReport:
     """Compare every merged tensor with its recomputation from base + adapter (streaming).
 
-    ``progress``: a bar over the bytes checked, on stderr.
+    ``progress``: a bar over the bytes checked, on stderr. ``streamer``: one kept across calls (a
+    streaming run checks shard by shard; requantized scales follow their weight); a new one when None.
     """
     import torch
     from tqdm.auto import tqdm
@@ -194,7 +204,11 @@ def verify_weights(
     non_finite: list[str] = []
     bar = tqdm(total=sum(merged.tensors[t.name].nbytes for t in comparable), unit="B", unit_scale=True,
                desc="Checking weights", disable=not progress, leave=False)  # fmt: skip
-    with bar, TensorReader() as reader, TensorStreamer(reader) as streamer:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(bar)
+        if streamer is None:
+            streamer = stack.enter_context(TensorStreamer(stack.enter_context(TensorReader())))
+        reader = streamer.reader
         for t in comparable:
             actual_info = merged.tensors[t.name]
             bar.update(actual_info.nbytes)
@@ -262,6 +276,56 @@ def verify_weights(
         adapter_ignored=ignored,
         dtype=None,
     )
+
+
+def combine_weights(parts: Sequence[WeightReport], prepared: PreparedMerge) -> WeightReport:
+    """The reports of a model checked shard by shard (each against its own tensors of the plan) as one."""
+    plan = prepared.plan
+    ignored = sum(1 for v in plan.accounting.values() if v.startswith("(ignored"))
+    changed = sum(1 for t in plan.tensors if not t.copies_bytes)
+
+    def joined(field_name: str) -> tuple[Any, ...]:
+        return tuple(item for p in parts for item in getattr(p, field_name))
+
+    return WeightReport(
+        tensors=len(plan.tensors), changed=changed, untouched=len(plan.tensors) - changed,
+        exact=sum(p.exact for p in parts), close=sum(p.close for p in parts),
+        max_abs_diff=max((p.max_abs_diff for p in parts), default=0.0), mismatched=joined("mismatched"),
+        untouched_mismatched=joined("untouched_mismatched"), missing=joined("missing"), extra=joined("extra"),
+        wrong_layout=joined("wrong_layout"), change_missing=joined("change_missing"),
+        same_as_base=sum(p.same_as_base for p in parts), non_finite=joined("non_finite"),
+        adapter_tensors=len(plan.accounting), adapter_applied=len(plan.accounting) - ignored, adapter_ignored=ignored,
+        dtype=None,
+    )  # fmt: skip
+
+
+def streamed_report(
+    prepared: PreparedMerge,
+    parts: Sequence[WeightReport],
+    tensors: Mapping[str, TensorInfo],
+    library: Sequence[str],
+    files: int,
+    labels: tuple[str, str, str],
+    *,
+    stopped: bool = False,
+) -> VerifyReport:
+    """The report of a streaming run: its shards' weight checks (each shard checked as it was
+    written, before it was uploaded) with the checks that need no whole model; no output check.
+
+    ``stopped``: the run stopped at the first shard that failed its check.
+    """
+    merged = Checkpoint(folder=Path("."), files=(), tensors=dict(tensors), metadata={})
+    weights = replace(combine_weights(parts, prepared), dtype=merged_dtype(prepared, merged))
+    checks = [*weight_checks(weights), library_result(library, files), names_check(prepared.names)]
+    notes = list(prepared.plan.notes)
+    notes.append(
+        "Each merged shard was checked as it was written, before its upload: every tensor bit for bit against base + "
+        "adapter; the outputs were not compared (`verify: {outputs: false}`)."
+        if not stopped
+        else f"The run stopped at the first shard that failed its check ({len(parts)} shard(s) checked); nothing was "
+        "published."
+    )
+    return VerifyReport(*labels, checks=tuple(checks), weights=weights, outputs=None, notes=tuple(notes))
 
 
 def _layout_differs(t: TensorPlan, merged: Checkpoint) -> bool:
@@ -340,19 +404,28 @@ def names_check(names: OracleReport | None) -> Check:
 
 def library_check(merged: Checkpoint) -> Check:
     """The merged shards as the safetensors library (what transformers and every engine use) reads them."""
+    problems = [p for path in merged.files for p in library_problems(path, merged.tensors)]
+    return library_result(problems, len(merged.files))
+
+
+def library_problems(path: Path, tensors: Mapping[str, TensorInfo]) -> list[str]:
+    """What the safetensors library reads differently from ``tensors`` in one file."""
     from safetensors import safe_open
 
     problems: list[str] = []
-    for path in merged.files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    shape = tuple(f.get_slice(name).get_shape())
-                    if name not in merged.tensors or merged.tensors[name].shape != shape:
-                        problems.append(f"{path.name}: `{name}` reads as {list(shape)}")
-        except Exception as e:  # the library's own error types differ by version
-            problems.append(f"{path.name}: {first_line(e)}")
-    n = len(merged.files)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shape = tuple(f.get_slice(name).get_shape())
+                if name not in tensors or tensors[name].shape != shape:
+                    problems.append(f"{path.name}: `{name}` reads as {list(shape)}")
+    except Exception as e:  # the library's own error types differ by version
+        problems.append(f"{path.name}: {first_line(e)}")
+    return problems
+
+
+def library_result(problems: Sequence[str], n: int) -> Check:
+    """The library check over ``n`` files."""
     measured = f"{n} of {n} files open" if not problems else f"{len(problems)} problem(s)"
     return Check("weights", "readable by the safetensors library", not problems, measured,
                  "every file opens, every tensor's shape as written", "; ".join(problems[:3]))  # fmt: skip
