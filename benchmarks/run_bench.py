@@ -7,14 +7,17 @@ takes LFS uploads at ``--bandwidth`` MB/s each way, so the network matters as it
 Measured, each `loraship run` in its own process with a fresh Hugging Face cache:
 
 - the pure transfers of the same bytes: downloading the base, uploading a model of that size;
-- **first publication** (a new output repo): download, merge, verify, then upload and commit;
-- **release into an existing repo**: the weights upload while they are verified (preupload).
+- **sequential** (``--no-stream``), first publication: download the whole base, merge, verify,
+  then upload and commit;
+- **streaming**, first publication (a new output repo) and a release into an existing repo:
+  base shards downloaded while the merge runs, each merged shard checked, uploaded and deleted.
 
-For each: wall time, wall ÷ max(download, upload), peak disk used (the cache and the staging
-folder, sampled every 0.2 s), peak RSS. Verification checks the weights (``verify.outputs: false``)
-unless ``--outputs``.
+For each: wall time, wall ÷ max(download, upload), peak disk used (the blocks allocated under the
+cache and the run's folder, sampled every 0.1 s: a streaming run's placeholders are sparse), peak
+RSS. Verification checks the weights (``verify.outputs: false``) unless ``--outputs`` (then with
+``--max-memory`` and ``--generation-tokens``).
 
-    .venv/bin/python benchmarks/run_bench.py [--size 1] [--bandwidth 200] [--outputs]
+    .venv/bin/python benchmarks/run_bench.py [--size 1] [--bandwidth 200] [--outputs [--max-memory 1GB]]
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class DiskSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(0.2):
+        while not self._stop.wait(0.1):
             self.peak = max(self.peak, sum(_size(f) for f in self.folders))
 
     def __enter__(self) -> DiskSampler:
@@ -66,7 +69,7 @@ def _size(folder: Path) -> int:
     for dirpath, _, files in os.walk(folder):
         for name in files:
             with contextlib.suppress(OSError):  # a file deleted while walking
-                total += os.lstat(os.path.join(dirpath, name)).st_size
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
     return total
 
 
@@ -111,7 +114,15 @@ def serve_hub(base: Path, adapter: Path, work: Path, bandwidth_mb: float) -> Non
     stop(running.server, running.thread)
 
 
-def bench(size: int, bandwidth_mb: float, outputs: bool) -> dict[str, object]:
+def delete_repo(env: dict[str, str], repo_id: str) -> None:
+    """Delete a repo of the local Hub (which then drops its blobs): the Hub holds everything in memory."""
+    code = f"from huggingface_hub import HfApi; HfApi().delete_repo({repo_id!r})"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+
+
+def bench(
+    size: int, bandwidth_mb: float, outputs: bool, max_memory: str | None, generation_tokens: int
+) -> dict[str, object]:
     base, adapter = merge_bench.cached(size)
     work = Path(tempfile.mkdtemp(prefix="loraship-run-bench-"))
     py = sys.executable
@@ -147,17 +158,25 @@ def bench(size: int, bandwidth_mb: float, outputs: bool) -> dict[str, object]:
                 f.write(os.urandom(min(64 << 20, weights - offset)))
         results["upload"] = measured([py, "-c", upload, str(probe)], env(work / "home-upload"))
         shutil.rmtree(probe)
-        verify = "" if outputs else "verify:\n  outputs: false\n"
-        runs = (("first publication (new repo)", "bench/lora", "bench/first"),
-                ("release into an existing repo", "bench/lora2", "bench/existing"))  # fmt: skip
-        for label, adapter_repo, output in runs:
+        delete_repo(env(work / "home-upload"), "bench/upload")
+        verify = "verify:\n  outputs: false\n"
+        if outputs:
+            verify = f"verify:\n  generation_tokens: {generation_tokens}\n"
+            verify += f"  max_memory: {max_memory}\n" if max_memory else ""
+        runs = (("sequential (--no-stream), first publication", "bench/lora", "bench/sequential", ["--no-stream"]),
+                ("streaming, first publication", "bench/lora", "bench/first", []),
+                ("streaming, release into an existing repo", "bench/lora2", "bench/existing", []))  # fmt: skip
+        for label, adapter_repo, output, flags in runs:
             slug = output.replace("/", "--")
             job = work / f"{slug}.yaml"
             job.write_text(f"adapter: {adapter_repo}\noutput: {output}\n{verify}")
             home, staging = work / f"home-{slug}", work / f"staging-{slug}"
-            cmd = [py, "-m", "loraship", "run", "--config", str(job), "--workdir", str(staging), "--quiet"]
+            cmd = [py, "-m", "loraship", "run", "--config", str(job), "--workdir", str(staging), "--quiet", *flags]
             results[label] = measured(cmd, env(home), home, staging)
             shutil.rmtree(home, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            if output != "bench/existing":
+                delete_repo(env(home), output)
     finally:
         server.communicate(timeout=30)  # closes its stdin: it stops
         shutil.rmtree(work, ignore_errors=True)
@@ -168,6 +187,8 @@ def bench(size: int, bandwidth_mb: float, outputs: bool) -> dict[str, object]:
         "weights_bytes": weights,
         "bandwidth_mb_s": bandwidth_mb,
         "outputs_checked": outputs,
+        "max_memory": max_memory if outputs else None,
+        "generation_tokens": generation_tokens if outputs else None,
         "results": results,
     }
 
@@ -184,7 +205,10 @@ def table(result: dict[str, object]) -> str:
     weights = result["weights_bytes"]
     assert isinstance(weights, int)
     head = (f"{weights / 1e9:.2f} GB of weights (x{result['size']}), {result['bandwidth_mb_s']:g} MB/s each way, "
-            f"outputs checked: {result['outputs_checked']}; {result['machine']}; {result['date']}")  # fmt: skip
+            f"outputs checked: {result['outputs_checked']}"
+            + (f" (max_memory {result['max_memory']}, {result['generation_tokens']} generated tokens)"
+               if result["outputs_checked"] else "")
+            + f"; {result['machine']}; {result['date']}")  # fmt: skip
     return head + "\n\n" + "\n".join(rows)
 
 
@@ -193,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1, help="model depth multiplier (1: 1.1 B, 2: 2.2 B)")
     parser.add_argument("--bandwidth", type=float, default=200, help="MB/s each way at the local Hub (default 200)")
     parser.add_argument("--outputs", action="store_true", help="run the output-level check too (slow on CPU)")
+    parser.add_argument("--max-memory", help="with --outputs: the check's verify.max_memory (e.g. 1GB)")
+    parser.add_argument("--generation-tokens", type=int, default=32, help="with --outputs: greedy tokens compared")
     parser.add_argument("--json", type=Path, help="write the result here (default: benchmarks/results/...)")
     parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)  # internal: the local Hub's process
     args = parser.parse_args(argv)
@@ -200,9 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         base, adapter, work, bandwidth = args.serve
         serve_hub(Path(base), Path(adapter), Path(work), float(bandwidth))
         return 0
-    result = bench(args.size, args.bandwidth, args.outputs)
+    result = bench(args.size, args.bandwidth, args.outputs, args.max_memory, args.generation_tokens)
     print(table(result))
-    out = args.json or merge_bench.RESULTS / f"run_bench_x{args.size}.json"
+    suffix = "_outputs" if args.outputs else ""
+    out = args.json or merge_bench.RESULTS / f"run_bench_x{args.size}{suffix}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nWrote {out}")
     return 0

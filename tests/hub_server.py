@@ -118,6 +118,7 @@ class FakeHub:
         self.lfs: dict[str, bytes] = {}
         self.jobs: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []
+        self.ranged: list[str] = []  # paths of the GETs that asked for a byte range (header reads)
         self.faults: list[Fault] = []
         #: Trusted publishing: (GitHub's id token, resource) -> the Hub token the exchange returns.
         self.trusted: dict[tuple[str, str], str] = {}
@@ -192,6 +193,12 @@ class FakeHub:
                 if fault.method == method and fault.path_part in path:
                     return self.faults.pop(i)
         return None
+
+    def _drop_unreferenced(self) -> None:
+        """Forget LFS blobs no commit of any repo references (the benchmark deletes repos to bound memory)."""
+        kept = {f.lfs_oid for r in self.repos.values() for c in r.commits.values() for f in c.files.values()}
+        for oid in [o for o in self.lfs if o not in kept]:
+            del self.lfs[oid]
 
     async def _repo_request(self, request: Request) -> tuple[User, dict[str, Any], str] | Response:
         """The user, JSON body and repo id of a repo creation or deletion (``name`` + ``organization``)."""
@@ -412,6 +419,7 @@ class FakeHub:
             status = 200
             ranged = _byte_range(request.headers.get("range"), len(data))
             if ranged is not None:  # what get_safetensors_metadata and resumed downloads ask for
+                hub.ranged.append(request.url.path)
                 start, stop = ranged
                 headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
                 headers["Content-Length"] = str(stop - start)
@@ -482,6 +490,7 @@ class FakeHub:
                 if not hub._member(user, repo_id.split("/")[0]) or user.role == "read":
                     return JSONResponse({"error": "You don't have the rights to delete this repo"}, status_code=403)
                 del hub.repos[repo_id]
+                hub._drop_unreferenced()
             return {}
 
         @app.put("/api/models/{ns}/{name}/settings")

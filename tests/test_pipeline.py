@@ -606,7 +606,8 @@ def test_preflight_refuses_a_run_the_disk_cannot_hold_before_downloading(
                          r"`[^`]+` " + expected, err)  # fmt: skip
     assert found, err
     assert all(_parse_bytes(found.group(i)) >= weights for i in (2, 3))  # the weights, downloaded, then merged
-    assert not any(path.endswith("/model.safetensors") for _, path in hub_server.requests)
+    weight_reads = [path for _, path in hub_server.requests if path.endswith("/model.safetensors")]
+    assert weight_reads == [p for p in hub_server.ranged if p.endswith("/model.safetensors")]  # headers at most
     assert "alice/merged" not in hub_server.repos
 
 
@@ -619,8 +620,19 @@ def test_preflight_refuses_an_output_check_the_memory_cannot_hold(seeded, capsys
     assert re.fullmatch(
         r"Error: The output check loads the model into memory, one model at a time: about \S+ MB in float32, and "
         r"this machine has 1\.0 MB available\. Nothing was downloaded\.\n"
-        r"Fix: Run on a machine with more memory or a GPU \(`verify: \{device: cuda\}`\), or check the weights only "
-        r"\(`verify: \{outputs: false\}`; every merged tensor is still compared bit for bit with base \+ adapter\)\.\n",
+        r"Fix: Run on a machine with more memory or a GPU \(`verify: \{device: cuda\}`\), set `verify: "
+        r"\{max_memory: 1GB\}` \(or --max-memory 1GB: the layers that do not fit are read from disk as they run, "
+        r"slower\), or check the weights only \(`verify: \{outputs: false\}`; every merged tensor is still compared "
+        r"bit for bit with base \+ adapter\)\.\n",
+        err,
+    ), err
+    code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "alice/merged", "--max-memory", "100KB")
+    assert code == 1
+    assert re.fullmatch(
+        r"Error: The output check keeps up to max_memory = 100\.0 KB of weights in memory, about 536\.9 MB with the "
+        r"rest it needs, and this machine has 1\.0 MB available\. Nothing was downloaded\.\n"
+        r"Fix: Lower `max_memory` \(`verify: \{max_memory: \.\.\.\}` or --max-memory\), or check the weights only "
+        r"\(`verify: \{outputs: false\}`\)\.\n",
         err,
     ), err
     config = seeded.base.parent / "weights-only.yaml"

@@ -150,3 +150,21 @@ def test_overlapping_tensors_are_corrupt(tmp_path: Path) -> None:
     path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 6)
     with pytest.raises(CorruptFileError, match="tensor `y` starts at byte 2 of the data, expected 4"):
         read_header(path)
+
+
+def test_aborting_a_closed_shard_leaves_the_descriptor_number_to_its_new_owner(tmp_path: Path) -> None:
+    """A merge that fails after a shard was closed aborts every shard: closing the old descriptor
+    number again would close whatever file reused it (a streaming run's base reader: EBADF)."""
+    import os
+
+    from loraship.safetensors_io import OutputTensor, ShardWriter
+
+    shard = ShardWriter(tmp_path / "a.safetensors", [OutputTensor("x", "U8", (0,))], {"format": "pt"})
+    shard.begin("x")
+    shard.close()
+    other = os.open(tmp_path / "a.safetensors", os.O_RDONLY)  # the lowest free number: the one just closed
+    try:
+        shard.abort()
+        os.fstat(other)  # still open
+    finally:
+        os.close(other)

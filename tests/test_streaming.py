@@ -164,15 +164,20 @@ def test_killed_while_streaming_leaves_an_empty_repo_and_the_rerun_publishes_onc
     assert [c.title for c in hub_server.commit_list("alice/merged")][1:] == ["initial commit"]
 
 
-def test_output_check_streams_the_download_and_keeps_both_models_for_the_check(
+def test_output_check_in_bounded_memory_on_both_models_kept_on_disk(
     sharded, hub_server, tmp_path: Path, capsys
 ) -> None:
     base, adapter = sharded
     (tmp_path / "job.yaml").write_text("verify:\n  generation_tokens: 4\n")
-    code, err = run_cli(capsys, tmp_path, "--adapter", "alice/lora", "--output", "alice/merged")
+    result = tmp_path / "result.json"
+    code, err = run_cli(capsys, tmp_path, "--adapter", "alice/lora", "--output", "alice/merged",
+                        "--max-memory", "200KB", "--result", result)  # fmt: skip
     assert code == 0, err
     folder = Path(snapshot_download("alice/merged", endpoint=hub_server.url, token=TOKENS["alice"],
                                     cache_dir=tmp_path / "readback"))  # fmt: skip
     assert_same_tensors(load_tensors(folder), peft_reference(base, adapter, tmp_path / "peft"))
     card = (folder / "README.md").read_text()
     assert "merge error / adapter effect" in card and "### loraship verification: passed" in card
+    report = json.loads(result.read_text())["results"][0]["report"]
+    assert report["passed"] and report["outputs"]["prompts"] == 5
+    assert any(n.startswith("Both models ran with at most 200.0 KB of weights in memory") for n in report["notes"])

@@ -404,3 +404,56 @@ def test_exact_weights_failing_a_bf16_output_check_say_it_is_rounding(model_cach
         "Fix: Run the output check in float32 (`--dtype float32`; in loraship.yaml `verify: {dtype: float32}`), or "
         "relax its thresholds for this adapter (`--max-error-ratio`, `--min-top1`).\n"
     )
+
+
+# --------------------------------------------------------------------------- bounded memory
+
+DEEP = {**LLAMA, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "num_key_value_heads": 2}  # fmt: skip  # ~0.6 MB in float32: most layers stay on disk under 100 KB
+
+
+def test_output_check_with_max_memory_reads_layers_from_disk_and_measures_the_same(
+    model_cache, tmp_path: Path, monkeypatch
+) -> None:
+    import loraship.output_check as output_check
+
+    base = model_cache(DEEP, max_shard_size="100KB", tokenizer=True)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj", "down_proj"])
+    merged = tmp_path / "merged"
+    merge(base, adapter, merged, progress=False, max_shard_size="100KB")
+    placed: list[set[str]] = []
+    real = output_check._peft_offloaded
+
+    def spy(model, adapter_dir):  # type: ignore[no-untyped-def]
+        placed.append(set(model.hf_device_map.values()))
+        return real(model, adapter_dir)
+
+    monkeypatch.setattr(output_check, "_peft_offloaded", spy)
+    fast = {"generation_tokens": 4}
+    bounded = verify(base, adapter, merged, device="cpu", threshold_overrides=fast, max_memory=100_000)
+    whole = verify(base, adapter, merged, device="cpu", threshold_overrides=fast)
+    assert bounded.passed and whole.passed
+    assert placed and "disk" in placed[0]  # the reference's layers really stayed on disk
+    assert bounded.outputs is not None and whole.outputs is not None
+    assert bounded.outputs.stats == whole.outputs.stats  # the same forward passes, bit for bit, on CPU in float32
+    assert bounded.outputs.generation == whole.outputs.generation
+    assert (
+        "Both models ran with at most 100.0 KB of weights in memory (max_memory); the other layers were read from "
+        "their safetensors files as they ran (accelerate's disk offload)." in bounded.notes
+    )
+
+
+def test_max_memory_refuses_an_adapter_peft_builds_from_base_weights(model_cache, tmp_path: Path, capsys) -> None:
+    base = model_cache(LLAMA, tokenizer=True)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"], use_dora=True)
+    merged = tmp_path / "merged"
+    merge(base, adapter, merged, progress=False)
+    code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged, "--max-memory", "1MB")
+    assert code == 1
+    assert err == (
+        "Error: The bounded-memory output check (max_memory) runs plain LoRA adapters; this one uses DoRA (use_dora), "
+        "whose PEFT modules are built from base weights that stay on disk there.\n"
+        "Fix: Run the output check without `max_memory` on a machine whose memory holds one model, or check the "
+        "weights only (`verify: {outputs: false}`, `loraship verify --weights-only`: every merged tensor is still "
+        "compared bit for bit with base + adapter).\n"
+    )

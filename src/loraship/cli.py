@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--report", type=Path, metavar="JSON", help="write the report as JSON here")
     verify.add_argument("--markdown", type=Path, metavar="MD", help="write the report as Markdown here")
     verify.add_argument("--weights-only", action="store_true", help="skip the output-level comparison")
+    verify.add_argument("--max-memory", metavar="SIZE",
+                        help="memory the output check's models may take (e.g. 1GB); the other layers are read from "
+                        "disk as they run (default: each model whole in memory)")  # fmt: skip
     verify.add_argument("--weight-atol", type=float, default=0.0, help="accept merged weights within this |Δ|")
     verify.add_argument(
         "--max-error-ratio", type=float, help="override the dtype's limit on merge error / adapter effect"
@@ -90,12 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--requantize", action="store_true", default=None,
         help="FP8 base: publish the changed weights in FP8 with the base's blocks (lossy; default: 16 bits)",
     )  # fmt: skip
-    run.add_argument("--max-shard-size", help="largest output shard (default: the job's max_shard_size, 5GB)")
+    run.add_argument("--max-shard-size", help="largest output shard (default: the job's max_shard_size, else 1GB)")
     run.add_argument("--private", action="store_true", default=None, help="create the output repo private")
     run.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     run.add_argument("--tag", help="tag the published commit")
     run.add_argument("--commit-message", help="commit title (the provenance is appended)")
     run.add_argument("--no-verify", action="store_true", help="publish without verification (not recommended)")
+    run.add_argument(
+        "--max-memory", metavar="SIZE", help="memory the output check's models may take (e.g. 1GB; verify.max_memory)"
+    )
     run.add_argument("--dry-run", action="store_true", help="do everything but publish; keep the staged folder")
     run.add_argument("--no-stream", action="store_true",
                      help="download the whole base before merging (default: download, merge, check and upload "
@@ -241,6 +247,8 @@ def run_overrides(args: argparse.Namespace) -> dict[str, object]:
         values["publish"] = publish
     if args.no_verify:
         values["verify"] = {"enabled": False}
+    elif args.max_memory:
+        values["verify"] = {"max_memory": args.max_memory}
     return values
 
 
@@ -297,6 +305,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from loraship.output_check import load_prompts
+    from loraship.spec import parse_size
     from loraship.verify import raise_if_failed, render_text, verify, write_report
 
     prompts = load_prompts(args.prompts) if args.prompts else None
@@ -313,6 +322,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         args.base, args.adapter, args.merged, outputs=not args.weights_only, prompts=prompts, device=args.device,
         dtype=args.dtype, threshold_overrides=overrides, weight_atol=args.weight_atol,
         trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, progress=not args.quiet,
+        max_memory=parse_size(args.max_memory) if args.max_memory else None,
     )  # fmt: skip
     print(render_text(report))
     write_report(report, json_path=args.report, markdown_path=args.markdown)

@@ -8,9 +8,11 @@ as its argmax equals the reference's token at every step.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import sys
+import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,9 +21,10 @@ from typing import Any
 
 from loraship import quantized
 from loraship.conversions import PerExpertLora, peft_conversion_problem
-from loraship.errors import InputError, first_line
+from loraship.errors import InputError, UnsupportedError, first_line
 from loraship.metrics import GenerationAgreement, OutputStats, combine, compare_outputs, greedy_agreement
 from loraship.plan import vocab_size
+from loraship.report import human_bytes
 
 #: Default prompts: short, varied (prose, code, instructions, lists, a question).
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -165,6 +168,7 @@ def compare(
     per_expert: Sequence[PerExpertLora] = (),
     progress: bool = False,
     requantized: bool = False,
+    max_memory: int | None = None,
 ) -> OutputReport:
     """Compare base + adapter (PEFT, unmerged) with the merged folder (plain transformers).
 
@@ -181,19 +185,15 @@ def compare(
         progress: Say on stderr which model is loading, and show a bar over the prompts of each pass.
         requantized: The merged folder holds requantized FP8 weights (``--requantize``): the error
             ratio's limit is :data:`REQUANTIZED_MAX_ERROR_RATIO`, top-1 and generation are reported.
+        max_memory: Bytes of the check's device (RAM on CPU, each GPU's memory on CUDA) the weights
+            may take; the layers that do not fit stay in the safetensors files on disk and are read
+            as they run (accelerate's disk offload, in place). None: each model is loaded whole.
 
     Raises:
         InputError: The model class cannot be loaded (e.g. it needs remote code).
+        UnsupportedError: ``max_memory`` with an adapter PEFT cannot run on an offloaded model.
     """
     import torch
-    from tqdm.auto import tqdm
-
-    def step(message: str) -> None:
-        if progress:
-            print(message, file=sys.stderr, flush=True)
-
-    def prompts_bar(items: list[dict[str, Any]], desc: str) -> Any:
-        return tqdm(items, desc=desc, unit="prompt", disable=not progress, leave=False)
 
     config = json.loads((merged / "config.json").read_text())
     cls = model_class(config, merged, trust_remote_code=trust_remote_code)
@@ -208,20 +208,76 @@ def compare(
     if run_device == "cuda":
         load["device_map"] = "auto"  # accelerate: fill the GPU(s), then offload to CPU
     notes: list[str] = []
+    offload = contextlib.ExitStack()
+    if max_memory is not None:
+        offload_check_supported(adapter)
+        limits_map: dict[int | str, int] = {"cpu": max_memory}
+        if run_device == "cuda":
+            limits_map.update({i: max_memory for i in range(torch.cuda.device_count())})
+        folder = offload.enter_context(tempfile.TemporaryDirectory(prefix="loraship-offload-"))
+        load.update(device_map="auto", max_memory=limits_map, offload_folder=folder)
+        notes.append(
+            f"Both models ran with at most {human_bytes(max_memory)} of weights in memory (max_memory); the other "
+            "layers were read from their safetensors files as they ran (accelerate's disk offload)."
+        )
 
     # Reference: base + adapter through PEFT, unmerged.
-    from peft import PeftModel
-
     base_config = json.loads((base / "config.json").read_text())
     head: dict[str, Any] = {k: config[k] for k in ("id2label", "label2id") if k in config and k not in base_config}
     if "id2label" in head:  # the adapter brings a classifier head: the reference gets one of that size
         head["num_labels"] = len(head["id2label"])
+    with offload:
+        return _compare(cls, base, adapter, merged, config, base_config, head, load, limits, notes, prompts,
+                        trust_remote_code=trust_remote_code, per_expert=per_expert, progress=progress,
+                        requantized=requantized, run_device=run_device, run_dtype=run_dtype,
+                        offloaded=max_memory is not None)  # fmt: skip
+
+
+def _compare(
+    cls: Any,
+    base: Path,
+    adapter: Path,
+    merged: Path,
+    config: Mapping[str, Any],
+    base_config: Mapping[str, Any],
+    head: Mapping[str, Any],
+    load: Mapping[str, Any],
+    limits: Thresholds,
+    notes: list[str],
+    prompts: Sequence[Prompt] | None,
+    *,
+    trust_remote_code: bool,
+    per_expert: Sequence[PerExpertLora],
+    progress: bool,
+    requantized: bool,
+    run_device: str,
+    run_dtype: str,
+    offloaded: bool,
+) -> OutputReport:
+    import torch
+    from peft import PeftModel
+    from tqdm.auto import tqdm
+
+    def step(message: str) -> None:
+        if progress:
+            print(message, file=sys.stderr, flush=True)
+
+    def prompts_bar(items: list[dict[str, Any]], desc: str) -> Any:
+        return tqdm(items, desc=desc, unit="prompt", disable=not progress, leave=False)
+
     step(f"Loading the base with the adapter (PEFT, unmerged) on {run_device} in {run_dtype}")
     reference = cls.from_pretrained(str(base), **load, **head, **quantized.loader_kwargs(base_config))
     vocab = vocab_size(config)
     if vocab is not None and vocab != vocab_size(base_config) and hasattr(reference, "resize_token_embeddings"):
+        if offloaded:
+            raise UnsupportedError(
+                "The adapter resizes the token embeddings, which the bounded-memory output check (max_memory) cannot "
+                "do on a model whose layers stay on disk.",
+                fix=OFFLOAD_FIX,
+            )
         reference.resize_token_embeddings(vocab, mean_resizing=False)
-    reference = PeftModel.from_pretrained(reference, str(adapter)).eval()
+    reference = _peft_offloaded(reference, adapter) if offloaded else PeftModel.from_pretrained(reference, str(adapter))
+    reference = reference.eval()
     if per_expert:
         tolerance = 1e-4 if run_dtype == "float32" else 2e-2  # PEFT rounds the delta to the run dtype
         problem = peft_conversion_problem(reference, per_expert, tolerance=tolerance)
@@ -299,6 +355,77 @@ def compare(
         notes=tuple(notes),
         requantized=requantized,
     )
+
+
+OFFLOAD_FIX = (
+    "Run the output check without `max_memory` on a machine whose memory holds one model, or check the weights only "
+    "(`verify: {outputs: false}`, `loraship verify --weights-only`: every merged tensor is still compared bit for bit "
+    "with base + adapter)."
+)
+
+
+def offload_check_supported(adapter: Path) -> None:
+    """Refuse, before loading anything, an adapter the bounded-memory check cannot run through PEFT:
+    one whose modules PEFT builds from the base's weights (DoRA's norms, copies of whole modules,
+    trained token rows), which stay on disk there.
+
+    Raises:
+        UnsupportedError: Naming what the adapter uses.
+    """
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    found = [
+        what
+        for what, used in (
+            (f"a PEFT type other than LoRA ({config.get('peft_type')})", config.get("peft_type", "LORA") != "LORA"),
+            ("DoRA (use_dora)", bool(config.get("use_dora"))),
+            ("modules_to_save", bool(config.get("modules_to_save"))),
+            ("trainable_token_indices", bool(config.get("trainable_token_indices"))),
+        )
+        if used
+    ]
+    if found:
+        raise UnsupportedError(
+            f"The bounded-memory output check (max_memory) runs plain LoRA adapters; this one uses {', '.join(found)}, "
+            "whose PEFT modules are built from base weights that stay on disk there.",
+            fix=OFFLOAD_FIX,
+        )
+
+
+def _peft_offloaded(model: Any, adapter: Path) -> Any:
+    """PEFT's unmerged model around a base whose layers accelerate keeps on disk.
+
+    PeftModel.from_pretrained would dispatch the whole model again (and fail on the offloaded
+    meta tensors), and it creates the LoRA factors on their base layer's device, meta for an
+    offloaded layer. So the adapter is attached with the device map hidden, the factors are made
+    real on the CPU, and PEFT's own ``set_peft_model_state_dict`` loads them; the base layers keep
+    their offload hooks, and PEFT's forward runs unchanged.
+
+    Raises:
+        UnsupportedError: A LoRA factor stayed unloaded.
+    """
+    from peft import PeftModel
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    device_map = model.__dict__.pop("hf_device_map", None)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+    finally:
+        if device_map is not None:
+            model.hf_device_map = device_map
+    for name, module in peft_model.named_modules():
+        if any(part.startswith("lora_") for part in name.split(".")) and any(
+            t.is_meta for t in module.parameters(recurse=False)
+        ):
+            module.to_empty(device="cpu", recurse=False)
+    loaded = set_peft_model_state_dict(peft_model, load_peft_weights(str(adapter), device="cpu"))
+    left = [n for n, t in peft_model.named_parameters() if "lora_" in n and t.is_meta]
+    left += list(getattr(loaded, "unexpected_keys", ()))
+    if left:
+        raise UnsupportedError(
+            f"PEFT did not load every LoRA factor onto the model whose layers stay on disk ({', '.join(left[:3])}).",
+            fix=OFFLOAD_FIX,
+        )
+    return peft_model
 
 
 def model_class(config: Mapping[str, Any], folder: Path, *, trust_remote_code: bool) -> Any:
@@ -438,8 +565,21 @@ def _with_decoder_inputs(item: dict[str, Any], model_config: Any) -> dict[str, A
 
 
 def _to(item: Mapping[str, Any], model: Any) -> dict[str, Any]:
-    device = getattr(model, "device", None)
+    device = _input_device(model)
     return {k: v.to(device) if device is not None else v for k, v in item.items()}
+
+
+def _input_device(model: Any) -> Any:
+    """Where the model's inputs go: its device, or for a model accelerate placed (some layers on disk,
+    whose parameters are meta tensors) the first device of its map that is not the disk."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    placed = [d for d in (getattr(inner, "hf_device_map", None) or {}).values() if d != "disk"]
+    if placed:
+        first = placed[0]
+        return first if first == "cpu" or isinstance(first, str) else f"cuda:{first}"
+    if getattr(inner, "hf_device_map", None):  # every layer on disk: they run on the CPU
+        return "cpu"
+    return getattr(model, "device", None)
 
 
 def _main_output(out: Any) -> tuple[Any, bool]:

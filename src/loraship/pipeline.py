@@ -30,7 +30,7 @@ from loraship.hub import CommitConflict, Hub, PreUpload, Publication, RepoState
 from loraship.merge import current_umask
 from loraship.quantized import check_base, check_requantizable
 from loraship.repo_files import CARD_NAME, CHAT_TEMPLATE_FILES, TOKENIZER_FILES, WEIGHT_DIRS, WEIGHT_SUFFIXES
-from loraship.safetensors_io import CODE_NAMES
+from loraship.safetensors_io import CODE_NAMES, read_header
 from loraship.spec import MergeJob, Source
 from loraship.streaming import StreamResult, remote_base, reusable
 
@@ -185,7 +185,7 @@ class _Run:
             from loraship.merge import merge
 
             result = merge(base.folder, adapter.folder, staging, dtype=self._out_dtype(),
-                           max_shard_size=job.max_shard_size, overwrite=True, allow_pickle=job.allow_pickle,
+                           max_shard_size=job.shard_size, overwrite=True, allow_pickle=job.allow_pickle,
                            progress=self.progress, keep_code=job.trust_remote_code,
                            requantize=job.requantize)  # fmt: skip
             self.preupload = self._start_preupload(staging, result.weight_files)
@@ -290,11 +290,13 @@ class _Run:
         *,
         streaming: Path | None = None,
         keep: bool = True,
+        largest_tensor: int | None = None,
     ) -> None:
         """Refuse, before downloading, a run this machine's disks or memory cannot hold.
 
         ``streaming``: the folder a streaming run downloads the base's weights into (not the cache);
-        without ``keep``, only a few base and merged shards are on disk at once.
+        without ``keep``, only a few base and merged shards are on disk at once (an output shard is
+        at most the larger of the shard size and ``largest_tensor``, both as written).
         """
         from huggingface_hub import constants
 
@@ -329,16 +331,17 @@ class _Run:
                    "bit for bit with base + adapter) a run to the Hub holds only a few shards at a time.")  # fmt: skip
         else:
             biggest = max(weight_sizes, default=0)
-            shard = min(merged, max(parse_size(job.max_shard_size), int(biggest / e.stored * e.written)))
+            tensor = biggest if largest_tensor is None else largest_tensor
+            shard = min(merged, max(parse_size(job.shard_size), int(tensor / e.stored * e.written)))
             preflight.check_disk([
-                preflight.Need(f"{BASE_WINDOW} of the base's weight files at a time", streaming,
-                               min(download, BASE_WINDOW * biggest)),
+                preflight.Need(f"{BASE_WINDOW + 1} of the base's weight files at a time", streaming,
+                               min(download, (BASE_WINDOW + 1) * biggest)),
                 preflight.Need(f"{OUTPUT_WINDOW + 1} merged shards at a time", staging,
                                min(merged, (OUTPUT_WINDOW + 1) * shard) + others),
             ], fix="Free space there, or put the run's folder (--workdir) on a disk with more room, or write smaller "
                    "shards (`max_shard_size` in loraship.yaml, or --max-shard-size).")  # fmt: skip
         if spec.enabled and spec.outputs and preflight.cpu_output_check(spec.device):
-            preflight.check_memory(int(weights / e.stored * e.loaded), e.loaded_dtype)
+            preflight.check_memory(int(weights / e.stored * e.loaded), e.loaded_dtype, cap=spec.max_memory_bytes)
 
     def _out_dtype(self) -> str | None:
         return None if self.job.dtype == "keep" else self.job.dtype
@@ -417,10 +420,11 @@ class _Run:
             self._preflight(config, {f: sizes.get(f, 0) for f in files}, 0, streaming=folder, keep=keep)
             self.log(f"The base {state} is in the Hugging Face cache: streaming the merge and upload from there ...")
             return _Input(source, hub.fetch(state, files), state), []
-        self._preflight(config, {f: sizes.get(f, 0) for f in files}, sum(sizes.get(f, 0) for f in weights),
-                        streaming=folder, keep=keep)  # fmt: skip
         self.log(f"Reading the base {state} ({len(weights)} weight files, downloaded while merging) ...")
-        remote_base(hub, state, files, sizes, folder)
+        remote_base(hub, state, files, sizes, folder)  # the small files and the weights' headers
+        largest = max((i.nbytes for f in weights for i in read_header(folder / f)[1].values()), default=0)
+        self._preflight(config, {f: sizes.get(f, 0) for f in files}, sum(sizes.get(f, 0) for f in weights),
+                        streaming=folder, keep=keep, largest_tensor=largest)  # fmt: skip
         return _Input(source, folder, state), weights
 
     def _stream_merge(self, base: _Input, adapter: _Input, downloads: Sequence[str], staging: Path) -> tuple[Any, Any]:
@@ -437,7 +441,7 @@ class _Run:
                                      keep_code=job.trust_remote_code)  # fmt: skip
             if job.requantize:
                 prepared = prepared.requantized()
-            layout = shard_layout(prepared.plan, job.max_shard_size)
+            layout = shard_layout(prepared.plan, job.shard_size)
             feed = None
             if downloads:
                 by_name = {t.name: t for t in prepared.plan.tensors}
@@ -453,7 +457,7 @@ class _Run:
                                                                    else "") + " ...")  # fmt: skip
             stopped = False
             try:
-                result = execute(prepared, staging, max_shard_size=job.max_shard_size, overwrite=True,
+                result = execute(prepared, staging, max_shard_size=job.shard_size, overwrite=True,
                                  progress=self.progress, hooks=stream)  # fmt: skip
             except StreamStopped:
                 if not stream.check:
@@ -533,6 +537,7 @@ class _Run:
             dtype=spec.dtype, threshold_overrides=spec.threshold_overrides(), weight_atol=spec.weight_atol,
             trust_remote_code=self.job.trust_remote_code, allow_pickle=self.job.allow_pickle,
             labels=(base.label, adapter.label, self.job.output), progress=self.progress,
+            max_memory=spec.max_memory_bytes,
         )  # fmt: skip
         self.log(render_text(report))
         raise_if_failed(report)

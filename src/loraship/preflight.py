@@ -90,21 +90,33 @@ def check_disk(needs: Sequence[Need], *, fix: str = DISK_FIX) -> None:
             )
 
 
-def check_memory(model_bytes: int, dtype: str) -> None:
-    """Refuse an output check on CPU that cannot hold the model in memory.
+def check_memory(model_bytes: int, dtype: str, *, cap: int | None = None) -> None:
+    """Refuse an output check on CPU that cannot hold the model in memory (or ``cap`` of it: the
+    ``max_memory`` setting, past which layers are read from disk).
 
     Raises:
         ResourceError: With the size, what is available, and the settings that avoid it.
     """
     available = available_memory()
-    needed = int(model_bytes * 1.15) + (512 << 20)  # activations, the tokenizer, Python itself
+    held = model_bytes if cap is None else min(cap, model_bytes)
+    needed = int(held * 1.15) + (512 << 20)  # activations, the tokenizer, Python itself
     if available is None or needed <= available:
         return
+    if cap is not None:
+        raise ResourceError(
+            f"The output check keeps up to max_memory = {human_bytes(cap)} of weights in memory, about "
+            f"{human_bytes(needed)} with the rest it needs, and this machine has {human_bytes(available)} available. "
+            "Nothing was downloaded.",
+            fix="Lower `max_memory` (`verify: {max_memory: ...}` or --max-memory), or check the weights only "
+            "(`verify: {outputs: false}`).",
+        )
     raise ResourceError(
         f"The output check loads the model into memory, one model at a time: about {human_bytes(needed)} in {dtype}, "
         f"and this machine has {human_bytes(available)} available. Nothing was downloaded.",
-        fix="Run on a machine with more memory or a GPU (`verify: {device: cuda}`), or check the weights only "
-        "(`verify: {outputs: false}`; every merged tensor is still compared bit for bit with base + adapter).",
+        fix="Run on a machine with more memory or a GPU (`verify: {device: cuda}`), set `verify: {max_memory: 1GB}` "
+        "(or --max-memory 1GB: the layers that do not fit are read from disk as they run, slower), or check the "
+        "weights only (`verify: {outputs: false}`; every merged tensor is still compared bit for bit with base + "
+        "adapter).",
     )
 
 

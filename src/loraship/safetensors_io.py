@@ -489,13 +489,17 @@ class ShardWriter:
 
     def close(self) -> None:
         """Close the file; raises if a planned tensor was not written in full."""
-        os.close(self._fd)
+        fd, self._fd = self._fd, -1
+        os.close(fd)
         if self._remaining or self._next != len(self._tensors):
             raise RuntimeError(f"{self.path.name}: not every planned tensor was written")
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        """Close the file if still open (after :meth:`close`, its descriptor's number may belong to another file)."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _write_all(self, data: memoryview | bytes | bytearray) -> None:
         view = memoryview(data)

@@ -97,6 +97,22 @@ class VerifySpec(_Spec):
     min_top1: float | None = Field(default=None, ge=0, le=1)
     generation_tokens: int | None = Field(default=None, ge=0)
     weight_atol: float = Field(default=0.0, ge=0)
+    #: Memory the output check's models may take (e.g. ``1GB``); the other layers are read from disk.
+    max_memory: str | None = None
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_size(value)
+            except InputError as e:
+                raise ValueError(f"{value!r} is not a size (use e.g. 1GB or 800MB)") from e
+        return value
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return parse_size(self.max_memory) if self.max_memory is not None else None
 
     def threshold_overrides(self) -> dict[str, float | int]:
         values = {
@@ -120,6 +136,12 @@ class CardSpec(_Spec):
         return [value] if isinstance(value, str) else value
 
 
+#: Output shards of a run whose job sets no ``max_shard_size``: a streaming run holds two of them on
+#: disk at once (one written, one uploading), so they are kept small; transformers and serving
+#: engines load any number of shards through the index.
+RUN_SHARD_SIZE = "1GB"
+
+
 class MergeJob(_Spec):
     """One merge: an adapter, its base, where the result goes, how it is checked and described."""
 
@@ -135,7 +157,8 @@ class MergeJob(_Spec):
     card: CardSpec = Field(default_factory=CardSpec)
     allow_pickle: bool = False
     trust_remote_code: bool = False
-    max_shard_size: str = "5GB"
+    #: Largest output shard; None: :data:`RUN_SHARD_SIZE`.
+    max_shard_size: str | None = None
 
     @field_validator("adapter")
     @classmethod
@@ -158,12 +181,18 @@ class MergeJob(_Spec):
 
     @field_validator("max_shard_size")
     @classmethod
-    def _shard_size(cls, value: str) -> str:
+    def _shard_size(cls, value: str | None) -> str | None:
         try:
-            parse_size(value)
+            if value is not None:
+                parse_size(value)
         except InputError as e:
             raise ValueError(f"{value!r} is not a size (use e.g. 5GB or 500MB)") from e
         return value
+
+    @property
+    def shard_size(self) -> str:
+        """The output shards' size limit this job writes."""
+        return self.max_shard_size or RUN_SHARD_SIZE
 
     @property
     def adapter_source(self) -> Source:
@@ -184,7 +213,9 @@ class MergeJob(_Spec):
             "base": self.base_source.repo_id if self.base_source else None,
             "dtype": self.dtype,
             **({"requantize": True} if self.requantize else {}),
-            "max_shard_size": self.max_shard_size,
+            # Jobs that set none hash as they did when the default was 5GB: the same model, sharded finer, is
+            # the same publication (a rerun after an upgrade does not publish it again).
+            "max_shard_size": self.max_shard_size or "5GB",
             "card": self.card.model_dump(),
         }
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]

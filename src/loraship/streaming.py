@@ -41,8 +41,9 @@ from loraship.safetensors_io import Checkpoint, TensorInfo, TensorReader, read_h
 if TYPE_CHECKING:
     from loraship.verify import WeightReport
 
-#: Base weight files on disk at once (being merged or checked, and the next one downloading).
-BASE_WINDOW = 3
+#: Base weight files on disk at once: the one being merged and checked, and the next one downloading (one
+#: more only while a check lags behind the merge).
+BASE_WINDOW = 2
 #: Output shards waiting for their check or upload before the merge waits (one more is being written).
 OUTPUT_WINDOW = 1
 
@@ -102,7 +103,7 @@ class BaseFeed:
                 while (
                     not self._stop
                     and name not in self._wanted
-                    and len(self._present - self._released) >= (self.window - 1)
+                    and len(self._present - self._released) >= self.window  # so at most `window` on disk
                 ):
                     self._cond.wait()
                 if self._stop:

@@ -24,7 +24,14 @@ from loraship.conversions import PerExpertLora, per_expert_loras
 from loraship.errors import InputError, LorashipError, VerificationFailed, first_line
 from loraship.merge import PreparedMerge, prepare_merge
 from loraship.oracle import OracleReport
-from loraship.output_check import OutputReport, Prompt, Thresholds, check_outputs, model_class
+from loraship.output_check import (
+    OutputReport,
+    Prompt,
+    Thresholds,
+    check_outputs,
+    model_class,
+    offload_check_supported,
+)
 from loraship.plan import LoraStep, TensorPlan
 from loraship.safetensors_io import (
     CODE_NAMES,
@@ -510,11 +517,13 @@ def verify(
     allow_pickle: bool = False,
     labels: tuple[str, str, str] | None = None,
     progress: bool = False,
+    max_memory: int | None = None,
 ) -> VerifyReport:
     """Verify a merged folder against base + adapter; see the module docstring.
 
     Args:
         labels: How to name base, adapter and merged in the report (e.g. ``repo@sha``); paths when None.
+        max_memory: Bytes the output check's models may take in memory (disk offload past that).
         progress: Show progress on stderr: a bar over the weights checked, each model load, each prompt.
 
     Raises:
@@ -524,6 +533,8 @@ def verify(
     merged_ckpt = load_merged(merged)
     if outputs:  # fail fast, before the weight pass, if the outputs cannot be compared at all
         model_class(json.loads((merged / "config.json").read_text()), merged, trust_remote_code=trust_remote_code)
+        if max_memory is not None:
+            offload_check_supported(adapter)
     with tempfile.TemporaryDirectory(prefix="loraship-scratch-") as scratch:
         prepared = prepare_merge(
             base, adapter, allow_pickle=allow_pickle, scratch=Path(scratch), refuse_disagreement=False
@@ -543,7 +554,7 @@ def verify(
         output_report = check_outputs(
             base, adapter, merged, prompts=prompts, device=device, dtype=dtype, thresholds=thresholds,
             overrides=threshold_overrides, trust_remote_code=trust_remote_code, per_expert=_per_expert(prepared),
-            progress=progress, requantized=requantized,
+            progress=progress, requantized=requantized, max_memory=max_memory,
         )  # fmt: skip
         checks += output_checks(output_report)
         notes.extend(output_report.notes)
