@@ -181,3 +181,42 @@ def test_output_check_in_bounded_memory_on_both_models_kept_on_disk(
     report = json.loads(result.read_text())["results"][0]["report"]
     assert report["passed"] and report["outputs"]["prompts"] == 5
     assert any(n.startswith("Both models ran with at most 200.0 KB of weights in memory") for n in report["notes"])
+
+
+@pytest.mark.parametrize("family", ["qwen3-moe-experts", "fp8", "fp8-requantize"])
+def test_streamed_and_sequential_runs_publish_the_same_bytes(family: str, hub_server, tmp_path: Path, capsys,
+                                                            monkeypatch) -> None:  # fmt: skip
+    """MoE experts (one LoRA on a fused parameter, merged into per-expert tensors that may lie in other
+    shards) and FP8 bases (scales beside their weights; requantized ones checked with their weight)."""
+    from test_families import QWEN3_MOE
+    from test_quantized import DENSE
+
+    from loraship.tiny import build_model, quantize_fp8
+
+    flags: list[str] = []
+    if family == "qwen3-moe-experts":
+        config = {**QWEN3_MOE, "num_hidden_layers": 3}
+        base = build_model(tmp_path / "base", config, max_shard_size="8KB", tokenizer=True)
+        lora = {"target_modules": ["q_proj"], "target_parameters": ["mlp.experts.gate_up_proj"]}
+    else:
+        base = build_model(tmp_path / "base", {**DENSE, "num_hidden_layers": 3}, dtype="bfloat16",
+                           max_shard_size="40KB", tokenizer=True)  # fmt: skip
+        quantize_fp8(base, block=(32, 32))
+        lora = {"target_modules": ["q_proj", "v_proj", "down_proj"]}
+        flags = ["--requantize"] if family == "fp8-requantize" else []
+    assert len(list(base.glob("model-*.safetensors"))) >= 3
+    adapter = build_adapter(base, tmp_path / "adapter", **lora)
+    hub_server.seed("meta/base", base)
+    hub_server.seed("alice/lora", adapter)
+    monkeypatch.setenv("HF_ENDPOINT", hub_server.url)
+    monkeypatch.setenv("HF_TOKEN", TOKENS["alice"])
+    (tmp_path / "job.yaml").write_text(WEIGHTS_ONLY + "base: meta/base\n")
+    for output, stream in (("alice/streamed", []), ("alice/sequential", ["--no-stream"])):
+        code = main(["run", "--config", str(tmp_path / "job.yaml"), "--adapter", "alice/lora", "--output", output,
+                     "--max-shard-size", "30KB", "--quiet", *flags, *stream])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+    streamed, sequential = published(hub_server, "alice/streamed"), published(hub_server, "alice/sequential")
+    assert len([f for f in streamed if f.endswith(".safetensors")]) >= 2
+    assert {f: h for f, h in streamed.items() if f != "README.md"} == {
+        f: h for f, h in sequential.items() if f != "README.md"
+    }
