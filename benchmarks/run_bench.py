@@ -18,6 +18,7 @@ RSS. Verification checks the weights (``verify.outputs: false``) unless ``--outp
 ``--max-memory`` and ``--generation-tokens``).
 
     .venv/bin/python benchmarks/run_bench.py [--size 1] [--bandwidth 200] [--outputs [--max-memory 1GB]]
+        [--only sequential|streaming]
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "benchmarks")]
@@ -45,15 +48,21 @@ TOKEN = "hf_bench_token_not_a_secret"
 
 
 class DiskSampler:
-    """The largest total size of the files under some folders, sampled in a thread."""
+    """The largest total size of the files under some folders, sampled in a thread, and what was
+    on disk at that moment (files of 1 MB or more: which shards the peak holds)."""
 
     def __init__(self, *folders: Path) -> None:
         self.folders, self.peak, self._stop = folders, 0, threading.Event()
+        self.peak_files: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.wait(0.1):
-            self.peak = max(self.peak, sum(_size(f) for f in self.folders))
+            files = {k: v for f in self.folders for k, v in _sizes(f).items()}
+            total = sum(files.values())
+            if total > self.peak:
+                self.peak = total
+                self.peak_files = {k: v for k, v in sorted(files.items()) if v >= 1 << 20}
 
     def __enter__(self) -> DiskSampler:
         self._thread.start()
@@ -64,17 +73,19 @@ class DiskSampler:
         self._thread.join()
 
 
-def _size(folder: Path) -> int:
-    total = 0
+def _sizes(folder: Path) -> dict[str, int]:
+    """Blocks allocated (bytes) per file under ``folder``, by path relative to its parent."""
+    sizes: dict[str, int] = {}
     for dirpath, _, files in os.walk(folder):
         for name in files:
+            path = os.path.join(dirpath, name)
             with contextlib.suppress(OSError):  # a file deleted while walking
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
+                sizes[os.path.relpath(path, folder.parent)] = os.lstat(path).st_blocks * 512
+    return sizes
 
 
-def measured(cmd: list[str], env: dict[str, str], *folders: Path) -> dict[str, float]:
-    """Wall seconds, peak RSS and peak disk (bytes) of one child process."""
+def measured(cmd: list[str], env: dict[str, str], *folders: Path) -> dict[str, Any]:
+    """Wall seconds, peak RSS and peak disk (bytes, and the files at the peak) of one child process."""
     with DiskSampler(*folders) as disk:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -83,7 +94,7 @@ def measured(cmd: list[str], env: dict[str, str], *folders: Path) -> dict[str, f
     if os.waitstatus_to_exitcode(status) != 0:
         err = proc.stderr.read().decode() if proc.stderr else ""
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return {"wall_s": wall, "rss_bytes": usage.ru_maxrss * 1024, "disk_bytes": disk.peak}
+    return {"wall_s": wall, "rss_bytes": usage.ru_maxrss * 1024, "disk_bytes": disk.peak, "peak_files": disk.peak_files}
 
 
 def serve_hub(base: Path, adapter: Path, work: Path, bandwidth_mb: float) -> None:
@@ -121,7 +132,12 @@ def delete_repo(env: dict[str, str], repo_id: str) -> None:
 
 
 def bench(
-    size: int, bandwidth_mb: float, outputs: bool, max_memory: str | None, generation_tokens: int
+    size: int,
+    bandwidth_mb: float,
+    outputs: bool,
+    max_memory: str | None,
+    generation_tokens: int,
+    only: Sequence[str] = (),
 ) -> dict[str, object]:
     base, adapter = merge_bench.cached(size)
     work = Path(tempfile.mkdtemp(prefix="loraship-run-bench-"))
@@ -140,7 +156,7 @@ def bench(
                     "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
                     "HF_HUB_DISABLE_XET": "1"}  # fmt: skip  # the test Hub speaks LFS, not xet
 
-        results: dict[str, dict[str, float]] = {}
+        results: dict[str, dict[str, Any]] = {}
         home = work / "home-download"
         results["download"] = measured(
             [py, "-c", "import sys; from huggingface_hub import snapshot_download; snapshot_download('bench/base')"],
@@ -167,6 +183,8 @@ def bench(
                 ("streaming, first publication", "bench/lora", "bench/first", []),
                 ("streaming, release into an existing repo", "bench/lora2", "bench/existing", []))  # fmt: skip
         for label, adapter_repo, output, flags in runs:
+            if only and label.split(" ")[0].strip(",") not in only:
+                continue
             slug = output.replace("/", "--")
             job = work / f"{slug}.yaml"
             job.write_text(f"adapter: {adapter_repo}\noutput: {output}\n{verify}")
@@ -219,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outputs", action="store_true", help="run the output-level check too (slow on CPU)")
     parser.add_argument("--max-memory", help="with --outputs: the check's verify.max_memory (e.g. 1GB)")
     parser.add_argument("--generation-tokens", type=int, default=32, help="with --outputs: greedy tokens compared")
+    parser.add_argument("--only", action="append", choices=("sequential", "streaming"),
+                        help="run only this path (repeatable; default: both)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the result here (default: benchmarks/results/...)")
     parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)  # internal: the local Hub's process
     args = parser.parse_args(argv)
@@ -226,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         base, adapter, work, bandwidth = args.serve
         serve_hub(Path(base), Path(adapter), Path(work), float(bandwidth))
         return 0
-    result = bench(args.size, args.bandwidth, args.outputs, args.max_memory, args.generation_tokens)
+    result = bench(args.size, args.bandwidth, args.outputs, args.max_memory, args.generation_tokens, args.only or ())
     print(table(result))
     suffix = "_outputs" if args.outputs else ""
     out = args.json or merge_bench.RESULTS / f"run_bench_x{args.size}{suffix}.json"
