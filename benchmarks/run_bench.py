@@ -18,7 +18,7 @@ RSS. Verification checks the weights (``verify.outputs: false``) unless ``--outp
 ``--max-memory`` and ``--generation-tokens``).
 
     .venv/bin/python benchmarks/run_bench.py [--size 1] [--bandwidth 200] [--outputs [--max-memory 1GB]]
-        [--only sequential|streaming]
+        [--only sequential|first|release]
 """
 
 from __future__ import annotations
@@ -179,11 +179,13 @@ def bench(
         if outputs:
             verify = f"verify:\n  generation_tokens: {generation_tokens}\n"
             verify += f"  max_memory: {max_memory}\n" if max_memory else ""
-        runs = (("sequential (--no-stream), first publication", "bench/lora", "bench/sequential", ["--no-stream"]),
-                ("streaming, first publication", "bench/lora", "bench/first", []),
-                ("streaming, release into an existing repo", "bench/lora2", "bench/existing", []))  # fmt: skip
-        for label, adapter_repo, output, flags in runs:
-            if only and label.split(" ")[0].strip(",") not in only:
+        runs = (("sequential", "sequential (--no-stream), first publication", "bench/lora", "bench/sequential",
+                 ["--no-stream"]),
+                ("first", "streaming, first publication", "bench/lora", "bench/first", []),
+                ("release", "streaming, release into an existing repo", "bench/lora2", "bench/existing",
+                 []))  # fmt: skip
+        for key, label, adapter_repo, output, flags in runs:
+            if only and key not in only:
                 continue
             slug = output.replace("/", "--")
             job = work / f"{slug}.yaml"
@@ -237,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outputs", action="store_true", help="run the output-level check too (slow on CPU)")
     parser.add_argument("--max-memory", help="with --outputs: the check's verify.max_memory (e.g. 1GB)")
     parser.add_argument("--generation-tokens", type=int, default=32, help="with --outputs: greedy tokens compared")
-    parser.add_argument("--only", action="append", choices=("sequential", "streaming"),
-                        help="run only this path (repeatable; default: both)")  # fmt: skip
+    parser.add_argument("--only", action="append", choices=("sequential", "first", "release"),
+                        help="run only this (repeatable; default: all three)")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the result here (default: benchmarks/results/...)")
     parser.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)  # internal: the local Hub's process
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from hub_server import Fault
 from huggingface_hub import snapshot_download
 
 from loraship.cli import main
+from loraship.merge import _PARTIAL_MARK
 from loraship.tiny import build_adapter
 
 WEIGHTS_ONLY = "verify:\n  outputs: false\n"
@@ -69,9 +71,19 @@ def test_streamed_run_publishes_what_the_sequential_path_does_with_a_few_shards_
     work = tmp_path / "work"
     biggest_base = max(p.stat().st_size for p in base.glob("model-*.safetensors"))
     seen: list[int] = []
+    overlapped: list[bool] = []
 
-    def sample() -> None:
+    def merged_shards() -> list[tuple[int, int]]:  # (k, n) of the merged model-0000k-of-0000n files on disk
+        names = (p.name for p in work.rglob("model-*-of-*.safetensors") if _PARTIAL_MARK in p.parent.name)
+        return sorted((int(m[1]), int(m[2])) for m in (re.match(r"model-(\d+)-of-(\d+)", n) for n in names) if m)
+
+    def sample() -> None:  # at each shard's upload: the lowest-numbered merged shard on disk is the one uploading
         seen.append(disk_used(work))
+        (k, n), *_ = merged_shards()
+        deadline = time.monotonic() + 10
+        while k < n and merged_shards()[-1][0] == k and time.monotonic() < deadline:
+            time.sleep(0.01)  # the merge writes the next shard while this one uploads
+        overlapped.append(merged_shards()[-1][0] > k)
 
     hub_server.faults.extend(Fault("PUT", "/lfs-upload/", "pass", hook=sample) for _ in range(50))
     code, err = run_cli(capsys, tmp_path, "--adapter", "alice/lora", "--output", "alice/streamed", "--workdir", work)
@@ -95,6 +107,7 @@ def test_streamed_run_publishes_what_the_sequential_path_does_with_a_few_shards_
 
     # While shards were uploading, the run's folder held a few base and merged shards, never the models.
     assert len(seen) == len(shards)
+    assert overlapped[:-1] == [True] * (len(shards) - 1)  # every upload but the last overlapped the merge
     biggest_out = max(hub_server.repos["alice/streamed"].commits[hub_server.commit_list("alice/streamed")[0].oid]
                       .files[f].size for f in shards)  # fmt: skip
     placeholders = 4096 * len(list(base.glob("model-*.safetensors")))  # the headers' disk blocks

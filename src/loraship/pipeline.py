@@ -336,8 +336,8 @@ class _Run:
             preflight.check_disk([
                 preflight.Need(f"{BASE_WINDOW + 1} of the base's weight files at a time", streaming,
                                min(download, (BASE_WINDOW + 1) * biggest)),
-                preflight.Need(f"{OUTPUT_WINDOW + 1} merged shards at a time", staging,
-                               min(merged, (OUTPUT_WINDOW + 1) * shard) + others),
+                preflight.Need(f"{OUTPUT_WINDOW} merged shards at a time", staging,
+                               min(merged, OUTPUT_WINDOW * shard) + others),
             ], fix="Free space there, or put the run's folder (--workdir) on a disk with more room, or write smaller "
                    "shards (`max_shard_size` in loraship.yaml, or --max-shard-size).")  # fmt: skip
         if spec.enabled and spec.outputs and preflight.cpu_output_check(spec.device):

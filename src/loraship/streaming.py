@@ -44,8 +44,9 @@ if TYPE_CHECKING:
 #: Base weight files on disk at once: the one being merged and checked, and the next one downloading (one
 #: more only while a check lags behind the merge).
 BASE_WINDOW = 2
-#: Output shards waiting for their check or upload before the merge waits (one more is being written).
-OUTPUT_WINDOW = 1
+#: Output shards on disk at once: the one being written and the one being checked and uploaded; the
+#: merge waits before a third.
+OUTPUT_WINDOW = 2
 
 
 class StreamStopped(Exception):
@@ -238,17 +239,16 @@ class ShardStream:
             reader.gate = self.feed.gate
 
     def before(self, shard: str, inputs: frozenset[Path]) -> None:
-        with self._cond:
-            while not self.keep and self._on_disk > OUTPUT_WINDOW - 1 and self._error is None:
+        with self._cond:  # a shard counts from its first byte until it is deleted
+            while not self.keep and self._on_disk >= OUTPUT_WINDOW and self._error is None:
                 self._cond.wait()
             self._raise_if_stopped()
+            self._on_disk += 1
         if self.feed is not None:  # fetch what the shard reads first (the readers' gate would wait anyway)
             for path in sorted(inputs):
                 self.feed.gate(path)
 
     def after(self, shard: str, path: Path, tensors: tuple[TensorPlan, ...]) -> None:
-        with self._cond:
-            self._on_disk += 1
         self._checks.put((shard, path, tensors))
 
     def finish(self) -> None:
