@@ -12,8 +12,9 @@
 - :class:`ShardStream` (the merge's :class:`~loraship.merge.ShardHooks`) takes each finished output
   shard: makes it read-only, checks every tensor in it bit for bit against base + adapter (the
   weight check of ``loraship verify``, with a reader of its own), uploads it as a blob that no
-  commit references yet (``preupload_lfs_files``), then deletes it. The merge waits while a shard
-  is on its way, so the disk holds a few shards whatever the model's size.
+  commit references yet (``preupload_lfs_files``), then deletes it. The merge writes the next shard
+  while one is on its way and waits before a third, so the disk holds a few shards whatever the
+  model's size.
 
 Nothing is visible on the Hub until the run's single commit, which references the uploaded blobs by
 the sha256 of the bytes that were checked (the file is read-only from before its check until it is
