@@ -76,7 +76,7 @@ PEFT_PATH = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
-from loraship.quantized import loader_kwargs
+from loraship.check.outputs import loader_kwargs
 base, adapter, out = sys.argv[1:4]
 dequantize = loader_kwargs(json.load(open(base + "/config.json")))
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, **dequantize)

@@ -31,7 +31,7 @@ from merge_bench import CACHE, cached  # noqa: E402
 
 
 def variants(base: Path, adapter: Path, work: Path) -> dict[str, Path]:
-    from loraship.merge import merge
+    from loraship.engine.merge import merge
 
     out: dict[str, Path] = {}
     out["correct merge"] = work / "correct"
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "verify_calibration.json")
     args = parser.parse_args(argv)
 
-    from loraship.output_check import THRESHOLDS, check_outputs
+    from loraship.check.outputs import THRESHOLDS, check_outputs
 
     base, adapter = cached(1)
     merged = variants(base, adapter, CACHE / "calibration")

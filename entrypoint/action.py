@@ -1,4 +1,4 @@
-"""GitHub Action environment -> MergeJob -> ``loraship.pipeline.run`` -> outputs, summary, GitHub.
+"""GitHub Action environment -> MergeJob -> ``loraship.run.pipeline.run`` -> outputs, summary, GitHub.
 
 Inputs arrive as ``INPUT_<NAME>`` with hyphens kept (``INPUT_HF-TOKEN``); the ``_`` spelling is
 accepted too. Tokens are masked (``::add-mask::``) before anything else is printed. Known failures
@@ -166,7 +166,7 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str 
 
 def build_job(env: Mapping[str, str], ctx: Context) -> Any:
     """The MergeJob the inputs (and the config file, and a tag push) describe."""
-    from loraship.spec import job_from_values, load_jobs, parse_output, parse_source
+    from loraship.run.job import job_from_values, load_jobs, parse_output, parse_source
 
     overrides: dict[str, Any] = {}
     for name, parse in (("adapter", parse_source), ("base", parse_source), ("output-repo", parse_output)):
@@ -387,7 +387,7 @@ def _where(error: LorashipError, ctx: Context) -> tuple[str | None, int | None]:
 
 def _run(env: Mapping[str, str], ctx: Context, cmd: Commands) -> int:
     from loraship.hub import Hub, hub_token
-    from loraship.pipeline import run
+    from loraship.run.pipeline import run
 
     cmd.group("Configure")
     job = build_job(env, ctx)

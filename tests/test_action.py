@@ -296,7 +296,7 @@ def test_a_bug_exits_70_with_the_versions(tmp_path: Path, monkeypatch, capsys) -
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("loraship.pipeline.run", broken)
+    monkeypatch.setattr("loraship.run.pipeline.run", broken)
     out = io.StringIO()
     env = {"INPUT_ADAPTER": "./adapter", "INPUT_OUTPUT-REPO": "dir:./out", "GITHUB_WORKSPACE": str(tmp_path),
            "GITHUB_STEP_SUMMARY": str(tmp_path / "summary")}  # fmt: skip

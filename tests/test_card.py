@@ -10,8 +10,9 @@ import pytest
 from huggingface_hub import ModelCard
 
 from loraship import __version__
-from loraship.adapter import PREFIX, parse_adapter
-from loraship.card import (
+from loraship.engine.adapter import PREFIX, parse_adapter
+from loraship.engine.safetensors_io import TensorInfo
+from loraship.run.card import (
     CardInputs,
     adapter_description,
     auto_class,
@@ -20,8 +21,7 @@ from loraship.card import (
     pipeline_tag,
     render_card,
 )
-from loraship.safetensors_io import TensorInfo
-from loraship.spec import MergeJob
+from loraship.run.job import MergeJob
 
 GOLDEN = Path(__file__).parent / "golden" / "model_card.md"
 

@@ -10,7 +10,7 @@ from conftest import LLAMA, TOKENS
 from huggingface_hub import ModelCard
 
 from loraship.cli import main
-from loraship.spec import load_jobs
+from loraship.run.job import load_jobs
 from loraship.tiny import build_adapter
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

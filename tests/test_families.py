@@ -20,9 +20,9 @@ import pytest
 import torch
 from conftest import bits, load_tensors, peft_outputs, peft_reference, plain_outputs
 
-from loraship.merge import merge
+from loraship.check.verify import verify
+from loraship.engine.merge import merge
 from loraship.tiny import build_adapter, build_model
-from loraship.verify import verify
 
 BART = {
     "model_type": "bart", "vocab_size": 50, "d_model": 16, "encoder_layers": 1, "decoder_layers": 1,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import LLAMA_WIDE
 
-from loraship import lora_math
-from loraship.merge import prepare_merge
-from loraship.safetensors_io import TensorReader
-from loraship.stream import TensorStreamer
+from loraship.engine.merge import prepare_merge
+from loraship.engine.safetensors_io import TensorReader
+from loraship.engine.stream import TensorStreamer
+from loraship.methods import lora as lora_math
 from loraship.tiny import build_adapter
 
 

@@ -339,8 +339,8 @@ def test_output_inside_input_refused(llama: Path, llama_adapter: Path, capsys) -
 
 def test_interrupted_merge_leaves_no_folder(llama: Path, llama_adapter: Path, tmp_path: Path, monkeypatch) -> None:
     """A failure in the middle of writing (disk error, Ctrl-C) removes the partial output."""
-    import loraship.merge as merge_module
-    import loraship.stream as stream_module
+    import loraship.engine.merge as merge_module
+    import loraship.engine.stream as stream_module
 
     calls = {"n": 0}
     real = stream_module.TensorStreamer.work
@@ -362,7 +362,7 @@ def test_disk_full_while_writing(llama: Path, llama_adapter: Path, tmp_path: Pat
     """An error on the writer thread (here: no space left) stops the merge with a clear message."""
     import errno
 
-    from loraship.safetensors_io import ShardWriter
+    from loraship.engine.safetensors_io import ShardWriter
 
     real = ShardWriter.write
     calls = {"n": 0}

@@ -11,8 +11,8 @@ import torch
 from conftest import LLAMA, assert_same_tensors, load_tensors, peft_reference
 
 from loraship.cli import main
-from loraship.merge import merge
-from loraship.safetensors_io import TensorReader, read_header
+from loraship.engine.merge import merge
+from loraship.engine.safetensors_io import TensorReader, read_header
 from loraship.tiny import build_adapter, save_tokenizer
 
 

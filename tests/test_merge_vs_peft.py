@@ -31,7 +31,7 @@ from conftest import (
     plain_outputs,
 )
 
-from loraship.merge import merge
+from loraship.engine.merge import merge
 from loraship.tiny import build_adapter
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

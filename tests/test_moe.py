@@ -19,12 +19,12 @@ from conftest import bits, load_tensors
 from safetensors.torch import save_file
 from test_families import MIXTRAL, QWEN3_MOE
 
+from loraship.check.verify import verify
 from loraship.console import format_plan, plan_json
+from loraship.engine.merge import merge, prepare_merge
+from loraship.engine.planner import plan_merge
 from loraship.errors import UnsupportedError
-from loraship.merge import merge, prepare_merge
-from loraship.plan import plan_merge
 from loraship.tiny import build_adapter, build_model
-from loraship.verify import verify
 
 V4 = {  # model type -> (checkpoint module of the experts, per-expert layer names: gate, up, down)
     "qwen3_moe": (QWEN3_MOE, "mlp", ("gate_proj", "up_proj", "down_proj"), 12),

@@ -12,12 +12,12 @@ from conftest import LLAMA
 from test_families import T5
 from test_merge_errors import assert_nothing_written, run_merge
 
-from loraship import merge as merge_module
-from loraship.merge import merge
-from loraship.oracle import OracleReport
-from loraship.plan import _Planner
+from loraship.check.verify import verify
+from loraship.engine import merge as merge_module
+from loraship.engine.merge import merge
+from loraship.engine.oracle import OracleReport
+from loraship.engine.planner import _Planner
 from loraship.tiny import build_adapter, build_model
-from loraship.verify import verify
 
 Q0, Q1 = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
 

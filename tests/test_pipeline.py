@@ -418,7 +418,7 @@ def test_forbidden_by_the_hub(seeded, hub_server, capsys, monkeypatch) -> None:
     hub_server.seed("team/merged", seeded.base)
     hub_server.users[TOKENS["alice"]].orgs = ()
     hub_server.users[TOKENS["alice"]].name = "team-admin"  # whoami passes for another namespace check below
-    monkeypatch.setattr("loraship.pipeline._Run._check_write_access", lambda self: None)
+    monkeypatch.setattr("loraship.run.pipeline._Run._check_write_access", lambda self: None)
     code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "team/merged", "--no-verify")
     assert_failed(code, err, (
         "Error: The token's account may not upload to `team/merged` (403 Forbidden).\n"
@@ -463,7 +463,7 @@ def test_output_dir_not_writable(seeded, tmp_path: Path, capsys) -> None:
 
 
 def test_base_precision_guess() -> None:
-    from loraship.pipeline import full_precision_guess
+    from loraship.run.pipeline import full_precision_guess
 
     assert full_precision_guess("unsloth/llama-3-8b-bnb-4bit") == "unsloth/llama-3-8b"
     assert full_precision_guess("TheBloke/Llama-2-7B-GPTQ") == "TheBloke/Llama-2-7B"
@@ -612,7 +612,7 @@ def test_preflight_refuses_a_run_the_disk_cannot_hold_before_downloading(
 
 
 def test_preflight_refuses_an_output_check_the_memory_cannot_hold(seeded, capsys, monkeypatch) -> None:
-    from loraship import preflight
+    from loraship.run import preflight
 
     monkeypatch.setattr(preflight, "available_memory", lambda: 10**6)
     code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "alice/merged")
@@ -693,19 +693,19 @@ def _wait_for_blob(hub_server, merged: Path, timeout: float = 30) -> str:
 def test_weights_upload_while_verification_runs_and_one_commit_references_them(
     seeded, hub_server, capsys, monkeypatch
 ) -> None:
-    import loraship.verify
+    import loraship.check.verify
 
     code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged")  # creates the repo
     assert code == 0, err
     before = len(hub_server.commit_list("alice/merged"))
     _seed_adapter(seeded, hub_server, "alice/lora2", ["o_proj"])
-    real_verify, seen = loraship.verify.verify, []
+    real_verify, seen = loraship.check.verify.verify, []
 
     def verify_after_upload(base, adapter, merged, **kwargs):  # type: ignore[no-untyped-def]
         seen.append(_wait_for_blob(hub_server, merged))  # deadlocks (and fails) if the upload waited for this
         return real_verify(base, adapter, merged, **kwargs)
 
-    monkeypatch.setattr(loraship.verify, "verify", verify_after_upload)
+    monkeypatch.setattr(loraship.check.verify, "verify", verify_after_upload)
     puts_before = sum(1 for method, path in hub_server.requests if method == "PUT" and path.startswith("/lfs-upload"))
     code, _, err = run_cli(capsys, "--adapter", "alice/lora2", "--output", "alice/merged")
     assert code == 0, err
@@ -717,7 +717,7 @@ def test_weights_upload_while_verification_runs_and_one_commit_references_them(
 
 
 def test_a_failed_verification_after_the_upload_publishes_nothing(seeded, hub_server, capsys, monkeypatch) -> None:
-    import loraship.verify
+    import loraship.check.verify
     from loraship.errors import VerificationFailed
 
     code, _, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged")
@@ -729,7 +729,7 @@ def test_a_failed_verification_after_the_upload_publishes_nothing(seeded, hub_se
         _wait_for_blob(hub_server, merged)
         raise VerificationFailed("outputs differ (simulated).", fix="Do not publish it.")
 
-    monkeypatch.setattr(loraship.verify, "verify", failing_verify)
+    monkeypatch.setattr(loraship.check.verify, "verify", failing_verify)
     code, _, err = run_cli(capsys, "--adapter", "alice/lora2", "--output", "alice/merged")
     assert code == 1 and "outputs differ (simulated)." in err
     assert hub_server.commit_list("alice/merged") == commits  # the uploaded blob is referenced by nothing

@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 
-from loraship.adapter import PREFIX, parse_adapter
+from loraship.engine.adapter import PREFIX, parse_adapter
+from loraship.engine.model_map import ModelMap
+from loraship.engine.plan import LoraStep
+from loraship.engine.planner import NameResolver, plan_merge
+from loraship.engine.safetensors_io import Checkpoint, TensorInfo
 from loraship.errors import IncompatibleError, UnsupportedError
-from loraship.model_map import ModelMap
-from loraship.plan import LoraStep, NameResolver, plan_merge
-from loraship.safetensors_io import Checkpoint, TensorInfo
 
 FOLDER = Path("/adapters/demo")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import LLAMA
 
-from loraship.merge import merge
-from loraship.preflight import available_memory, element_sizes
+from loraship.engine.merge import merge
+from loraship.run.preflight import available_memory, element_sizes
 from loraship.tiny import build_adapter, build_model, quantize_fp8
 
 

@@ -1,4 +1,4 @@
-"""The codebase stays lint-clean, formatted and type-checked (strict mypy)."""
+"""The codebase stays lint-clean, formatted, type-checked (strict mypy) and keeps its import contracts."""
 
 from __future__ import annotations
 
@@ -26,3 +26,12 @@ def test_ruff_format() -> None:
 def test_mypy_strict() -> None:
     result = run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_import_contracts() -> None:
+    """The layers, the light engine, the Hub/GitHub independence and no import circles (pyproject.toml)."""
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports"))], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout, result.stdout

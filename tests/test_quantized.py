@@ -13,9 +13,9 @@ import torch
 from conftest import bits, load_tensors
 from test_families import QWEN3_MOE
 
-from loraship.merge import merge
+from loraship.check.verify import verify
+from loraship.engine.merge import merge
 from loraship.tiny import build_adapter, build_model, quantize_fp8, quantize_mxfp4
-from loraship.verify import verify
 
 DENSE = {
     "model_type": "qwen3", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
@@ -69,7 +69,7 @@ def _peft_on_dequantized(base: Path, adapter: Path, out: Path) -> dict[str, torc
 def test_fp8_base_is_dequantized_bit_identically(
     config: dict, block: tuple[int, int], lora: dict, tmp_path: Path, monkeypatch
 ) -> None:
-    from loraship.stream import TensorStreamer
+    from loraship.engine.stream import TensorStreamer
 
     grouped: list[tuple[str, int]] = []  # (tensor, first row) of each row block computed on the workers
     compute_group = TensorStreamer._compute_group
@@ -191,7 +191,7 @@ def test_requantize_writes_fp8_as_transformers_quantizes_the_peft_merge(
 
 
 def _dequantized(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    from loraship.quantized import dequantize_fp8
+    from loraship.engine.quantized import dequantize_fp8
 
     return dequantize_fp8(tensors[name], tensors[f"{name}_scale_inv"], torch.bfloat16)
 
@@ -199,8 +199,8 @@ def _dequantized(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 def test_requantize_that_erases_the_adapter_fails_verification_with_the_16_bit_fix(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
+    from loraship.check.verify import raise_if_failed
     from loraship.errors import VerificationFailed
-    from loraship.verify import raise_if_failed
 
     base = quantize_fp8(build_model(tmp_path / "base", DENSE, dtype="bfloat16"), block=(32, 32))
     adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj", "down_proj"])

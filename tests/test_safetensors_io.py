@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from loraship.errors import CorruptFileError
-from loraship.safetensors_io import (
+from loraship.engine.safetensors_io import (
     MAX_TENSORS_PER_FILE,
     OutputTensor,
     ShardWriter,
@@ -22,6 +21,7 @@ from loraship.safetensors_io import (
     read_header,
     tensor_bytes,
 )
+from loraship.errors import CorruptFileError
 
 TENSORS = {
     "a.weight": torch.randn(5, 7, dtype=torch.float32),
@@ -157,7 +157,7 @@ def test_aborting_a_closed_shard_leaves_the_descriptor_number_to_its_new_owner(t
     number again would close whatever file reused it (a streaming run's base reader: EBADF)."""
     import os
 
-    from loraship.safetensors_io import OutputTensor, ShardWriter
+    from loraship.engine.safetensors_io import OutputTensor, ShardWriter
 
     shard = ShardWriter(tmp_path / "a.safetensors", [OutputTensor("x", "U8", (0,))], {"format": "pt"})
     shard.begin("x")

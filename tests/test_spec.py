@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from loraship.errors import ConfigError
-from loraship.spec import MergeJob, Source, job_from_values, load_jobs, parse_output, parse_source
+from loraship.run.job import MergeJob, Source, job_from_values, load_jobs, parse_output, parse_source
 
 
 def test_sources(tmp_path: Path, monkeypatch) -> None:

@@ -18,7 +18,7 @@ from hub_server import Fault
 from huggingface_hub import snapshot_download
 
 from loraship.cli import main
-from loraship.merge import _PARTIAL_MARK
+from loraship.engine.merge import _PARTIAL_MARK
 from loraship.tiny import build_adapter
 
 WEIGHTS_ONLY = "verify:\n  outputs: false\n"
@@ -118,7 +118,7 @@ def test_streamed_run_publishes_what_the_sequential_path_does_with_a_few_shards_
 def test_a_shard_failing_its_check_publishes_nothing_and_removes_the_new_repo(
     sharded, hub_server, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    from loraship.streaming import ShardStream
+    from loraship.run.streaming import ShardStream
 
     real_after = ShardStream.after
 

@@ -13,10 +13,10 @@ import torch
 from conftest import BERT, GPT2, LLAMA, LLAMA_TIED, RESNET, peft_reference
 from safetensors.torch import load_file, save_file
 
+from loraship.check.verify import verify
 from loraship.cli import main
-from loraship.merge import merge
+from loraship.engine.merge import merge
 from loraship.tiny import build_adapter, save_tokenizer
-from loraship.verify import verify
 
 FAST = ["--generation-tokens", "8"]
 
@@ -128,7 +128,7 @@ def test_weights_only_and_dtype_conversion(model_cache, tmp_path: Path, capsys) 
 
 
 def test_prompts_file_and_token_ids_without_tokenizer(model_cache, tmp_path: Path) -> None:
-    from loraship.output_check import load_prompts
+    from loraship.check.outputs import load_prompts
 
     base = model_cache(LLAMA)  # no tokenizer: fixed random token ids
     adapter = build_adapter(base, tmp_path / "adapter", target_modules=["v_proj"])
@@ -212,8 +212,8 @@ def test_wrong_scale_and_double_delta_fail_weights_and_outputs(llama_case, tmp_p
 def test_library_check_reports_what_the_safetensors_library_reads(llama_case) -> None:
     from dataclasses import replace
 
-    from loraship.safetensors_io import read_checkpoint, weight_files
-    from loraship.verify import library_check
+    from loraship.check.verify import library_check
+    from loraship.engine.safetensors_io import read_checkpoint, weight_files
 
     _, _, merged = llama_case
     files = weight_files(merged)
@@ -415,7 +415,7 @@ DEEP = {**LLAMA, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers
 def test_output_check_with_max_memory_reads_layers_from_disk_and_measures_the_same(
     model_cache, tmp_path: Path, monkeypatch
 ) -> None:
-    import loraship.output_check as output_check
+    import loraship.check.outputs as output_check
 
     base = model_cache(DEEP, max_shard_size="100KB", tokenizer=True)
     adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj", "down_proj"])

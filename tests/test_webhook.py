@@ -21,14 +21,14 @@ from hub_server import Fault, serve, stop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from loraship.bot.app import create_app, server_config
+from loraship.bot.bot import Bot
+from loraship.bot.config import BotConfig, load_bot_config
+from loraship.bot.executors import Outcome, make_executor, merge_env
+from loraship.bot.queue import JobQueue
 from loraship.errors import ConfigError, LorashipError
 from loraship.hub import Hub
 from loraship.tiny import build_adapter
-from loraship.webhook.app import create_app, server_config
-from loraship.webhook.bot import Bot
-from loraship.webhook.config import BotConfig, load_bot_config
-from loraship.webhook.executors import Outcome, make_executor, merge_env
-from loraship.webhook.queue import JobQueue
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "webhook-secret-for-tests"

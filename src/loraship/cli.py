@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args)
         if args.command == "serve":
-            from loraship.webhook.app import serve
+            from loraship.bot.app import serve
 
             serve(args.config, host=args.host, port=args.port)
             return 0
@@ -198,7 +198,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import tempfile
 
     from loraship.console import format_plan, plan_json
-    from loraship.merge import prepare_merge
+    from loraship.engine.merge import prepare_merge
 
     with tempfile.TemporaryDirectory(prefix="loraship-scratch-") as scratch:
         prepared = prepare_merge(
@@ -212,7 +212,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from loraship.console import format_merge_result
-    from loraship.merge import merge
+    from loraship.engine.merge import merge
 
     result = merge(
         args.base,
@@ -257,8 +257,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from loraship.console import format_run_results
     from loraship.errors import ConfigError
-    from loraship.pipeline import RunResult, run
-    from loraship.spec import job_from_values, load_jobs
+    from loraship.run.job import job_from_values, load_jobs
+    from loraship.run.pipeline import RunResult, run
 
     overrides = run_overrides(args)
     if args.config:
@@ -304,9 +304,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from loraship.output_check import load_prompts
-    from loraship.spec import parse_size
-    from loraship.verify import raise_if_failed, render_text, verify, write_report
+    from loraship.check.outputs import load_prompts
+    from loraship.check.verify import raise_if_failed, render_text, verify, write_report
+    from loraship.text import parse_size
 
     prompts = load_prompts(args.prompts) if args.prompts else None
     overrides: dict[str, float | int] = {

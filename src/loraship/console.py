@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loraship.merge import MergeResult, PreparedMerge
-from loraship.pipeline import RunResult
-from loraship.plan import LoraBiasStep, LoraStep, ReplaceStep, ScalesStep, Step, TensorPlan
-from loraship.report import human_bytes, table
+from loraship.engine.merge import MergeResult, PreparedMerge
+from loraship.engine.plan import LoraBiasStep, LoraStep, ReplaceStep, ScalesStep, Step, TensorPlan
+from loraship.run.pipeline import RunResult
+from loraship.text import human_bytes, table
 
 
 def format_plan(prepared: PreparedMerge, *, show_all: bool = False) -> str:

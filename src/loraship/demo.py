@@ -34,9 +34,9 @@ def run_demo(workdir: Path | None = None) -> int:
 def _run(work: Path) -> int:
     from transformers.utils import logging as hf_logging
 
+    from loraship.check.verify import render_text, verify
     from loraship.console import format_merge_result
-    from loraship.merge import merge
-    from loraship.verify import render_text, verify
+    from loraship.engine.merge import merge
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

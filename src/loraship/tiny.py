@@ -165,7 +165,7 @@ def quantize_mxfp4(folder: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from loraship.quantized import FP4_VALUES
+    from loraship.engine.quantized import FP4_VALUES
 
     lut = torch.tensor(FP4_VALUES)
     for path in sorted(folder.glob("*.safetensors")):

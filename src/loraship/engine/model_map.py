@@ -6,7 +6,7 @@ taken from the parameters the model actually shares, not from names), what untyi
 ``tie_word_embeddings=false`` would split, and which parameters transformers keeps in float32.
 
 It is read from the model class built on PyTorch's ``meta`` device (no memory, no weights), once,
-before the merge; the planner (:mod:`loraship.plan`) takes the result as a value and stays pure.
+before the merge; the planner (:mod:`loraship.engine.plan`) takes the result as a value and stays pure.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraship.conversions import ConversionRules, FusedParam, fused_params
+from loraship.engine.conversions import ConversionRules, FusedParam, fused_params
 
 #: PEFT task types and the transformers Auto class PeftModel uses for each (PEFT's own mapping).
 TASK_AUTO_CLASSES = {
@@ -120,7 +120,7 @@ def build_meta_model(folder: Path, class_name: str | None, *, config_overrides: 
     import torch
     import transformers
 
-    from loraship.repo_files import update_config
+    from loraship.engine.repo_files import update_config
 
     try:  # config.json as loraship would write it, read the way from_pretrained reads a file
         data = update_config(json.loads((folder / "config.json").read_text()), config_overrides or {})

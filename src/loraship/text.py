@@ -1,8 +1,11 @@
-"""Plain-text helpers (tables, byte counts). Pure, and imports nothing of loraship: every module may use it."""
+"""Plain-text helpers: tables, byte counts both ways. Pure; below every layer but the errors."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+
+from loraship.errors import InputError
 
 
 def table(
@@ -37,3 +40,24 @@ def human_bytes(n: float) -> str:
             return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"  # pragma: no cover
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(value: str | int) -> int:
+    """``5GB`` -> bytes (decimal units as transformers' ``max_shard_size``; ``GiB`` binary).
+
+    Raises:
+        InputError: The value is not a positive size.
+    """
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise InputError(
+            f"--max-shard-size {value!r} is not a size.", fix="Use a number with a unit, e.g. 5GB or 500MB."
+        )
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])

@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loraship.bot.config import BotConfig
+from loraship.bot.executors import Executor, failure_comment, internal_error_comment
+from loraship.bot.payload import Trigger
+from loraship.bot.queue import Job, JobQueue, State
 from loraship.errors import LorashipError
-from loraship.spec import MergeJob
-from loraship.webhook.config import BotConfig
-from loraship.webhook.executors import Executor, failure_comment, internal_error_comment
-from loraship.webhook.payload import Trigger
-from loraship.webhook.queue import Job, JobQueue, State
+from loraship.run.job import MergeJob
 
 log = logging.getLogger("loraship.bot")
 

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from loraship.engine.plan import MergePlan, Requantize, ScalesStep, TensorPlan
+from loraship.engine.safetensors_io import CODE_NAMES, DTYPE_NAMES, Checkpoint, TensorInfo, torch_dtype
 from loraship.errors import BaseModelError, InputError
-from loraship.safetensors_io import CODE_NAMES, DTYPE_NAMES, Checkpoint, TensorInfo, torch_dtype
-
-if TYPE_CHECKING:
-    from loraship.plan import MergePlan, TensorPlan
 
 #: quant_method values whose tensors loraship dequantizes (as transformers does) while streaming.
 DEQUANTIZED = frozenset({"fp8", "mxfp4"})
@@ -165,25 +163,6 @@ def dequantize_fp8(quantized: Any, scales: Any, dtype: Any) -> Any:
     return (blocks * s).to(dtype).reshape(q.shape)
 
 
-@dataclass(frozen=True)
-class Requantize:
-    """How a merged weight is quantized again (``--requantize``), as transformers' ``Fp8Quantize`` does.
-
-    Attributes:
-        via: The dtype code the weight is dequantized to and merged in.
-        block: The (rows, columns) block of one scale: the base's.
-        scales: The output name of the new scales, written right after the weight.
-        scales_code: Their dtype code: the base's.
-        ue8m0: Scales are powers of two (``scale_fmt: ue8m0``).
-    """
-
-    via: str
-    block: tuple[int, int]
-    scales: str
-    scales_code: str
-    ue8m0: bool = False
-
-
 def quantize_fp8(value: Any, how: Requantize) -> tuple[Any, Any]:
     """``value`` quantized to float8_e4m3fn per block, and its ``weight_scale_inv``: the steps of
     transformers' ``Fp8Quantize`` (per-block max |x| → scale 448 / max, kept at 1 for zero blocks;
@@ -231,8 +210,6 @@ def requantized(plan: MergePlan, config: Mapping[str, Any], where: str) -> Merge
     Raises:
         InputError: The base is not block-scaled FP8 (e4m3): the option does not apply.
     """
-    from loraship.plan import ScalesStep
-
     quant = quantization(config) or {}
     fp8 = [t for t in plan.tensors if t.scale is not None and t.source is not None]
     check_requantizable(config, where, e4m3=all(t.source is not None and t.source.dtype == "F8_E4M3" for t in fp8))
@@ -270,19 +247,6 @@ def requantized_output(plan: MergePlan, merged: Checkpoint) -> bool:
     stored quantized in it."""
     fp8 = [t.name for t in plan.tensors if t.scale is not None and t.source is not None and t.source.dtype in FP8_CODES]
     return bool(fp8) and all(n in merged.tensors and merged.tensors[n].dtype in FP8_CODES for n in fp8)
-
-
-def loader_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What ``from_pretrained`` needs to load this base dequantized (the output check's reference)."""
-    if method(config) == "fp8":
-        from transformers import FineGrainedFP8Config
-
-        return {"quantization_config": FineGrainedFP8Config(dequantize=True)}
-    if method(config) == "mxfp4":
-        from transformers.utils.quantization_config import Mxfp4Config
-
-        return {"quantization_config": Mxfp4Config(dequantize=True)}
-    return {}
 
 
 def describe(config: Mapping[str, Any]) -> str:

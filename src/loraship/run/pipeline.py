@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from loraship import __version__
-from loraship.adapter import CONFIG_NAME as ADAPTER_CONFIG
-from loraship.adapter import PICKLE_NAME, WEIGHTS_NAME
+from loraship.engine.adapter import CONFIG_NAME as ADAPTER_CONFIG
+from loraship.engine.adapter import PICKLE_NAME, WEIGHTS_NAME
+from loraship.engine.merge import current_umask
+from loraship.engine.quantized import check_base, check_requantizable
+from loraship.engine.repo_files import CARD_NAME, CHAT_TEMPLATE_FILES, TOKENIZER_FILES, WEIGHT_DIRS, WEIGHT_SUFFIXES
+from loraship.engine.safetensors_io import CODE_NAMES, read_header
 from loraship.errors import AdapterError, BaseModelError, HubError, OutputError
-from loraship.hub import CommitConflict, Hub, PreUpload, Publication, RepoState
-from loraship.merge import current_umask
-from loraship.quantized import check_base, check_requantizable
-from loraship.repo_files import CARD_NAME, CHAT_TEMPLATE_FILES, TOKENIZER_FILES, WEIGHT_DIRS, WEIGHT_SUFFIXES
-from loraship.safetensors_io import CODE_NAMES, read_header
-from loraship.spec import MergeJob, Source
-from loraship.streaming import StreamResult, remote_base, reusable
+from loraship.hub.client import CommitConflict, Hub, PreUpload, Publication, RepoState
+from loraship.run.job import MergeJob, Source
+from loraship.run.streaming import StreamResult, remote_base, reusable
 
 Status = Literal["published", "already-published", "written", "dry-run"]
 
@@ -84,7 +84,7 @@ def run(
         workdir: Where the merged folder is staged (a temporary folder when None).
         dry_run: Do everything but publish; the staged folder is kept and reported.
         stream: For a base on the Hub: download, merge, check and upload shard by shard
-            (:mod:`loraship.streaming`); False downloads the whole base first (the sequential path).
+            (:mod:`loraship.run.streaming`); False downloads the whole base first (the sequential path).
         overwrite: For ``dir:`` outputs, replace a non-empty folder.
         log: Where progress messages go.
         stage: Called with each stage's name as it starts (resolve, fetch, merge, verify, publish).
@@ -182,7 +182,7 @@ class _Run:
             base = self._base(base_source, base_state)
             self.stage("Merge")
             self.log(f"Merging into {staging} ...")
-            from loraship.merge import merge
+            from loraship.engine.merge import merge
 
             result = merge(base.folder, adapter.folder, staging, dtype=self._out_dtype(),
                            max_shard_size=job.shard_size, overwrite=True, allow_pickle=job.allow_pickle,
@@ -212,7 +212,7 @@ class _Run:
     def _check_overlap(self, *sources: Source | None) -> None:
         if self.target.path is None:
             return
-        from loraship.merge import check_overlap
+        from loraship.engine.merge import check_overlap
 
         local = [s.path for s in sources if s is not None and s.path is not None]
         check_overlap(self.target.path, local, fix="Choose an `output: dir:...` outside the base and adapter folders.")
@@ -261,7 +261,7 @@ class _Run:
                 f"{ADAPTER_CONFIG}).",
                 fix="Set `base:` in the job (or --base) to the model the adapter was trained on.",
             )
-        from loraship.spec import parse_source
+        from loraship.run.job import parse_source
 
         try:
             named = parse_source(f"{name}@{revision}" if revision else str(name))
@@ -300,9 +300,9 @@ class _Run:
         """
         from huggingface_hub import constants
 
-        from loraship import preflight
-        from loraship.spec import parse_size
-        from loraship.streaming import BASE_WINDOW, OUTPUT_WINDOW
+        from loraship.run import preflight
+        from loraship.run.streaming import BASE_WINDOW, OUTPUT_WINDOW
+        from loraship.text import parse_size
 
         job, spec = self.job, self.job.verify
         e = preflight.element_sizes(config, self._out_dtype(), spec.dtype, requantize=job.requantize)
@@ -429,8 +429,8 @@ class _Run:
 
     def _stream_merge(self, base: _Input, adapter: _Input, downloads: Sequence[str], staging: Path) -> tuple[Any, Any]:
         """Merge shard by shard while the base downloads; check and upload each shard as it is written."""
-        from loraship.merge import execute, input_files, prepare_merge, shard_layout
-        from loraship.streaming import BASE_WINDOW, BaseFeed, ShardStream, StreamStopped
+        from loraship.engine.merge import execute, input_files, prepare_merge, shard_layout
+        from loraship.run.streaming import BASE_WINDOW, BaseFeed, ShardStream, StreamStopped
 
         job, spec = self.job, self.job.verify
         keep = self._keep()
@@ -471,7 +471,7 @@ class _Run:
         if keep or not spec.enabled:
             self.stage("Verify")
             return result, self._verify(base, adapter, staging)
-        from loraship.verify import raise_if_failed, render_text, streamed_report
+        from loraship.check.verify import raise_if_failed, render_text, streamed_report
 
         self.stage("Verify")
         labels = (base.label, adapter.label, self.job.output)
@@ -526,8 +526,8 @@ class _Run:
             self.log("Verification is turned off for this job.")
             return None
         self.log("Verifying the merged model against base + adapter ...")
-        from loraship.output_check import load_prompts
-        from loraship.verify import raise_if_failed, render_text, verify
+        from loraship.check.outputs import load_prompts
+        from loraship.check.verify import raise_if_failed, render_text, verify
 
         prompts = spec.prompts
         if isinstance(prompts, str):
@@ -544,7 +544,7 @@ class _Run:
         return report
 
     def _card(self, base: _Input, adapter: _Input, staging: Path, result: Any, report: Any, key: str) -> str:
-        from loraship.card import CardInputs, render_card
+        from loraship.run.card import CardInputs, render_card
 
         spec = result.prepared.adapter
         adapter_card = adapter.folder / CARD_NAME
@@ -719,7 +719,7 @@ def _requantized(plan: Any, config: Mapping[str, Any]) -> str:
     """What the card's Weights row adds for a ``--requantize`` merge."""
     if not any(t.requantize for t in plan.tensors):
         return ""
-    from loraship.quantized import describe
+    from loraship.engine.quantized import describe
 
     return (
         f"; the weights the adapter changes were quantized again to the base's {describe(config)} by loraship "

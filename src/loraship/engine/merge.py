@@ -1,7 +1,7 @@
-"""Carry out a :class:`~loraship.plan.MergePlan`: stream tensors from the base into new shards.
+"""Carry out a :class:`~loraship.engine.plan.MergePlan`: stream tensors from the base into new shards.
 
 Memory stays bounded (about one group of rows per compute thread, plus the bytes in flight to
-the writer, see :mod:`loraship.stream`); untouched tensors are copied file to file without being
+the writer, see :mod:`loraship.engine.stream`); untouched tensors are copied file to file without being
 decoded, and are queued first, while torch is still importing. The output is written into a
 temporary folder beside the destination and renamed into place only when complete, so a failed
 or interrupted merge never leaves a folder that looks complete.
@@ -22,16 +22,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from loraship import quantized
-from loraship.adapter import AdapterSpec, load_adapter, read_adapter_config
-from loraship.errors import BaseModelError, OutputError, UnsupportedError, first_line
-from loraship.model_map import ModelMap, ModelMapError, inspect_model
-from loraship.oracle import OracleReport, check_plan
-from loraship.plan import MergePlan, ScalesStep, TensorPlan, plan_merge
-from loraship.preflight import existing_ancestor
-from loraship.repo_files import CONFIG_NAME, FileChoice, check_input_folder, choose_files, copy_files
-from loraship.report import human_bytes
-from loraship.safetensors_io import (
+from loraship.engine import quantized
+from loraship.engine.adapter import AdapterSpec, load_adapter, read_adapter_config
+from loraship.engine.model_map import ModelMap, ModelMapError, inspect_model
+from loraship.engine.oracle import OracleReport, check_plan
+from loraship.engine.plan import MergePlan, ScalesStep, TensorPlan
+from loraship.engine.planner import plan_merge
+from loraship.engine.repo_files import CONFIG_NAME, FileChoice, check_input_folder, choose_files, copy_files
+from loraship.engine.safetensors_io import (
     INDEX_NAME,
     SHARD_PATTERN,
     Checkpoint,
@@ -44,8 +42,9 @@ from loraship.safetensors_io import (
     tensor_bytes,
     weight_files,
 )
-from loraship.spec import parse_size
-from loraship.writer import CopyChunk, OrderedWriter
+from loraship.engine.writer import CopyChunk, OrderedWriter, existing_ancestor
+from loraship.errors import BaseModelError, OutputError, UnsupportedError, first_line
+from loraship.text import human_bytes, parse_size
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _PARTIAL_MARK = ".loraship-partial-"
@@ -183,7 +182,7 @@ def prepare_merge(
     keep_code: bool = False,
 ) -> PreparedMerge:
     """Read base and adapter, plan the merge, and check the plan's names and tying against
-    transformers + PEFT (:mod:`loraship.oracle`). Reads no tensor data (except opted-in pickles).
+    transformers + PEFT (:mod:`loraship.engine.oracle`). Reads no tensor data (except opted-in pickles).
 
     Args:
         refuse_disagreement: Raise when the plan and transformers + PEFT disagree; otherwise the
@@ -341,7 +340,7 @@ def shard_layout(plan: MergePlan, max_shard_size: int | str) -> dict[str, list[T
 
 
 class ShardHooks(Protocol):
-    """What a streaming run does around each output shard (:mod:`loraship.streaming`)."""
+    """What a streaming run does around each output shard (:mod:`loraship.run.streaming`)."""
 
     def start(self, reader: TensorReader) -> None:
         """The merge's reader (a streaming run closes its files before deleting them)."""
@@ -455,7 +454,7 @@ def _execute_all(
         for t in tensors:
             if t.copies_bytes and t.source is not None:
                 _copy(t, shard, reader, writer, bar)
-    from loraship.stream import TensorStreamer  # imports torch while the copies above run
+    from loraship.engine.stream import TensorStreamer  # imports torch while the copies above run
 
     with TensorStreamer(reader) as streamer:
         for fname, tensors in layout.items():
@@ -477,7 +476,7 @@ def _execute_shards(
     bar: Any,
 ) -> None:
     """One output shard after the other: wait for its inputs, write it, hand it over."""
-    from loraship.stream import TensorStreamer
+    from loraship.engine.stream import TensorStreamer
 
     by_name = {t.name: t for t in plan.tensors}
     with TensorStreamer(reader) as streamer:

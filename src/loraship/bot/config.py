@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from loraship.errors import ConfigError
-from loraship.spec import REPO_ID_PATTERN, MergeJob, _Spec, describe_errors, raise_problems, read_yaml
+from loraship.run.job import REPO_ID_PATTERN, MergeJob, _Spec, describe_errors, raise_problems, read_yaml
 
 _REPO = f"^{REPO_ID_PATTERN}$"
 _FIX = "Correct the keys named above (examples/bot.yaml shows every key)."

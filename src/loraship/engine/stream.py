@@ -24,10 +24,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from loraship import lora_math, quantized
-from loraship.plan import LoraBiasStep, LoraStep, ReplaceStep, ScalesStep, TensorPlan, TokenRowsStep
-from loraship.safetensors_io import TensorInfo, TensorReader, torch_dtype
-from loraship.writer import Chunk, DataChunk
+from loraship.engine import quantized
+from loraship.engine.plan import LoraBiasStep, LoraStep, ReplaceStep, ScalesStep, TensorPlan, TokenRowsStep
+from loraship.engine.safetensors_io import TensorInfo, TensorReader, torch_dtype
+from loraship.engine.writer import Chunk, DataChunk
+from loraship.methods import lora as lora_math
 
 #: Rows are read, merged and written in groups of about this many bytes.
 GROUP_BYTES = 16 << 20

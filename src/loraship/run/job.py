@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loraship.errors import ConfigError, InputError
+from loraship.text import parse_size
 
 #: A Hub repo id, ``org/name``.
 REPO_ID_PATTERN = r"[A-Za-z0-9][\w.\-]*/[\w.\-]+"
@@ -226,27 +227,6 @@ class MergeJob(_Spec):
 
         data = self.model_dump(exclude_defaults=True, exclude={"name"})
         return str(yaml.safe_dump({"jobs": {self.name: data}}, sort_keys=False, allow_unicode=True))
-
-
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-
-
-def parse_size(value: str | int) -> int:
-    """``5GB`` -> bytes (decimal units as transformers' ``max_shard_size``; ``GiB`` binary).
-
-    Raises:
-        InputError: The value is not a positive size.
-    """
-    if isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
-    unit = match.group(2).upper() if match else ""
-    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
-        raise InputError(
-            f"--max-shard-size {value!r} is not a size.", fix="Use a number with a unit, e.g. 5GB or 500MB."
-        )
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 # --------------------------------------------------------------------------- loraship.yaml

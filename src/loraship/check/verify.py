@@ -5,7 +5,7 @@ again from base + adapter and compared bit for bit with the merged file; every o
 be byte-identical to the base's; names, shapes and dtypes must match; no NaN/Inf; and a tensor
 the adapter changes must differ from the base (a merge that changed nothing is the most common
 silent failure). **Outputs**: base + adapter run through PEFT unmerged against the merged folder
-loaded with plain transformers (:mod:`loraship.output_check`).
+loaded with plain transformers (:mod:`loraship.check.outputs`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from loraship import __version__, quantized
-from loraship.conversions import PerExpertLora, per_expert_loras
-from loraship.errors import InputError, LorashipError, VerificationFailed, first_line
-from loraship.merge import PreparedMerge, prepare_merge
-from loraship.oracle import OracleReport
-from loraship.output_check import (
+from loraship import __version__
+from loraship.check.outputs import (
     OutputReport,
     Prompt,
     Thresholds,
@@ -32,8 +28,12 @@ from loraship.output_check import (
     model_class,
     offload_check_supported,
 )
-from loraship.plan import LoraStep, TensorPlan
-from loraship.safetensors_io import (
+from loraship.engine import quantized
+from loraship.engine.conversions import PerExpertLora, per_expert_loras
+from loraship.engine.merge import PreparedMerge, prepare_merge
+from loraship.engine.oracle import OracleReport
+from loraship.engine.plan import LoraStep, TensorPlan
+from loraship.engine.safetensors_io import (
     CODE_NAMES,
     FLOAT_CODES,
     Checkpoint,
@@ -42,9 +42,10 @@ from loraship.safetensors_io import (
     read_checkpoint,
     weight_files,
 )
+from loraship.errors import InputError, LorashipError, VerificationFailed, first_line
 
 if TYPE_CHECKING:
-    from loraship.stream import TensorStreamer
+    from loraship.engine.stream import TensorStreamer
 
 _COMPARE_CHUNK = 16 << 20
 
@@ -190,8 +191,8 @@ def verify_weights(
     import torch
     from tqdm.auto import tqdm
 
-    from loraship.stream import TensorStreamer
-    from loraship.writer import DataChunk
+    from loraship.engine.stream import TensorStreamer
+    from loraship.engine.writer import DataChunk
 
     plan = prepared.plan
     planned = {t.name: t for t in plan.tensors}
@@ -616,7 +617,7 @@ def render_markdown(report: VerifyReport) -> str:
 
 def render_text(report: VerifyReport) -> str:
     """The report as a plain-text table for the terminal."""
-    from loraship.report import table
+    from loraship.text import table
 
     rows = [
         (c.level, c.name, "pass" if c.passed else ("FAIL" if c.passed is False else "info"), c.measured, c.required)

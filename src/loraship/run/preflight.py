@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraship.engine.writer import existing_ancestor
 from loraship.errors import ResourceError
-from loraship.report import human_bytes
+from loraship.text import human_bytes
 
 #: Room kept free beyond the estimate: metadata, the config and tokenizer files, rounding.
 MARGIN = 64 << 20
@@ -47,7 +48,7 @@ class Sizes:
 def element_sizes(config: Mapping[str, Any], out_dtype: str | None, check_dtype: str, *, requantize: bool) -> Sizes:
     """The bytes per value of the base's weights, the merged weights and the output check's models
     (``check_dtype``: ``auto`` for the merged model's 16-bit dtype)."""
-    from loraship import quantized
+    from loraship.engine import quantized
 
     config_dtype = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
     sixteen = _ELEMENT.get(out_dtype or config_dtype, 2)  # what a dequantized or converted tensor is written in
@@ -149,11 +150,3 @@ def cpu_output_check(device: str) -> bool:
     import torch
 
     return not torch.cuda.is_available()
-
-
-def existing_ancestor(path: Path) -> Path:
-    """``path`` (resolved), or its nearest parent that exists: where a folder still to be made will live."""
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    return path

@@ -213,8 +213,8 @@ def peft_conversion_problem(peft_model: Any, loras: Iterable[PerExpertLora], *, 
     """
     import torch
 
-    from loraship.adapter import PREFIX
-    from loraship.safetensors_io import TensorReader
+    from loraship.engine.adapter import PREFIX
+    from loraship.engine.safetensors_io import TensorReader
 
     wrappers: dict[str, Any] = {}
     for name, module in peft_model.named_modules():

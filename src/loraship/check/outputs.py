@@ -19,12 +19,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from loraship import quantized
-from loraship.conversions import PerExpertLora, peft_conversion_problem
+from loraship.check.metrics import GenerationAgreement, OutputStats, combine, compare_outputs, greedy_agreement
+from loraship.engine import quantized
+from loraship.engine.conversions import PerExpertLora, peft_conversion_problem
+from loraship.engine.planner import vocab_size
 from loraship.errors import InputError, UnsupportedError, first_line
-from loraship.metrics import GenerationAgreement, OutputStats, combine, compare_outputs, greedy_agreement
-from loraship.plan import vocab_size
-from loraship.report import human_bytes
+from loraship.text import human_bytes
 
 #: Default prompts: short, varied (prose, code, instructions, lists, a question).
 DEFAULT_PROMPTS: tuple[str, ...] = (
@@ -266,7 +266,7 @@ def _compare(
         return tqdm(items, desc=desc, unit="prompt", disable=not progress, leave=False)
 
     step(f"Loading the base with the adapter (PEFT, unmerged) on {run_device} in {run_dtype}")
-    reference = cls.from_pretrained(str(base), **load, **head, **quantized.loader_kwargs(base_config))
+    reference = cls.from_pretrained(str(base), **load, **head, **loader_kwargs(base_config))
     vocab = vocab_size(config)
     if vocab is not None and vocab != vocab_size(base_config) and hasattr(reference, "resize_token_embeddings"):
         if offloaded:
@@ -319,7 +319,7 @@ def _compare(
 
     # Candidate: the merged folder with plain transformers; PEFT plays no part in this load.
     step(f"Loading the merged model (plain transformers) on {run_device} in {run_dtype}")
-    candidate = cls.from_pretrained(str(merged), **load, **quantized.loader_kwargs(config)).eval()
+    candidate = cls.from_pretrained(str(merged), **load, **loader_kwargs(config)).eval()
     stats: list[Any] = []
     effect = [compare_outputs(r, b, logits=logits) for r, b in zip(ref_outputs, base_outputs, strict=True)]
     generation: list[GenerationAgreement] = []
@@ -520,7 +520,7 @@ def _tokenizer(folder: Path, *, trust_remote_code: bool) -> Any:
     Raises:
         InputError: It needs its own Python code (``auto_map``) and that is not allowed, or it does not load.
     """
-    from loraship.repo_files import TOKENIZER_FILES
+    from loraship.engine.repo_files import TOKENIZER_FILES
 
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return None
@@ -595,3 +595,16 @@ def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def loader_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``from_pretrained`` needs to load this base dequantized (the output check's reference)."""
+    if quantized.method(config) == "fp8":
+        from transformers import FineGrainedFP8Config
+
+        return {"quantization_config": FineGrainedFP8Config(dequantize=True)}
+    if quantized.method(config) == "mxfp4":
+        from transformers.utils.quantization_config import Mxfp4Config
+
+        return {"quantization_config": Mxfp4Config(dequantize=True)}
+    return {}

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraship.adapter import PREFIX, AdapterSpec
-from loraship.conversions import FusedParam
+from loraship.engine.adapter import PREFIX, AdapterSpec
+from loraship.engine.conversions import FusedParam
+from loraship.engine.model_map import ModelMap, ModelMapError, build_meta_model, key_renamer, tied_groups
+from loraship.engine.plan import LoraStep, MergePlan, TensorPlan
 from loraship.errors import AdapterError
-from loraship.model_map import ModelMap, ModelMapError, build_meta_model, key_renamer, tied_groups
-from loraship.plan import LoraStep, MergePlan, TensorPlan
 
 _CONFIG_UPDATES_FOR_CLASS = ("num_labels", "id2label", "label2id", "vocab_size", "tie_word_embeddings")
 

@@ -9,7 +9,7 @@
   deletes each once the merge and its check are done with it. Every reader of the base opens a file
   only through :meth:`BaseFeed.gate`, which waits for its download: no read can see a placeholder,
   whatever the plan's dependencies between shards are.
-- :class:`ShardStream` (the merge's :class:`~loraship.merge.ShardHooks`) takes each finished output
+- :class:`ShardStream` (the merge's :class:`~loraship.engine.merge.ShardHooks`) takes each finished output
   shard: makes it read-only, checks every tensor in it bit for bit against base + adapter (the
   weight check of ``loraship verify``, with a reader of its own), uploads it as a blob that no
   commit references yet (``preupload_lfs_files``), then deletes it. The merge writes the next shard
@@ -33,14 +33,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loraship.engine.merge import PreparedMerge, input_files
+from loraship.engine.plan import TensorPlan
+from loraship.engine.safetensors_io import Checkpoint, TensorInfo, TensorReader, read_header
 from loraship.errors import HubError, LorashipError
-from loraship.hub import Hub, RepoState, file_identity
-from loraship.merge import PreparedMerge, input_files
-from loraship.plan import TensorPlan
-from loraship.safetensors_io import Checkpoint, TensorInfo, TensorReader, read_header
+from loraship.hub.client import Hub, RepoState, file_identity
 
 if TYPE_CHECKING:
-    from loraship.verify import WeightReport
+    from loraship.check.verify import WeightReport
 
 #: Base weight files on disk at once: the one being merged and checked, and the next one downloading (one
 #: more only while a check lags behind the merge).
@@ -189,7 +189,7 @@ class ShardStream:
     """Check, upload and delete each output shard as the merge finishes it; see the module docstring.
 
     Args:
-        layout: The merge's output shards (:func:`loraship.merge.shard_layout`).
+        layout: The merge's output shards (:func:`loraship.engine.merge.shard_layout`).
         feed: The base's downloads (None for a base already on disk: nothing of it is deleted then).
         check: Check each shard's weights here (off when the whole model is verified afterwards, or
             when the job turns verification off).
@@ -313,8 +313,8 @@ class ShardStream:
     def _check_shard(
         self, shard: str, path: Path, tensors: tuple[TensorPlan, ...], found: Mapping[str, TensorInfo]
     ) -> None:
-        from loraship.stream import TensorStreamer
-        from loraship.verify import library_problems, verify_weights
+        from loraship.check.verify import library_problems, verify_weights
+        from loraship.engine.stream import TensorStreamer
 
         if self._streamer is None:
             self._streamer = TensorStreamer(self._check_reader)

@@ -22,10 +22,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from loraship import __version__
+from loraship.bot.bot import Bot
+from loraship.bot.config import BotConfig
+from loraship.bot.payload import find_triggers
 from loraship.errors import ConfigError
-from loraship.webhook.bot import Bot
-from loraship.webhook.config import BotConfig
-from loraship.webhook.payload import find_triggers
 
 
 def create_app(bot: Bot, secret: str) -> FastAPI:
@@ -191,11 +191,11 @@ def serve(config_path: Path, *, host: str, port: int) -> None:
 
     import uvicorn
 
+    from loraship.bot.bot import workdir_for
+    from loraship.bot.config import load_bot_config
+    from loraship.bot.executors import make_executor
+    from loraship.bot.queue import JobQueue
     from loraship.hub import Hub
-    from loraship.webhook.bot import workdir_for
-    from loraship.webhook.config import load_bot_config
-    from loraship.webhook.executors import make_executor
-    from loraship.webhook.queue import JobQueue
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = load_bot_config(config_path)

@@ -19,7 +19,7 @@ from importlib import resources
 from typing import Any
 
 from loraship import __version__
-from loraship.adapter import AdapterSpec
+from loraship.engine.adapter import AdapterSpec
 
 # transformers' auto-model mappings, most specific task first, with the Hub's pipeline tag for each:
 # an architecture takes the first mapping that lists it (Gemma3ForConditionalGeneration is in the

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from loraship.engine.safetensors_io import TensorInfo, read_header
 from loraship.errors import AdapterError, UnsupportedError, first_line
-from loraship.safetensors_io import TensorInfo, read_header
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"

@@ -11,9 +11,10 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraship.safetensors_io import ShardWriter, tensor_bytes
+from loraship.engine.safetensors_io import ShardWriter, tensor_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -134,3 +135,11 @@ def _write_chunks(shard: ShardWriter, work: Future[list[Chunk]] | list[Chunk]) -
         for chunk in chunks:
             if isinstance(chunk, DataChunk) and chunk.release is not None:
                 chunk.release()
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` (resolved), or its nearest parent that exists: where a folder still to be made will live."""
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path

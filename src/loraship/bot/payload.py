@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from loraship.webhook.config import BotConfig
+from loraship.bot.config import BotConfig
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, NoReturn
 
-from loraship.adapter import LoraModule
-from loraship.conversions import ExpertPart, FusedParam
+from loraship.engine.adapter import LoraModule
+from loraship.engine.conversions import ExpertPart, FusedParam
 from loraship.errors import IncompatibleError, UnsupportedError
 
 Layout = Literal["linear", "conv1d", "conv", "embedding", "parameter", "experts", "experts_transposed"]

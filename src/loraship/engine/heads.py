@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from loraship.plan import TensorPlan
+    from loraship.engine.plan import TensorPlan
 
 _TASK_HEADS = {
     "SEQ_CLS": "ForSequenceClassification",

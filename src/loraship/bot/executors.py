@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from loraship.bot.config import BotConfig
+from loraship.bot.queue import Job
 from loraship.errors import ConfigError, LorashipError
-from loraship.spec import MergeJob
-from loraship.webhook.config import BotConfig
-from loraship.webhook.queue import Job
+from loraship.run.job import MergeJob
 
 log = logging.getLogger("loraship.bot")
 
