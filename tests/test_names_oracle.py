@@ -14,9 +14,10 @@ from test_merge_errors import assert_nothing_written, run_merge
 
 from loraship.check.verify import verify
 from loraship.engine import merge as merge_module
+from loraship.engine import planner
 from loraship.engine.merge import merge
 from loraship.engine.oracle import OracleReport
-from loraship.engine.planner import _Planner
+from loraship.engine.planning.state import PlanState
 from loraship.tiny import build_adapter, build_model
 
 Q0, Q1 = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
@@ -36,16 +37,16 @@ def test_a_plan_that_swaps_two_targets_fails_verify_weights_only(llama: Path, tm
     """A planning mistake must not check itself: the weights recomputed with the same (broken) plan
     match, but the names check against transformers + PEFT does not."""
     adapter = build_adapter(llama, tmp_path / "adapter", target_modules=["q_proj"])
-    place = _Planner.place
+    place = planner.place
 
-    def swapped(self: _Planner) -> None:
+    def swapped(self: PlanState) -> None:
         place(self)
         a, b = self.targets[Q0], self.targets[Q1]
         a.steps, b.steps = b.steps, a.steps
         for key, name in list(self.accounting.items()):
             self.accounting[key] = {Q0: Q1, Q1: Q0}.get(name, name)
 
-    monkeypatch.setattr(_Planner, "place", swapped)
+    monkeypatch.setattr(planner, "place", swapped)
     with pytest.raises(Exception) as refused:  # merge itself refuses the broken plan
         merge(llama, adapter, tmp_path / "refused", progress=False)
     assert "disagrees with transformers + PEFT" in str(refused.value)
@@ -54,7 +55,7 @@ def test_a_plan_that_swaps_two_targets_fails_verify_weights_only(llama: Path, tm
     monkeypatch.setattr(merge_module, "check_plan", lambda *a, **k: OracleReport(0, ()))  # let it through
     merge(llama, adapter, tmp_path / "merged", progress=False)
     monkeypatch.undo()
-    monkeypatch.setattr(_Planner, "place", swapped)
+    monkeypatch.setattr(planner, "place", swapped)
     report = verify(llama, adapter, tmp_path / "merged", outputs=False)
     recomputed = next(c for c in report.checks if c.name == "changed tensors recomputed")
     names = next(c for c in report.checks if c.name == "names and tying (transformers + PEFT)")

@@ -1,0 +1,140 @@
+"""Phase 4, build: placed targets -> the :class:`~loraship.engine.plan.MergePlan`. Pure.
+
+Input: the :class:`~loraship.engine.planning.state.PlanState` after place and the checks, and the
+output dtype name (None keeps each tensor's). Output: the plan: a
+:class:`~loraship.engine.plan.TensorPlan` per output tensor in the base's order (steps ordered and
+their layouts resolved, shapes checked, the dtype decided: the output dtype for floats, float32
+where transformers keeps it), FP8 / MXFP4 bases dequantized, new tensors last, and the config.json
+updates (vocabulary, dtype, a new head). Refuses a target changed twice the same way and shapes
+that do not fit.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from loraship.engine import quantized
+from loraship.engine.heads import head_config
+from loraship.engine.plan import LoraBiasStep, LoraStep, MergePlan, ReplaceStep, Step, TensorPlan, TokenRowsStep
+from loraship.engine.planning.checks import check_accounting, check_float, check_vocab
+from loraship.engine.planning.state import PlanState, Target
+from loraship.engine.quantized import dequantized
+from loraship.engine.safetensors_io import DTYPE_NAMES, FLOAT_CODES
+from loraship.errors import IncompatibleError, UnsupportedError
+
+
+def build(state: PlanState, dtype: str | None) -> MergePlan:
+    config_updates = state.config_updates
+    out_code = DTYPE_NAMES[dtype] if dtype else None
+    default_float = out_code or _main_float_dtype(state)
+    order = {name: i for i, name in enumerate(state.base.tensors)}
+    plans: dict[str, TensorPlan] = {}
+    for name, target in state.targets.items():
+        plans[name] = _tensor_plan(state, target, out_code, default_float)
+    tensors: list[TensorPlan] = []
+    for name, info in state.base.tensors.items():
+        if name in plans:
+            tensors.append(plans[name])
+        else:
+            code = out_code if (out_code and info.dtype in FLOAT_CODES) else info.dtype
+            tensors.append(TensorPlan(name, info.shape, code, info))
+    tensors.extend(p for n, p in plans.items() if n not in order)
+    if quantized.method(state.config) in quantized.DEQUANTIZED:
+        tensors, note = dequantized(tensors, state.config, state.scales, out_code, state.base_label)
+        state.config_updates["quantization_config"] = None
+        state.note_once(note)
+    check_vocab(state, tensors, config_updates)
+    if dtype:
+        config_updates["dtype"] = dtype
+    if any(t.source is None for t in tensors):
+        trained = state.model.model_class if state.model is not None else state.adapter.base_model_class
+        updates, head_note = head_config(state.config, state.adapter.config, trained, tensors)
+        config_updates.update(updates)
+        if head_note:
+            state.notes.append(head_note)
+    check_accounting(state)
+    return MergePlan(
+        tensors=tuple(tensors),
+        config_updates=config_updates,
+        accounting=dict(state.accounting),
+        notes=tuple(state.notes),
+        adapter=state.adapter,
+    )
+
+
+def _tensor_plan(state: PlanState, target: Target, out_code: str | None, default_float: str) -> TensorPlan:
+    steps = [s for _, s, _ in sorted(target.steps, key=lambda s: s[0])]
+    kinds = Counter(type(s) for s in steps)
+    if kinds[ReplaceStep] > 1:
+        raise IncompatibleError(
+            f"The adapter saves {kinds[ReplaceStep]} different trained copies of `{target.name}`.",
+            fix="Save the adapter again with PEFT; keep the tensor in modules_to_save only once.",
+        )
+    if kinds[LoraStep] > 1:
+        raise IncompatibleError(
+            f"The adapter holds {kinds[LoraStep]} LoRAs for `{target.name}`.",
+            fix="Save the adapter again with PEFT.",
+        )
+    source = target.source
+    shape = source.shape if source is not None else None
+    for step in steps:
+        if isinstance(step, ReplaceStep):
+            new_shape = step.tensor.shape
+            resized_vocab = shape is not None and state.is_embedding(target, shape) and new_shape[1:] == shape[1:]
+            if shape is not None and new_shape != shape and not resized_vocab:
+                raise IncompatibleError(
+                    f"Shape mismatch for `{target.name}`: the base tensor is {list(shape)} but the "
+                    f"adapter's trained copy `{step.tensor.name}` is {list(new_shape)}.",
+                    fix="Use the base model the adapter was trained on" + state.trained_on() + ".",
+                )
+            shape = new_shape
+    if shape is None:  # pragma: no cover - a target always has a source or a replacement
+        raise AssertionError(target.name)
+    resolved: list[Step] = []
+    for step in steps:
+        if isinstance(step, LoraStep) and step.part is not None:  # laid out with its fused parameter
+            check_float(state, target, source)
+            resolved.append(step)
+        elif isinstance(step, LoraStep):
+            layout = state.layouts.layer(target.name, shape, step.module)
+            if step.dora and layout in ("parameter", "experts", "experts_transposed"):
+                raise UnsupportedError(f"DoRA on expert parameters (`{target.name}`) is not supported.")
+            check_float(state, target, source)
+            resolved.append(LoraStep(step.module, layout))
+        elif isinstance(step, LoraBiasStep):
+            bias = step.module.bias
+            if source is not None and bias is not None and source.shape != bias.shape:
+                state.layouts.shape_error(f"`{target.name}`", source.shape, f"lora_B.bias {list(bias.shape)}")
+            resolved.append(step)
+        elif isinstance(step, TokenRowsStep):
+            rows = step.update.tensor.shape
+            if len(shape) != 2 or rows[1:] != shape[1:] or max(step.update.indices, default=0) >= shape[0]:
+                raise IncompatibleError(
+                    f"Trainable tokens for `{target.name}` do not fit: the embedding is {list(shape)}, the "
+                    f"adapter replaces rows {list(step.update.indices)[:8]} with a {list(rows)} tensor.",
+                    fix="Use the base model the adapter was trained on" + state.trained_on() + ".",
+                )
+            resolved.append(step)
+        else:
+            resolved.append(step)
+    if source is not None:
+        code = out_code if (out_code and source.dtype in FLOAT_CODES) else source.dtype
+    else:
+        code = default_float
+    if resolved and _kept_in_float32(state, target.name, code):
+        code = "F32"  # transformers loads it in float32 and PEFT merges it there: no rounding to half
+    return TensorPlan(target.name, tuple(shape), code, source, tuple(resolved), target.note)
+
+
+def _kept_in_float32(state: PlanState, name: str, code: str) -> bool:
+    m = state.model
+    kept = m.keep_fp32.get(code, frozenset()) if m is not None else frozenset()
+    return any(m.saved_as.get(p) == name or m.stored.get(p) == name for p in kept) if m is not None else False
+
+
+def _main_float_dtype(state: PlanState) -> str:
+    counts = Counter(t.dtype for t in state.base.tensors.values() if t.dtype in FLOAT_CODES)
+    if counts:
+        return counts.most_common(1)[0][0]
+    name = str(state.config.get("dtype") or state.config.get("torch_dtype") or "float32")
+    return DTYPE_NAMES.get(name, "F32")
