@@ -418,7 +418,7 @@ def test_forbidden_by_the_hub(seeded, hub_server, capsys, monkeypatch) -> None:
     hub_server.seed("team/merged", seeded.base)
     hub_server.users[TOKENS["alice"]].orgs = ()
     hub_server.users[TOKENS["alice"]].name = "team-admin"  # whoami passes for another namespace check below
-    monkeypatch.setattr("loraship.run.pipeline._Run._check_write_access", lambda self: None)
+    monkeypatch.setattr("loraship.run.pipeline.check_write_access", lambda ctx: None)
     code, _, err = run_cli(capsys, "--adapter", "alice/lora", "--output", "team/merged", "--no-verify")
     assert_failed(code, err, (
         "Error: The token's account may not upload to `team/merged` (403 Forbidden).\n"

@@ -5,6 +5,9 @@ loads one model at a time for the output check. On a GitHub-hosted runner (about
 16 GB RAM) a model above ~3 B parameters does not fit, and finding out after a 20-minute download
 (or from the kernel's OOM killer, with no message at all) is the worst way to learn it. The sizes
 come from the Hub's file listing (or the local folder) and the config, before anything is read.
+
+The preflight stage of a run is :func:`check_machine`: it takes the run's context, the base's
+config and file sizes, and returns nothing, or raises :class:`ResourceError`.
 """
 
 from __future__ import annotations
@@ -13,11 +16,15 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from loraship.engine.repo_files import WEIGHT_SUFFIXES
 from loraship.engine.writer import existing_ancestor
 from loraship.errors import ResourceError
 from loraship.text import human_bytes
+
+if TYPE_CHECKING:
+    from loraship.run.context import RunContext
 
 #: Room kept free beyond the estimate: metadata, the config and tokenizer files, rounding.
 MARGIN = 64 << 20
@@ -150,3 +157,60 @@ def cpu_output_check(device: str) -> bool:
     import torch
 
     return not torch.cuda.is_available()
+
+
+def check_machine(
+    ctx: RunContext,
+    config: Mapping[str, Any],
+    base_sizes: Mapping[str, int],
+    download: int,
+    *,
+    streaming: Path | None = None,
+    keep: bool = True,
+    largest_tensor: int | None = None,
+) -> None:
+    """Refuse, before downloading, a run this machine's disks or memory cannot hold.
+
+    ``streaming``: the folder a streaming run downloads the base's weights into (not the cache);
+    without ``keep``, only a few base and merged shards are on disk at once (an output shard is
+    at most the larger of the shard size and ``largest_tensor``, both as written).
+    """
+    from huggingface_hub import constants
+
+    from loraship.run.streaming import BASE_WINDOW, OUTPUT_WINDOW
+    from loraship.text import parse_size
+
+    job, spec = ctx.job, ctx.job.verify
+    e = element_sizes(config, ctx.out_dtype(), spec.dtype, requantize=job.requantize)
+    weight_sizes = [n for f, n in base_sizes.items() if f.endswith(WEIGHT_SUFFIXES)]
+    weights = sum(weight_sizes)
+    others = sum(base_sizes.values()) - weights
+    merged = int(weights / e.stored * e.written)
+    staging = ctx.work if ctx.target.path is None else ctx.target.path.resolve().parent
+    if streaming is None:
+        check_disk([
+            Need("the base's files, downloaded to the Hugging Face cache", Path(constants.HF_HUB_CACHE), download),
+            Need("the merged model, staged", staging, merged + others),
+        ])  # fmt: skip
+    elif keep:
+        why = (
+            "the output check reads both whole models" if spec.enabled and spec.outputs else "the merged model is kept"
+        )
+        check_disk([
+            Need("the base's weights, downloaded for this run", streaming, download),
+            Need("the merged model, staged", staging, merged + others),
+        ], fix=f"Free space there, or put the run's folder (--workdir) on a disk with more room. Both models are "
+               f"on disk because {why}: with `verify: {{outputs: false}}` (every merged tensor is still compared "
+               "bit for bit with base + adapter) a run to the Hub holds only a few shards at a time.")  # fmt: skip
+    else:
+        biggest = max(weight_sizes, default=0)
+        tensor = biggest if largest_tensor is None else largest_tensor
+        shard = min(merged, max(parse_size(job.shard_size), int(tensor / e.stored * e.written)))
+        check_disk([
+            Need(f"{BASE_WINDOW + 1} of the base's weight files at a time", streaming,
+                 min(download, (BASE_WINDOW + 1) * biggest)),
+            Need(f"{OUTPUT_WINDOW} merged shards at a time", staging, min(merged, OUTPUT_WINDOW * shard) + others),
+        ], fix="Free space there, or put the run's folder (--workdir) on a disk with more room, or write smaller "
+               "shards (`max_shard_size` in loraship.yaml, or --max-shard-size).")  # fmt: skip
+    if spec.enabled and spec.outputs and cpu_output_check(spec.device):
+        check_memory(int(weights / e.stored * e.loaded), e.loaded_dtype, cap=spec.max_memory_bytes)
