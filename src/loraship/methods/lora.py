@@ -2,7 +2,7 @@
 
 Each function mirrors the operations PEFT 0.21's ``merge_and_unload`` performs on CPU, op for op
 (fp32 adapter weights, scale applied after the matmul, PEFT's rounding points), so the merged
-tensors are bit-identical to PEFT's. ``tests/test_lora_math.py`` and the merge tests check that
+tensors are bit-identical to PEFT's. ``tests/methods/test_lora_math.py`` and the merge tests check that
 against PEFT itself. No I/O, no logging: tensors in, tensors out. Functions named ``merge_*``
 may modify the base tensor they are given (callers pass a tensor they own).
 """
@@ -173,7 +173,7 @@ def expert_slice_delta(
     """``expert_delta(...)[expert]``, computed for that expert alone (PEFT's einsum on a batch of one).
 
     For a parameter transformers fuses from per-expert tensors: the merge never holds the whole
-    stack's delta. ``tests/test_lora_math.py`` checks it is bit-identical to the whole einsum.
+    stack's delta. ``tests/methods/test_lora_math.py`` checks it is bit-identical to the whole einsum.
     """
     a32 = a.reshape(experts, -1, a.shape[-1])[expert : expert + 1].float()  # one expert's rows, not all of A
     b32 = b.reshape(b.shape[0], -1, experts)[:, :, expert : expert + 1].float()

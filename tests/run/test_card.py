@@ -23,7 +23,7 @@ from loraship.run.card import (
 )
 from loraship.run.job import MergeJob
 
-GOLDEN = Path(__file__).parent / "golden" / "model_card.md"
+GOLDEN = Path(__file__).parents[1] / "golden" / "model_card.md"
 
 
 def _info(name: str, shape: tuple[int, ...]) -> TensorInfo:

@@ -30,7 +30,7 @@ from loraship.errors import ConfigError, LorashipError
 from loraship.hub import Hub
 from loraship.tiny import build_adapter
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SECRET = "webhook-secret-for-tests"
 GH_TOKEN = "ghs_bot_test_token_0123456789"
 

@@ -1,4 +1,4 @@
-"""MoE adapters beyond the family matrix (tests/test_families.py covers LoRA on fused experts):
+"""MoE adapters beyond the family matrix (tests/engine/test_families.py covers LoRA on fused experts):
 
 - adapters saved under transformers v4 (one LoRA per expert Linear, most MoE adapters on the Hub):
   merged by their own math into the per-expert tensors, checked against that math computed here;
