@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import os
 import time
 from pathlib import Path
@@ -22,9 +21,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from loraship import __version__
-from loraship.bot.bot import Bot
+from loraship.bot.bot import Bot, JobRefused
 from loraship.bot.config import BotConfig
-from loraship.bot.payload import find_triggers
+from loraship.bot.payload import BadPayload, field_name, find_triggers, parse_body
 from loraship.errors import ConfigError
 
 
@@ -43,7 +42,7 @@ def create_app(bot: Bot, secret: str) -> FastAPI:
             return _error(403, "wrong webhook secret")
         limit = bot.config.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        if declared is not None and (not (declared.isascii() and declared.isdigit()) or int(declared) > limit):
             return _error(413, f"body larger than {limit} bytes")
         try:
             body = await asyncio.wait_for(_read_body(request, limit), bot.config.read_timeout_seconds)
@@ -52,20 +51,19 @@ def create_app(bot: Bot, secret: str) -> FastAPI:
         if body is None:
             return _error(413, f"body larger than {limit} bytes")
         try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            return _error(400, f"body is not JSON ({e})")
-        if not isinstance(data, dict):
-            return _error(400, "body is not a JSON object")
-        try:
+            data = parse_body(body)
             triggers, ignored = find_triggers(data, bot.config)
         except ValidationError as e:
             first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "(body)"
-            return _error(400, f"not a Hub webhook payload: `{where}`: {first['msg']}")
+            return _error(400, f"not a Hub webhook payload: `{field_name(first['loc'])}`: {first['msg']}")
+        except BadPayload as e:
+            return _error(400, f"not a Hub webhook payload: {e}" if e.field else str(e))
         if ignored is not None:
             return JSONResponse({"status": "ignored", "reason": ignored}, status_code=200)
-        jobs = bot.accept(triggers)
+        try:
+            jobs = bot.accept(triggers)
+        except JobRefused as e:
+            return _error(400, str(e))
         return JSONResponse({"status": "accepted", "jobs": jobs}, status_code=202)
 
     def denied(request: Request) -> JSONResponse | None:

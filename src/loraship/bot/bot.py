@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from loraship.bot.config import BotConfig
 from loraship.bot.executors import Executor, failure_comment, internal_error_comment
 from loraship.bot.payload import Trigger
@@ -17,6 +19,11 @@ from loraship.errors import LorashipError
 from loraship.run.job import MergeJob
 
 log = logging.getLogger("loraship.bot")
+
+
+class JobRefused(ValueError):
+    """A trigger that makes no valid merge job (the delivery is answered 400; nothing is queued)."""
+
 
 COMMENT_ATTEMPTS = 3  # a report is retried this often (backoff as for jobs) before the bot gives up on it
 STUCK_AFTER = 1.5  # a job running this many times the executor's timeout is stuck
@@ -43,18 +50,38 @@ class Bot:
         self._busy: dict[str, tuple[str, float]] = {}  # worker name -> (job id, since)
 
     def accept(self, triggers: list[Trigger]) -> list[dict[str, Any]]:
-        """Enqueue the triggers' jobs (a trigger already queued keeps its job); returns their ids."""
+        """Enqueue the triggers' jobs (a trigger already queued keeps its job); returns their ids.
+
+        Raises:
+            JobRefused: A trigger makes no valid merge job; then none of the triggers is enqueued.
+        """
+        jobs = [(trigger, self._merge_job(trigger)) for trigger in triggers]  # all valid before any is queued
         accepted = []
-        for trigger in triggers:
-            rule = self.config.watch[trigger.rule]
-            job = rule.merge_job(trigger.sha, tag=trigger.name if trigger.kind == "tag" else None)
+        for trigger, job in jobs:
             job_id, created = self.queue.enqueue(trigger.key, repo=trigger.repo, ref=trigger.ref, sha=trigger.sha,
-                                                 rule=trigger.rule, job=job.model_dump(mode="json"))  # fmt: skip
+                                                 rule=trigger.rule, job=job)  # fmt: skip
             accepted.append({"id": job_id, "duplicate": not created})
             if created:
                 log.info("queued job %s: %s %s at %s", job_id, trigger.repo, trigger.ref, trigger.sha[:12])
         self._wake.set()
         return accepted
+
+    def _merge_job(self, trigger: Trigger) -> dict[str, Any]:
+        rule = self.config.watch[trigger.rule]
+        try:
+            job = rule.merge_job(trigger.sha, tag=trigger.name if trigger.kind == "tag" else None)
+            return job.model_dump(mode="json")
+        except (ValueError, OSError) as error:  # pydantic's ValidationError is a ValueError
+            if isinstance(error, ValidationError):
+                first = error.errors()[0]
+                where = ".".join(str(p) for p in first["loc"]) or "(job)"
+                problem = f"`{where}`: {first['msg']}"
+            else:
+                problem = f"{type(error).__name__}: {error}"
+            raise JobRefused(
+                f"`{trigger.ref}` at `{trigger.sha}` makes no valid merge job for watch entry {trigger.rule + 1}"
+                f" ({problem})"
+            ) from error
 
     def start(self) -> None:
         recovered = self.queue.recover()

@@ -1,17 +1,182 @@
-"""Which Hub webhook deliveries trigger a merge. Pure: a payload in, triggers (or why not) out.
+"""Which Hub webhook deliveries trigger a merge. Pure: a body in, triggers (or why not) out.
 
-Payloads are parsed with huggingface_hub's ``WebhookPayload``. A delivery triggers when its event
-scope is ``repo.content`` (commits, tags), the repo is a watched model repo, and one of its
-``updatedRefs`` is a new tag matching a rule's patterns, or a watched branch moving.
+A body is parsed as JSON bounded in nesting (``MAX_DEPTH``), every string in it must be Unicode text
+(no lone surrogates: they cannot be stored, logged or answered in UTF-8), and the payload is then
+parsed with huggingface_hub's ``WebhookPayload``; the fields the bot uses are checked up front: the
+repo name against the Hub's repo-id rules, each updated ref against git's ``check-ref-format``
+rules, each ``newSha`` is a commit SHA (40 hex digits, as the Hub sends them). Whatever fails is a
+``BadPayload`` that names the field and what is wrong with it (the app answers 400).
+
+A delivery triggers when its event scope is ``repo.content`` (commits, tags), the repo is a watched
+model repo, and one of its ``updatedRefs`` is a new tag matching a rule's patterns, or a watched
+branch moving.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from loraship.bot.config import BotConfig
+
+#: Deeper JSON is refused before it is parsed (a Hub payload nests 3 levels).
+MAX_DEPTH = 64
+#: A commit SHA as the Hub sends it in ``updatedRefs[].newSha`` (git's SHA-1 object names, lowercase).
+_SHA = re.compile(r"[0-9a-f]{40}")
+#: One part of a Hub repo id (huggingface_hub's ``validate_repo_id``, ASCII only).
+_REPO_PART = re.compile(r"[A-Za-z0-9_.\-]{1,96}", re.ASCII)
+#: Characters git's check-ref-format forbids anywhere in a ref name (besides ASCII control characters).
+_REF_FORBIDDEN = " ~^:?*[\\"
+#: Loose refs are files: a part of a ref name longer than this cannot be stored by git.
+_REF_PART_BYTES = 255
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+
+
+class BadPayload(ValueError):
+    """The body is not a Hub webhook delivery the bot can take: ``field`` is what is wrong (None: the body)."""
+
+    def __init__(self, field: str | None, problem: str) -> None:
+        super().__init__(f"`{field}`: {problem}" if field else problem)
+        self.field, self.problem = field, problem
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The JSON object in ``body`` (UTF-8), bounded in depth, every string in it Unicode text.
+
+    Raises:
+        BadPayload: Not UTF-8, not JSON, nested deeper than ``MAX_DEPTH``, not an object, or a string
+            (a key or a value) that holds a lone surrogate.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadPayload(None, f"body is not JSON (not UTF-8: {e.reason} at byte {e.start})") from None
+    if _depth(text) > MAX_DEPTH:
+        raise BadPayload(None, f"body is nested deeper than {MAX_DEPTH} levels")
+    try:
+        data = json.loads(text)
+    except RecursionError:  # the depth check counts what json would: this is a second line only
+        raise BadPayload(None, f"body is nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as e:  # json.JSONDecodeError, and ints longer than Python converts
+        raise BadPayload(None, f"body is not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BadPayload(None, "body is not a JSON object")
+    _check_text(data)
+    return data
+
+
+def _depth(text: str) -> int:
+    """How deep the brackets of ``text`` nest, outside strings (stops counting past ``MAX_DEPTH``)."""
+    brackets = _NOT_BRACKETS.sub("", _STRING.sub("", text))
+    depth = deepest = 0
+    for char in brackets:
+        depth += 1 if char in "[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > MAX_DEPTH:
+                break
+    return deepest
+
+
+def _check_text(value: Any, path: tuple[str | int, ...] = ()) -> None:
+    """Every key and string value of ``value`` encodes as UTF-8 (no lone surrogates); the first that
+    does not, in document order, is the one named. Recursive: ``parse_body`` bounded the depth."""
+    if isinstance(value, str):
+        _check_string(value, path, what="string")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_string(key, (*path, key), what="key")
+            _check_text(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, (*path, i))
+
+
+def _check_string(value: str, path: Sequence[str | int], *, what: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start].encode("utf-8", "backslashreplace").decode("ascii")
+        raise BadPayload(
+            field_name(path), f"the {what} holds a lone surrogate ({bad} at character {e.start + 1}), not Unicode text"
+        ) from None
+
+
+def field_name(path: Sequence[str | int]) -> str:
+    """``updatedRefs.0.newSha``: a field's path, as pydantic's ``loc`` (printable in UTF-8)."""
+    return ".".join(str(p).encode("utf-8", "backslashreplace").decode("utf-8") for p in path) or "(body)"
+
+
+def show(value: str, limit: int = 60) -> str:
+    """``value`` quoted for a reason, cut at ``limit`` characters (with its length, when cut)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
+def repo_id_problem(name: str) -> str | None:
+    """What breaks the Hub's rules for repo ids in ``name`` (``[namespace/]name``), or None."""
+    if name.count("/") > 1:
+        return "more than one `/`"
+    for part in name.split("/"):
+        if not part:
+            return "an empty part"
+        if len(part) > 96:
+            return "a part longer than 96 characters"
+        if not _REPO_PART.fullmatch(part):
+            return "a character other than ASCII letters, digits, `-`, `_` and `.`"
+        if part[0] in "-." or part[-1] in "-.":
+            return "a part that starts or ends with `-` or `.`"
+    if "--" in name or ".." in name:
+        return "`--` or `..`"
+    if name.endswith(".git"):
+        return "`.git` at the end"
+    return None
+
+
+def ref_problem(ref: str) -> str | None:
+    """What breaks git's ``check-ref-format`` rules in ``ref`` (a full name, ``refs/...``), or None."""
+    if not ref.startswith("refs/"):
+        return "it does not start with `refs/`"
+    if ref.endswith("/") or "//" in ref:
+        return "an empty part"
+    for char in ref:
+        if ord(char) < 0x20 or ord(char) == 0x7F:
+            return f"the control character {char!r}"
+        if char in _REF_FORBIDDEN:
+            return f"the character {char!r}"
+    if ".." in ref:
+        return "`..`"
+    if "@{" in ref:
+        return "`@{`"
+    if ref.endswith("."):
+        return "a `.` at the end"
+    for part in ref.split("/"):
+        if part.startswith("."):
+            return "a part that starts with `.`"
+        if part.endswith(".lock"):
+            return "a part that ends with `.lock`"
+        if len(part.encode("utf-8")) > _REF_PART_BYTES:
+            return f"a part longer than {_REF_PART_BYTES} bytes"
+    return None
+
+
+def _check_payload(payload: Any) -> None:
+    """The fields the bot uses, checked before any is used (``payload``: a ``WebhookPayload``)."""
+    problem = repo_id_problem(payload.repo.name)
+    if problem is not None:
+        raise BadPayload("repo.name", f"{show(payload.repo.name)} is not a Hub repo id (it has {problem})")
+    for i, updated in enumerate(payload.updatedRefs or []):
+        problem = ref_problem(updated.ref)
+        if problem is not None:
+            raise BadPayload(f"updatedRefs.{i}.ref", f"{show(updated.ref)} is not a git ref name (it has {problem})")
+        sha = updated.newSha
+        if sha and not _SHA.fullmatch(sha):  # None or "": no new commit (a deleted ref)
+            raise BadPayload(f"updatedRefs.{i}.newSha", f"{show(sha)} is not a commit SHA (40 lowercase hex digits)")
 
 
 @dataclass(frozen=True)
@@ -36,10 +201,12 @@ def find_triggers(data: Mapping[str, Any], config: BotConfig) -> tuple[list[Trig
 
     Raises:
         pydantic.ValidationError: The body is not a Hub webhook payload.
+        BadPayload: A field the bot uses is not what the Hub sends (see ``_check_payload``).
     """
     from huggingface_hub import WebhookPayload
 
     payload = WebhookPayload.model_validate(data)
+    _check_payload(payload)
     if payload.event.scope != "repo.content":
         return [], f"event scope `{payload.event.scope}` is not `repo.content`"
     if payload.repo.type != "model":
