@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -229,7 +230,10 @@ def test_several_jobs_and_a_local_output(seeded, hub_server, tmp_path: Path, cap
     assert card.data.to_dict()["base_model"] == "meta/base"
     hub_card = hub_server.file("team/merged", "README.md").decode()
     assert "- chat" in hub_card and "Merged for the demo." in hub_card
-    assert "`" + str(seeded.base) + "` (a local folder)" in hub_card
+    base_hash = hashlib.sha256((seeded.base / "config.json").read_bytes()).hexdigest()[:12]
+    assert (
+        f"| Base model | `base (local, config sha256:{base_hash})` |" in hub_card and str(seeded.base) not in hub_card
+    )
     code, out, err = run_cli(capsys, "--config", config, "--job", "local", "--overwrite")
     assert code == 0 and "local  written" in out
 

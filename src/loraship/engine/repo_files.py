@@ -39,6 +39,7 @@ WEIGHT_DIRS = frozenset({"onnx", "openvino", "original", "coreml", "gguf", "tfli
 SKIP_NAMES = frozenset({".gitattributes", ".git", ".cache", ".huggingface"})
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 CONFIG_NAME = "config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 CARD_NAME = "README.md"
 
 
@@ -167,11 +168,43 @@ def copy_files(choices: Iterable[FileChoice], dest: Path, *, config_updates: Map
         target.parent.mkdir(parents=True, exist_ok=True)
         if choice.path == CONFIG_NAME:
             config = json.loads(choice.source.read_text())
-            target.write_text(json.dumps(update_config(config, config_updates), indent=2) + "\n")
+            config = _without_host_path(update_config(config, config_updates), "_name_or_path")
+            target.write_text(json.dumps(config, indent=2) + "\n")
+        elif choice.path == TOKENIZER_CONFIG and (cleaned := _tokenizer_config(choice.source)) is not None:
+            target.write_text(cleaned)
         else:
             shutil.copyfile(choice.source, target)
         written.append(choice.path)
     return written
+
+
+def is_host_path(value: object) -> bool:
+    """Whether a ``name_or_path`` value is a path on some machine rather than a Hub repo id (``org/name``
+    or ``name``): absolute, home-relative, relative (``./x``, ``../x``), Windows-style, or deeper than
+    ``org/name``."""
+    if not isinstance(value, str) or not value:
+        return False
+    return value.startswith(("/", "~", ".")) or "\\" in value or ":" in value or value.count("/") > 1
+
+
+def _without_host_path(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """The config without ``key`` when it holds a path (transformers writes the folder a model was loaded
+    from there; it reads nothing from it, and the merged model must not carry a machine's path)."""
+    if is_host_path(config.get(key)):
+        config = {k: v for k, v in config.items() if k != key}
+    return config
+
+
+def _tokenizer_config(source: Path) -> str | None:
+    """tokenizer_config.json without a host path in ``name_or_path`` (older transformers wrote one);
+    None when the file can be copied as it is."""
+    try:
+        config = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(config, dict) or not is_host_path(config.get("name_or_path")):
+        return None
+    return json.dumps(_without_host_path(config, "name_or_path"), indent=2, ensure_ascii=False) + "\n"
 
 
 def update_config(config: dict[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:

@@ -48,8 +48,11 @@ class CardInputs:
 
     Attributes:
         repo_id: Where the merged model lives (a Hub repo id, or a folder name for ``dir:`` outputs).
-        base: The base's repo id (or local path); ``base_sha`` its commit when from the Hub.
-        adapter: The adapter's repo id (or local path); ``adapter_sha`` likewise.
+        base: The base's repo id, or a local base's name (folder name and config hash, never a path);
+            ``base_sha`` its commit when from the Hub.
+        adapter: The adapter's repo id (or local name, likewise); ``adapter_sha`` likewise.
+        base_repo: For a local base, the Hub repo it is a copy of, as its adapter's config (or its
+            config.json) names it: the ``base_model`` metadata; None leaves ``base_model`` out.
         base_card: The base card's metadata (license, pipeline_tag...).
         adapter_card: The adapter card's metadata (datasets, language...).
         adapter_text: The adapter card's body (without its metadata block).
@@ -75,6 +78,7 @@ class CardInputs:
     base_sha: str | None = None
     adapter_sha: str | None = None
     base_is_hub: bool = True
+    base_repo: str | None = None
     adapter_is_hub: bool = True
     base_card: Mapping[str, Any] = field(default_factory=dict)
     adapter_card: Mapping[str, Any] = field(default_factory=dict)
@@ -99,15 +103,16 @@ def render_card(c: CardInputs) -> str:
         metadata.update({k: base_card[k] for k in ("license_name", "license_link") if k in base_card})
     languages = _unique([*_listed(adapter_card.get("language")), *c.language, *_listed(base_card.get("language"))])
     datasets = _listed(adapter_card.get("datasets"))
+    base_model = c.base if c.base_is_hub else c.base_repo
     card_data = ModelCardData(
-        base_model=c.base if c.base_is_hub else None,
+        base_model=base_model,
         license=license_name,
         library_name="transformers",
         pipeline_tag=base_card.get("pipeline_tag") or pipeline_tag(c.config),
         tags=_unique(["lora", "merge", "loraship", *c.tags]),
         language=languages or None,
         datasets=datasets or None,
-        base_model_relation="finetune" if c.base_is_hub else None,
+        base_model_relation="finetune" if base_model else None,
         loraship={
             "version": __version__,
             "base": c.base,
@@ -201,7 +206,7 @@ def _span(values: Sequence[float]) -> str:
 
 
 def _link(name: str, is_hub: bool, endpoint: str) -> str:
-    return f"[{name}]({endpoint}/{name})" if is_hub else f"`{name}` (a local folder)"
+    return f"[{name}]({endpoint}/{name})" if is_hub else f"`{name}`"  # a local name says "local"
 
 
 def _listed(value: Any) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from loraship.engine.adapter import CONFIG_NAME as ADAPTER_CONFIG
 from loraship.engine.adapter import PICKLE_NAME, WEIGHTS_NAME
@@ -42,8 +43,15 @@ def resolve(ctx: RunContext) -> Resolved:
     base_state = (
         ctx.hub_client().repo(base_source.repo_id or "", base_source.revision) if not base_source.is_local else None
     )
-    key = provenance_key(job, base_state.sha if base_state else None, adapter.state.sha if adapter.state else None)
-    labels = (str(base_state) if base_state else str(base_source.path), adapter.label)
+    base = Input(base_source, base_source.path, base_state) if base_source.path is not None else None
+    key = provenance_key(
+        job,
+        base_state.sha if base_state else None,
+        adapter.state.sha if adapter.state else None,
+        base_local=base.local_id if base else None,
+        adapter_local=adapter.local_id,
+    )
+    labels = (str(base_state) if base_state else base.label if base else str(base_source), adapter.label)
     return Resolved(adapter, base_source, base_state, key, labels)
 
 
@@ -51,7 +59,7 @@ def fetch_adapter(ctx: RunContext) -> Input:
     source = ctx.job.adapter_source
     if source.is_local:
         assert source.path is not None
-        return Input(source, source.path)
+        return Input(source, source.path, config_name=ADAPTER_CONFIG)
     hub = ctx.hub_client()
     state = hub.repo(source.repo_id or "", source.revision)
     if ADAPTER_CONFIG not in state.files:
@@ -62,16 +70,17 @@ def fetch_adapter(ctx: RunContext) -> Input:
             "adapter_model.safetensors).",
         )
     ctx.log(f"Downloading the adapter {state} ...")
-    return Input(source, hub.fetch(state, adapter_files(state.files, allow_pickle=ctx.job.allow_pickle)), state)
+    folder = hub.fetch(state, adapter_files(state.files, allow_pickle=ctx.job.allow_pickle))
+    return Input(source, folder, state, config_name=ADAPTER_CONFIG)
 
 
 def base_from_adapter(adapter: Input) -> Source:
     config = json.loads((adapter.folder / ADAPTER_CONFIG).read_text())
     name, revision = config.get("base_model_name_or_path"), config.get("revision")
+    shown = str(adapter.state or adapter.source)  # for the terminal: a local adapter by its path
     if not name:
         raise AdapterError(
-            f"The adapter `{adapter.label}` does not name its base model (no base_model_name_or_path in "
-            f"{ADAPTER_CONFIG}).",
+            f"The adapter `{shown}` does not name its base model (no base_model_name_or_path in {ADAPTER_CONFIG}).",
             fix="Set `base:` in the job (or --base) to the model the adapter was trained on.",
         )
     from loraship.run.job import parse_source
@@ -80,7 +89,7 @@ def base_from_adapter(adapter: Input) -> Source:
         named = parse_source(f"{name}@{revision}" if revision else str(name))
     except ValueError as e:
         raise AdapterError(
-            f"The adapter `{adapter.label}` names its base as `{name}`, which is neither a Hub repo nor a local "
+            f"The adapter `{shown}` names its base as `{name}`, which is neither a Hub repo nor a local "
             "folder here (it was probably a path on the machine that trained it).",
             fix="Set `base:` in the job (or --base) to the base model's Hub repo id.",
         ) from e
@@ -88,7 +97,7 @@ def base_from_adapter(adapter: Input) -> Source:
         # A Hub adapter's config is written by whoever can push to it: a local path there would make
         # this machine's folder (and every file in it) the base, and publish it with the merged model.
         raise AdapterError(
-            f"The adapter `{adapter.label}` comes from the Hub but names a local folder as its base "
+            f"The adapter `{shown}` comes from the Hub but names a local folder as its base "
             f"(`{name}` in {ADAPTER_CONFIG}): loraship takes a local base only from the job itself.",
             fix="Set `base:` in the job (or --base) to the base model's Hub repo id, or to the local folder "
             "if you mean it.",
@@ -96,9 +105,34 @@ def base_from_adapter(adapter: Input) -> Source:
     return named
 
 
-def provenance_key(job: MergeJob, base_sha: str | None, adapter_sha: str | None) -> str:
-    """What identifies one publication: job hash, base SHA, adapter SHA (short)."""
-    return f"[loraship {job.job_hash()} base {(base_sha or 'local')[:10]} adapter {(adapter_sha or 'local')[:10]}]"
+def names_hub_base(adapter: Path) -> bool:
+    """Whether a local adapter's config names a Hub repo as its base (False when it cannot be read: the
+    resolve stage says why)."""
+    from loraship.run.job import parse_source
+
+    try:
+        name = json.loads((adapter / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        return bool(name) and not parse_source(str(name)).is_local
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def provenance_key(
+    job: MergeJob,
+    base_sha: str | None,
+    adapter_sha: str | None,
+    *,
+    base_local: str | None = None,
+    adapter_local: str | None = None,
+) -> str:
+    """What identifies one publication: job hash, base SHA, adapter SHA (short).
+
+    A local input has no SHA: ``base_local`` / ``adapter_local`` stand for it (``local:`` and the hash of
+    its config, :attr:`Input.local_id <loraship.run.context.Input.local_id>`), never its path.
+    """
+    base = base_sha[:10] if base_sha else base_local or "local"
+    adapter = adapter_sha[:10] if adapter_sha else adapter_local or "local"
+    return f"[loraship {job.job_hash()} base {base} adapter {adapter}]"
 
 
 def adapter_files(files: tuple[str, ...], *, allow_pickle: bool) -> list[str]:

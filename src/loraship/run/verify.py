@@ -55,7 +55,7 @@ def verify_merged(ctx: RunContext, base: Input, adapter: Input, merged: Path) ->
         base.folder, adapter.folder, merged, outputs=spec.outputs, prompts=prompts, device=spec.device,
         dtype=spec.dtype, threshold_overrides=spec.threshold_overrides(), weight_atol=spec.weight_atol,
         trust_remote_code=ctx.job.trust_remote_code, allow_pickle=ctx.job.allow_pickle,
-        labels=(base.label, adapter.label, ctx.job.output), progress=ctx.progress,
+        labels=(base.label, adapter.label, ctx.output_label), progress=ctx.progress,
         max_memory=spec.max_memory_bytes,
     )  # fmt: skip
     ctx.log(render_text(report))
@@ -69,7 +69,7 @@ def _streamed(ctx: RunContext, base: Input, adapter: Input, merged: Merged) -> V
 
     stream = merged.stream
     assert stream is not None
-    labels = (base.label, adapter.label, ctx.job.output)
+    labels = (base.label, adapter.label, ctx.output_label)
     report = streamed_report(merged.prepared, stream.weights, stream.tensors, stream.library,
                              stream.shards, labels, stopped=merged.stopped)  # fmt: skip
     ctx.log(render_text(report))
