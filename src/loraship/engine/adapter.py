@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from loraship.engine.patterns import check_patterns
 from loraship.engine.safetensors_io import TensorInfo, read_header
 from loraship.errors import AdapterError, UnsupportedError, first_line
 
@@ -268,7 +269,17 @@ def load_adapter(
             f"`{weights}` holds no tensors: merging it would change nothing.",
             fix="Point --adapter at the folder PeftModel.save_pretrained() wrote after training.",
         )
+    check_patterns(config, module_names(tensors), where=folder / CONFIG_NAME)
     return parse_adapter(config, tensors, folder=folder, param_order=param_order)
+
+
+def module_names(tensors: Iterable[str]) -> set[str]:
+    """Every module path the adapter's tensor names pass through (without PEFT's prefix)."""
+    out: set[str] = set()
+    for key in tensors:
+        pieces = key.removeprefix(PREFIX).split(".")
+        out.update(".".join(pieces[: i + 1]) for i in range(len(pieces) - 1))
+    return out
 
 
 def _convert_pickle(pickled: Path, scratch: Path) -> Path:
@@ -299,6 +310,10 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _is_names(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -324,8 +339,8 @@ _FIELD_TYPES: dict[str, tuple[str, Any]] = {
     "task_type": ("a task name", lambda v: isinstance(v, str)),
     "base_model_name_or_path": ("a repo id or a path", lambda v: isinstance(v, str)),
     "revision": ("a revision", lambda v: isinstance(v, str)),
-    "layers_to_transform": ("a layer number or a list of them", lambda v: isinstance(v, int) or (
-        isinstance(v, list) and all(isinstance(x, int) for x in v))),
+    "layers_to_transform": ("a layer number from 0 or a list of them", lambda v: _is_index(v) or (
+        isinstance(v, list) and all(_is_index(x) for x in v))),
     "layers_pattern": ("a name or a list of names", lambda v: isinstance(v, str) or _is_names(v)),
     "init_lora_weights": ("true, false or an initialization name", lambda v: isinstance(v, (bool, str))),
     "trainable_token_indices": ("a list of token ids or a mapping of names to them", lambda v: (
@@ -493,6 +508,7 @@ def parse_adapter(
                 use_dora=use_dora, target_parameters=target_parameters, param_order=param_order,
             )
         )  # fmt: skip
+    _check_layers(config, lora_modules, folder)
     token_updates = [_token_update(module, info, config, folder) for module, info in token_tensors]
     return AdapterSpec(
         folder=folder,
@@ -648,3 +664,43 @@ def _registration_order(
 def _matches_parameter(module: str, target: str) -> bool:
     owner = target.rpartition(".")[0]
     return bool(owner) and (module == owner or module.endswith("." + owner))
+
+
+def _check_layers(config: Mapping[str, Any], modules: Sequence[LoraModule], folder: Path) -> None:
+    """PEFT applies ``layers_to_transform`` (with a list of target_modules) to the module's first layer
+    number: a LoRA outside the listed layers would not be loaded by PEFT, so the config does not fit."""
+    wanted = config.get("layers_to_transform")
+    if wanted is None or wanted == [] or not isinstance(config.get("target_modules"), list) or not modules:
+        return
+    layers = {wanted} if isinstance(wanted, int) else set(wanted)
+    patterns = config.get("layers_pattern")
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns or [])
+    found: dict[str, int | None] = {}
+    for m in modules:
+        if patterns:
+            hit = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", m.module) for p in patterns)), None)
+        else:
+            hit = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", m.module)
+        found[m.module] = int(hit.group("idx")) if hit else None
+    outside = {name: i for name, i in found.items() if i not in layers}
+    if not outside:
+        return
+    shown = json.dumps(wanted)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    held = sorted({i for i in found.values() if i is not None})
+    held_text = ", ".join(map(str, held[:10])) + (" ..." if len(held) > 10 else "")
+    where = folder / CONFIG_NAME
+    if len(outside) == len(found):
+        raise AdapterError(
+            f"`{where}` sets `layers_to_transform` to {shown}, which names no layer the adapter holds LoRA weights "
+            f"for (" + (f"layers {held_text}" if held else "none has a layer number") + "): PEFT would target no "
+            "layer and load none of them.",
+            fix=f"Restore {CONFIG_NAME} as PEFT saved it with these weights (layers_to_transform, layers_pattern).",
+        )
+    name, index = next(iter(outside.items()))
+    raise AdapterError(
+        f"`{where}` sets `layers_to_transform` to {shown}, but the adapter also holds LoRA weights for "
+        + (f"layer {index}" if index is not None else "a module without a layer number")
+        + f" (`{name}`), which PEFT would leave out.",
+        fix=f"Restore {CONFIG_NAME} as PEFT saved it with these weights (layers_to_transform, layers_pattern).",
+    )

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from loraship.engine import quantized
 from loraship.engine.adapter import AdapterSpec, load_adapter, read_adapter_config
+from loraship.engine.base_config import check_base_config
 from loraship.engine.model_map import ModelMap, ModelMapError, inspect_model
 from loraship.engine.oracle import OracleReport, check_plan
 from loraship.engine.plan import MergePlan, ScalesStep, TensorPlan
@@ -117,11 +118,10 @@ def load_base(
         )
     try:
         config = json.loads(config_path.read_text())
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
     except (ValueError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
         raise BaseModelError(f"`{config_path}` is not valid JSON ({why}).", fix="Download the base model again.") from e
+    check_base_config(config, config_path, None)
     files = weight_files(folder)
     if files is None:
         pickled = sorted(folder.glob("pytorch_model*.bin"))
@@ -140,7 +140,9 @@ def load_base(
         if scratch is None:
             raise ValueError("load_base(allow_pickle=True) needs a scratch folder")
         files = _convert_pickled_base(pickled, scratch)
-    return quantized.packed_view(read_checkpoint(folder, files), config), config
+    checkpoint = quantized.packed_view(read_checkpoint(folder, files), config)
+    check_base_config(config, config_path, checkpoint.tensors)
+    return checkpoint, config
 
 
 def _convert_pickled_base(pickled: list[Path], scratch: Path) -> tuple[Path, ...]:

@@ -20,8 +20,9 @@ from typing import Any
 from loraship.engine.adapter import PREFIX, AdapterSpec
 from loraship.engine.conversions import FusedParam
 from loraship.engine.model_map import ModelMap, ModelMapError, build_meta_model, key_renamer, tied_groups
+from loraship.engine.patterns import check_patterns
 from loraship.engine.plan import LoraStep, MergePlan, TensorPlan
-from loraship.errors import AdapterError
+from loraship.errors import AdapterError, first_line
 
 _CONFIG_UPDATES_FOR_CLASS = ("num_labels", "id2label", "label2id", "vocab_size", "tie_word_embeddings")
 
@@ -57,6 +58,7 @@ def peft_model_on_meta(
     """
     import torch
     from peft import PeftConfig, get_peft_model
+    from peft.utils.error import NoMatchingPeftModuleError
 
     overrides = {k: v for k, v in config_updates.items() if k in ("num_labels", "id2label", "label2id")}
     if "id2label" in overrides:
@@ -75,8 +77,23 @@ def peft_model_on_meta(
     config.init_lora_weights = True  # shapes only: no initialisation that rewrites base weights
     config.inference_mode = True
     params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.device("meta"):
-        peft_model = get_peft_model(model, config)
+    where = adapter.folder / "adapter_config.json"
+    check_patterns(adapter.config, [n for n, _ in model.named_modules()], where=where)
+    try:
+        with torch.device("meta"):
+            peft_model = get_peft_model(model, config)
+    except NoMatchingPeftModuleError as e:
+        raise AdapterError(
+            f"`{where}` targets no module of {type(model).__name__}: {first_line(e)}",
+            fix="Restore adapter_config.json as PEFT saved it with these weights (target_modules, "
+            "layers_to_transform, layers_pattern).",
+        ) from e
+    except (ValueError, TypeError) as e:  # a targeted module PEFT cannot wrap, an option it refuses
+        text = " ".join(str(e).split())
+        raise AdapterError(
+            f"PEFT refuses the configuration of `{adapter.folder}`: {text if len(text) <= 400 else text[:397] + '...'}",
+            fix="PEFT cannot load this adapter either: save it again with a configuration PEFT accepts.",
+        ) from e
     return params, peft_model
 
 
@@ -105,6 +122,8 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
         names_of.setdefault(id(p), []).append(name)
     wrappers = _wrappers(peft_model)
     tensors = {t.name: t for t in plan.tensors}
+    modules = {n[len(PREFIX) :] for n, _ in peft_model.named_modules() if n.startswith(PREFIX)}
+    untargeted: list[str] = []
     problems: list[str] = []
     checked = 0
     for key in adapter.tensors:
@@ -120,6 +139,10 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
             continue
         found = _destination(key, wrappers, params)
         if found is None:
+            module = key[len(PREFIX) :].partition(".lora_")[0]
+            if ".lora_" in key and module in modules and not _is_lora_layer(wrappers.get(module)):
+                untargeted.append(module)  # the config does not target a module the weights are for
+                continue
             problems.append(f"`{key}`: PEFT loads it into no module of {model_map.model_class}")
             continue
         module, param, param_obj, shared_change = found
@@ -152,8 +175,23 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
                     f"`{landed}` starts from `{source}` in the plan, but `{own}` is loaded from "
                     + (" or ".join(f"`{s}`" for s in sorted(stored)) if stored else "no base tensor (it is new)")
                 )
+    if untargeted:
+        first = list(dict.fromkeys(untargeted))
+        raise AdapterError(
+            f"`{adapter.folder / 'adapter_config.json'}` does not target `{first[0]}`"
+            + (f" (nor {len(first) - 1} more module(s))" if len(first) > 1 else "")
+            + ", but the adapter holds LoRA weights for it: PEFT would leave them out when loading the adapter.",
+            fix="Restore adapter_config.json as PEFT saved it with these weights (target_modules, "
+            "layers_to_transform, modules_to_save, exclude_modules).",
+        )
     problems.extend(_expected_keys(base_dir, plan, model_map))
     return OracleReport(checked, tuple(problems))
+
+
+def _is_lora_layer(module: Any) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
 
 
 def _per_expert_tensor(key: str, model_map: ModelMap) -> str | None:
@@ -231,7 +269,10 @@ def _destination(key: str, wrappers: Mapping[str, Any], params: Mapping[str, Any
         module = module[: -len(".base_layer")]
     if isinstance(layer, ModulesToSaveWrapper):  # the copy replaces the module's own parameter
         inner, _, param = f"{module}.{rest}".rpartition(".")
-        return inner, param, layer.original_module.get_parameter(rest), False
+        try:
+            return inner, param, layer.original_module.get_parameter(rest), False
+        except AttributeError:  # not a parameter of the module (a LoRA of a module PEFT saves whole)
+            return None
     if isinstance(layer, TrainableTokensWrapper):
         return module, "weight", layer.get_base_layer().weight, True
     assert isinstance(layer, BaseTunerLayer)
