@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from loraship.errors import BUG_EXIT_CODE, ConfigError, InputError, LorashipError, known_failure, versions
+from loraship.text import DTYPE_ALIASES
 
 REPORT_NAME = "loraship-report.json"
 #: The inputs action.yml declares (tests check the two agree).
@@ -151,8 +152,12 @@ def _bool(env: Mapping[str, str], name: str) -> bool | None:
     raise InputError(f"Input `{name}` must be true or false, got {value!r}.", fix=f"Set `{name}: true` or `false`.")
 
 
-def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+def _choice(
+    env: Mapping[str, str], name: str, choices: tuple[str, ...], aliases: Mapping[str, str] | None = None
+) -> str | None:
     value = read_input(env, name)
+    if value is not None and aliases:
+        value = aliases.get(value.lower(), value)  # e.g. dtype: bf16 -> bfloat16
     if value is None or value in choices:
         return value
     raise InputError(
@@ -183,7 +188,7 @@ def build_job(env: Mapping[str, str], ctx: Context) -> Any:
     for name, key in (("base", "base"), ("output-repo", "output")):
         if (value := read_input(env, name)) is not None:
             overrides[key] = value
-    if (dtype := _choice(env, "dtype", ("keep", "bfloat16", "float16", "float32"))) is not None:
+    if (dtype := _choice(env, "dtype", ("keep", "bfloat16", "float16", "float32"), DTYPE_ALIASES)) is not None:
         overrides["dtype"] = dtype
     if (requantize := _bool(env, "requantize")) is not None:
         overrides["requantize"] = requantize
@@ -229,7 +234,9 @@ def build_job(env: Mapping[str, str], ctx: Context) -> Any:
                 fix="Set `adapter: org/my-lora` and `output-repo: org/my-model` under `with:`, or `config: "
                 "loraship.yaml`.",
             )
-        job = job_from_values(overrides, source="the action's inputs")
+        job = job_from_values(
+            overrides, source="the action's inputs", fix="Correct the inputs named above (action.yml describes each)."
+        )
     source = parse_source(job.adapter)
     if source.repo_id and not source.revision and (revision or ctx.event_tag):
         # `adapter-revision`, else a pushed tag, names the revision of an adapter that names none

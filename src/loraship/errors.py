@@ -43,6 +43,14 @@ class InputError(LorashipError):
     title = "Bad input"
 
 
+class UsageError(InputError):
+    """The command line itself is wrong (an unknown flag, a missing or out-of-range value, an output path
+    that cannot be written): found before any work, exit code 2 as argparse's usage errors."""
+
+    exit_code = 2
+    title = "Bad command line"
+
+
 class AdapterError(LorashipError):
     """The adapter folder is missing something or is not a PEFT adapter."""
 

@@ -46,8 +46,10 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 
 
-def parse_size(value: str | int) -> int:
+def parse_size(value: str | int, *, name: str = "--max-shard-size") -> int:
     """``5GB`` -> bytes (decimal units as transformers' ``max_shard_size``; ``GiB`` binary).
+
+    ``name``: the flag or key the value was given as, for the message (e.g. ``--max-memory``).
 
     Raises:
         InputError: The value is not a positive size.
@@ -57,7 +59,18 @@ def parse_size(value: str | int) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
     unit = match.group(2).upper() if match else ""
     if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
-        raise InputError(
-            f"--max-shard-size {value!r} is not a size.", fix="Use a number with a unit, e.g. 5GB or 500MB."
-        )
+        raise InputError(f"{name} {value!r} is not a size.", fix="Use a number with a unit, e.g. 5GB or 500MB.")
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+#: The dtype names loraship takes (PyTorch's), and the short names people write for them.
+DTYPE_ALIASES = {
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+}  # fmt: skip
+
+
+def canonical_dtype(value: str) -> str:
+    """``bf16`` -> ``bfloat16``, ``fp16`` -> ``float16``, ``fp32`` -> ``float32`` (any case); other values as given."""
+    return DTYPE_ALIASES.get(value.strip().lower(), value)

@@ -22,8 +22,9 @@ FAST = ["--generation-tokens", "8"]
 
 
 def run_verify(capsys: pytest.CaptureFixture[str], *args: str | Path, loud: bool = False) -> tuple[int, str, str]:
-    """``loraship verify`` with ``args``; ``--quiet`` (stderr holds only the error) unless ``loud``."""
-    code = main(["verify", *map(str, args), *([] if loud else ["--quiet"])])
+    """``loraship verify`` with ``args``; ``--quiet`` (stderr holds only the error) unless ``loud``
+    (``--progress``: stderr is not a terminal here)."""
+    code = main(["verify", *map(str, args), "--progress" if loud else "--quiet"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

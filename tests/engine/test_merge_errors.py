@@ -323,7 +323,7 @@ def test_bad_max_shard_size(llama: Path, llama_adapter: Path, tmp_path: Path, ca
     code, err = run_merge(
         capsys, "--base", llama, "--adapter", llama_adapter, "--output", out, "--max-shard-size", "5XB"
     )
-    assert code == 1
+    assert code == 2  # a usage error, refused when the arguments are parsed
     assert err == "Error: --max-shard-size '5XB' is not a size.\nFix: Use a number with a unit, e.g. 5GB or 500MB.\n"
     assert_nothing_written(out)
 

@@ -135,7 +135,8 @@ def test_overwrite_replaces_output(model_cache, tmp_path: Path) -> None:
 def test_merge_prints_summary_and_progress(model_cache, tmp_path: Path, capsys) -> None:
     base = model_cache(LLAMA)
     adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
-    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "a")]) == 0
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "a"),
+                 "--progress"]) == 0  # fmt: skip  # stderr is not a terminal here: bars only when asked
     captured = capsys.readouterr()
     assert "Merging" in captured.err  # the progress bar, on stderr
     assert f"Wrote {tmp_path / 'a'}: 1 weight file(s)" in captured.out

@@ -80,9 +80,22 @@ def test_values_from_flags() -> None:
         job_from_values({"adapter": "org/a"})
     assert str(e.value) == (
         "The job given on the command line has 1 problem(s):\n  `output` is required\n"
-        "Fix: Give at least --adapter and --output (or a --config file); see `loraship run --help`."
+        "Fix: Give --output (or a --config file); see `loraship run --help`."
     )
     with pytest.raises(ConfigError) as e:
         job_from_values({"adapter": "not a repo", "output": "org/m", "max_shard_size": "5XB"})
     assert "  `adapter`: 'not a repo' is neither a Hub repo id" in str(e.value)
     assert "  `max_shard_size`: '5XB' is not a size (use e.g. 5GB or 500MB)" in str(e.value)
+    assert e.value.fix == "Correct the values named above; see `loraship run --help`."
+
+
+def test_dtype_aliases_take_their_canonical_names(tmp_path: Path) -> None:
+    config = tmp_path / "loraship.yaml"
+    config.write_text("adapter: org/a\noutput: org/m\ndtype: bf16\nverify:\n  dtype: FP32\n")
+    (job,) = load_jobs(config).values()
+    assert (job.dtype, job.verify.dtype) == ("bfloat16", "float32")
+    assert job_from_values({"adapter": "org/a", "output": "org/m", "dtype": "fp16"}).dtype == "float16"
+    assert job.job_hash() == MergeJob(adapter="org/a", output="org/m", dtype="bfloat16").job_hash()
+    with pytest.raises(ConfigError) as e:
+        job_from_values({"adapter": "org/a", "output": "org/m", "dtype": "int8"})
+    assert "  `dtype`: input should be 'keep', 'bfloat16', 'float16' or 'float32' (got 'int8')" in str(e.value)

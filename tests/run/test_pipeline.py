@@ -562,8 +562,9 @@ def test_quiet_silences_every_libraries_progress_bars(model_cache, tmp_path: Pat
         assert proc.returncode == 0, proc.stderr
         return proc.stderr
 
-    assert "%|" in run("loud")  # transformers' "Loading weights" bars, without --quiet
+    assert "%|" in run("loud", "--progress")  # transformers' "Loading weights" bars, asked for on a pipe
     assert "%|" not in run("quiet", "--quiet")
+    assert "%|" not in run("piped")  # stderr is not a terminal: no bars unless --progress
 
 
 SEQUENTIAL_DISK = (
@@ -783,3 +784,13 @@ def test_killed_during_the_upload_publishes_nothing_and_a_rerun_publishes_once(s
     code, _, err = run_cli(capsys, "--adapter", "alice/lora2", "--output", "alice/merged")
     assert code == 0, err
     assert len(hub_server.commit_list("alice/merged")) == len(commits) + 1
+
+
+def test_local_adapter_naming_a_hub_base_uses_hf_token(seeded, hub_server, tmp_path: Path, capsys) -> None:
+    """No repo on the command line, the token only in HF_TOKEN: the base the adapter's config names
+    (meta/base) is read from the Hub with it."""
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--adapter", seeded.adapter, "--output", f"dir:{out}", "--verify", "weights")
+    assert code == 0, err
+    assert_same_tensors(load_tensors(out), peft_reference(seeded.base, seeded.adapter, tmp_path / "peft"))
+    assert ModelCard.load(out / "README.md").data.to_dict()["loraship"]["base_sha"] == seeded.base_sha

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loraship.errors import ConfigError, InputError
-from loraship.text import parse_size
+from loraship.text import canonical_dtype, parse_size
 
 #: A Hub repo id, ``org/name``.
 REPO_ID_PATTERN = r"[A-Za-z0-9][\w.\-]*/[\w.\-]+"
@@ -94,12 +94,17 @@ class VerifySpec(_Spec):
     prompts: list[str | list[dict[str, str]]] | str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    max_error_ratio: float | None = Field(default=None, gt=0)
+    max_error_ratio: float | None = Field(default=None, ge=0)  # as --max-error-ratio: 0 is a zero error budget
     min_top1: float | None = Field(default=None, ge=0, le=1)
     generation_tokens: int | None = Field(default=None, ge=0)
     weight_atol: float = Field(default=0.0, ge=0)
     #: Memory the output check's models may take (e.g. ``1GB``); the other layers are read from disk.
     max_memory: str | None = None
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        return canonical_dtype(value) if isinstance(value, str) else value
 
     @field_validator("max_memory")
     @classmethod
@@ -160,6 +165,11 @@ class MergeJob(_Spec):
     trust_remote_code: bool = False
     #: Largest output shard; None: :data:`RUN_SHARD_SIZE`.
     max_shard_size: str | None = None
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:  # bf16, fp16, fp32 as their canonical names
+        return canonical_dtype(value) if isinstance(value, str) else value
 
     @field_validator("adapter")
     @classmethod
@@ -312,8 +322,10 @@ def raise_problems(path: Path, problems: list[str], *, fix: str) -> None:
         )  # fmt: skip
 
 
-def job_from_values(values: Mapping[str, Any], *, source: str = "the command line") -> MergeJob:
+def job_from_values(values: Mapping[str, Any], *, source: str = "the command line", fix: str | None = None) -> MergeJob:
     """A job from flags or action inputs alone.
+
+    ``fix``: what to do about invalid values (default: for flags, naming the missing ones).
 
     Raises:
         ConfigError: A value is missing or invalid.
@@ -322,10 +334,22 @@ def job_from_values(values: Mapping[str, Any], *, source: str = "the command lin
         return MergeJob.model_validate(dict(values))
     except ValidationError as e:
         problems = describe_errors(e, (), {})
+        missing = [_flag(item["loc"]) for item in e.errors() if item["type"] == "missing"]
+        if fix is None:
+            fix = (
+                f"Give {' and '.join(missing)} (or a --config file); see `loraship run --help`."
+                if missing
+                else "Correct the values named above; see `loraship run --help`."
+            )
         raise ConfigError(
             f"The job given on {source} has {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems),
-            fix="Give at least --adapter and --output (or a --config file); see `loraship run --help`.",
+            fix=fix,
         ) from e
+
+
+def _flag(loc: tuple[int | str, ...]) -> str:
+    """The `loraship run` flag of a job key (``output`` -> ``--output``)."""
+    return "--" + str(loc[-1]).replace("_", "-")
 
 
 def _deep_update(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:

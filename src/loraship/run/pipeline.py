@@ -32,7 +32,7 @@ from loraship.run.merge import merge_whole, stream_merge
 from loraship.run.model_card import write_card
 from loraship.run.output import Cleanup, check_overlap, check_write_access, move_into_place, staging_folder
 from loraship.run.publish import already, commit_title, publish, published
-from loraship.run.resolve import adapter_files, provenance_key, resolve
+from loraship.run.resolve import adapter_files, names_hub_base, provenance_key, resolve
 from loraship.run.result import RunResult, Status, dry_run_result, merged_result, written_result
 from loraship.run.verify import check
 
@@ -75,9 +75,7 @@ def run(
     Raises:
         LorashipError: Any expected failure; nothing is published then.
     """
-    needs_hub = not (job.adapter_source.is_local and (job.base_source is None or job.base_source.is_local))
-    needs_hub = needs_hub or not job.output_target.is_local
-    hub = hub or (Hub() if needs_hub else None)
+    hub = hub or (Hub() if needs_hub(job) else None)
     owned = workdir is None
     work = Path(tempfile.mkdtemp(prefix="loraship-run-")) if workdir is None else workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -88,6 +86,17 @@ def run(
     finally:
         if owned and not dry_run:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def needs_hub(job: MergeJob) -> bool:
+    """Whether the job reads or writes a Hub repo: its adapter, its output, or its base, named by the job
+    or, when the job names none, by a local adapter's adapter_config.json."""
+    if not (job.adapter_source.is_local and job.output_target.is_local):
+        return True
+    if job.base_source is not None:
+        return not job.base_source.is_local
+    assert job.adapter_source.path is not None
+    return names_hub_base(job.adapter_source.path)
 
 
 def _run(ctx: RunContext) -> RunResult:
