@@ -14,12 +14,12 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_lint() -> None:
-    result = run("ruff", "check", "src", "tests", "benchmarks", "entrypoint")
+    result = run("ruff", "check", "src", "tests", "benchmarks", "entrypoint", "docs")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format() -> None:
-    result = run("ruff", "format", "--check", "src", "tests", "benchmarks", "entrypoint")
+    result = run("ruff", "format", "--check", "src", "tests", "benchmarks", "entrypoint", "docs")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
