@@ -156,6 +156,7 @@ def test_tag_push_publishes_and_reports_back(seeded, hub_server, github, tmp_pat
     assert github.statuses[1]["description"] == "already published: alice/merged (not verified)"
 
 
+@pytest.mark.slow
 def test_inputs_with_underscores_config_and_explicit_revision(seeded, hub_server, github, tmp_path: Path) -> None:
     workspace = tmp_path / "workspace"
     workspace.mkdir()
@@ -230,6 +231,7 @@ def test_verification_failure(seeded, hub_server, github, tmp_path: Path) -> Non
     assert [s["state"] for s in github.statuses] == ["failure"] and github.releases == {}
 
 
+@pytest.mark.slow
 def test_bad_github_token_after_publishing_is_a_warning(seeded, hub_server, github, tmp_path: Path) -> None:
     """github-token defaults to the job's token, which may lack `statuses: write`: once the model is
     published, a GitHub failure must not fail the step (the model is out; the warning says what to fix)."""
@@ -248,6 +250,7 @@ def test_bad_github_token_after_publishing_is_a_warning(seeded, hub_server, gith
 ID_TOKEN_ENV = {"ACTIONS_ID_TOKEN_REQUEST_TOKEN": "request-token-for-this-job"}
 
 
+@pytest.mark.slow
 def test_trusted_publishing_without_a_stored_token(seeded, hub_server, github, tmp_path: Path) -> None:
     hub_server.actions_oidc = ("request-token-for-this-job", "github-id-token-jwt")
     hub_server.trusted[("github-id-token-jwt", "alice/merged")] = "hf_oidc_short_lived_token"

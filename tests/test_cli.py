@@ -272,6 +272,7 @@ def test_a_broken_connection_is_still_a_network_error(tiny, monkeypatch, capsys)
     assert capsys.readouterr().err.startswith("Error: Cannot reach the network: BrokenPipeError")
 
 
+@pytest.mark.slow
 def test_pipe_closed_by_head_exits_141_without_a_message(tiny) -> None:
     base, adapter = tiny
     child = subprocess.Popen([sys.executable, "-m", "loraship", "plan", "--base", str(base), "--adapter", str(adapter),
@@ -282,6 +283,7 @@ def test_pipe_closed_by_head_exits_141_without_a_message(tiny) -> None:
     assert (child.wait(timeout=120), err) == (141, b"")
 
 
+@pytest.mark.slow
 def test_library_warnings_and_bars_only_when_asked(tiny, tmp_path: Path) -> None:
     base, adapter = tiny
 

@@ -503,6 +503,7 @@ def test_hf_jobs_executor_starts_a_job(start_bot, hub_server, tmp_path: Path) ->
     assert TOKENS["alice"] not in json.dumps(started["environment"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["merging", "while committing", "between commit and tag"])
 def test_killed_bot_is_picked_up_after_restart_and_reports_once(seeded, hub_server, tmp_path: Path, step: str) -> None:
     """kill -9 the bot (and its merge) in the middle of a job; restart: published, tagged and reported once."""

@@ -102,6 +102,7 @@ def test_cli_passes_and_writes_both_reports(llama_case, tmp_path: Path, capsys) 
     assert "| weights | changed tensors recomputed | ✅ pass | 6 of 6 bit-identical | bit-identical |" in markdown
 
 
+@pytest.mark.slow
 def test_cli_shows_progress_on_stderr_and_quiet_silences_it(llama_case, capsys) -> None:
     base, adapter, merged = llama_case
     code, out, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged, *FAST, loud=True)
@@ -175,6 +176,7 @@ def test_one_tensor_slightly_perturbed(llama_case) -> None:
     assert check.measured.startswith("5 of 6 bit-identical; max |Δ| ")
 
 
+@pytest.mark.slow
 def test_base_copied_as_merged_is_a_no_op(llama_case, capsys) -> None:
     base, adapter, merged = llama_case
     shutil.rmtree(merged)

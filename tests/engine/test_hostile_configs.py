@@ -82,6 +82,7 @@ def test_catastrophic_target_modules_refused_in_bounded_time(copies: tuple[Path,
     assert (code, err) == (1, slow_message(config, "`target_modules`"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(30)
 def test_catastrophic_rank_pattern_key_refused_in_bounded_time(copies: tuple[Path, Path], capsys) -> None:
     base, adapter = copies
@@ -93,6 +94,7 @@ def test_catastrophic_rank_pattern_key_refused_in_bounded_time(copies: tuple[Pat
     assert (code, err) == (1, slow_message(config, "the `rank_pattern` key"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(30)
 def test_catastrophic_alpha_pattern_key_refused_in_bounded_time(copies: tuple[Path, Path], capsys) -> None:
     base, adapter = copies

@@ -544,6 +544,7 @@ def test_network_failures_from_any_library_are_known_and_bugs_are_not() -> None:
     )
 
 
+@pytest.mark.slow
 def test_quiet_silences_every_libraries_progress_bars(model_cache, tmp_path: Path) -> None:
     import os
     import subprocess
@@ -651,6 +652,7 @@ def _parse_bytes(text: str) -> float:
     return float(number) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
 
 
+@pytest.mark.slow
 def test_a_new_version_leaves_no_file_of_the_old_one_in_the_repo(seeded, hub_server, tmp_path: Path, capsys) -> None:
     """v1 is one `model.safetensors`; v2 (another adapter, sharded) must not leave it beside its shards:
     transformers loads `model.safetensors` before an index, so a stale one would silently be the old model."""
@@ -695,6 +697,7 @@ def _wait_for_blob(hub_server, merged: Path, timeout: float = 30) -> str:
     return oid
 
 
+@pytest.mark.slow
 def test_weights_upload_while_verification_runs_and_one_commit_references_them(
     seeded, hub_server, capsys, monkeypatch
 ) -> None:
@@ -764,6 +767,7 @@ def test_publishing_is_one_create_commit_never_upload_folder(seeded, hub_server,
     assert hub_server.commit_list("alice/merged")[0].title.startswith("Merge alice/lora")
 
 
+@pytest.mark.slow
 def test_killed_during_the_upload_publishes_nothing_and_a_rerun_publishes_once(seeded, hub_server, capsys) -> None:
     import os
     import signal

@@ -144,6 +144,7 @@ def test_a_shard_failing_its_check_publishes_nothing_and_removes_the_new_repo(
     assert "alice/merged" not in hub_server.repos  # created for the upload, deleted with nothing committed
 
 
+@pytest.mark.slow
 def test_a_failed_shard_upload_publishes_nothing(sharded, hub_server, tmp_path: Path, capsys) -> None:
     hub_server.seed("alice/merged", tmp_path / "adapter")  # an existing repo: it must stay as it was
     commits = hub_server.commit_list("alice/merged")
@@ -157,6 +158,7 @@ def test_a_failed_shard_upload_publishes_nothing(sharded, hub_server, tmp_path: 
     assert hub_server.commit_list("alice/merged") == commits
 
 
+@pytest.mark.slow
 def test_killed_while_streaming_leaves_an_empty_repo_and_the_rerun_publishes_once(
     sharded, hub_server, tmp_path: Path, capsys
 ) -> None:
@@ -177,6 +179,7 @@ def test_killed_while_streaming_leaves_an_empty_repo_and_the_rerun_publishes_onc
     assert [c.title for c in hub_server.commit_list("alice/merged")][1:] == ["initial commit"]
 
 
+@pytest.mark.slow
 def test_output_check_in_bounded_memory_on_both_models_kept_on_disk(
     sharded, hub_server, tmp_path: Path, capsys
 ) -> None:
