@@ -35,7 +35,8 @@ _INVALID_TOKEN = {"X-Error-Message": "Invalid credentials in Authorization heade
 class Fault:
     """What the next matching request gets instead of a normal reply.
 
-    ``drop``: the connection breaks mid-reply; ``bad-json``: a 200 whose body is not JSON;
+    ``drop``: the connection breaks mid-reply; ``bad-json``: a 200 whose body is not JSON; ``error-500``: a
+    500 with a long server message; ``no-id`` / ``no-sha``: the normal JSON reply without that field;
     ``lost-reply``: the request is carried out, then the client gets a 412 (its reply was lost and a
     retry found the branch moved); ``pass``: only the hook. ``hook`` runs first (e.g. to kill the
     client process, or to land another commit).
@@ -323,6 +324,15 @@ class FakeHub:
                 return Response(b"{not json", media_type="application/json")
             if fault.action == "pass":
                 return await call_next(request)
+            if fault.action == "error-500":
+                message = "Internal Error - We're working hard to fix this as soon as possible!"
+                return JSONResponse({"error": message + "\n" + "trace: " + "x" * 500}, 500,
+                                    headers={"X-Error-Message": message, "X-Request-Id": "Root=1-abc"})  # fmt: skip
+            if fault.action in ("no-id", "no-sha"):
+                reply = await call_next(request)
+                body = json.loads(b"".join([chunk async for chunk in reply.body_iterator]))
+                body.pop(fault.action[3:], None)
+                return JSONResponse(body, reply.status_code)
             assert fault.action == "lost-reply", fault.action
             await call_next(request)
             return JSONResponse({"error": "A commit has happened since. Please refresh and try again."}, 412)

@@ -298,3 +298,23 @@ def test_library_warnings_and_bars_only_when_asked(tiny, tmp_path: Path) -> None
     loud = merge("-v", "--progress")
     assert "UserWarning: The PEFT config's `base_model_name_or_path` was renamed" in loud
     assert "Merging: " in loud  # the bar
+
+
+def test_hostile_base_and_tag_flags_are_usage_errors(capsys) -> None:
+    assert fails(capsys, "run", "--adapter", "org/a", "--base", "acme/..", "--output", "org/m") == (2, (
+        "Error: --base: 'acme/..' is not a repo id the Hub accepts (huggingface_hub: Repo id must use alphanumeric "
+        "chars, '-', '_' or '.'. The name cannot start or end with '-' or '.' and the maximum length is 96: "
+        "'acme/..').\n"
+        "Fix: Pass --base org/name (a Hub repo, optionally @revision) or a local folder as ./path.\n"
+    ))  # fmt: skip
+    fix = "Fix: Pass --tag a name such as v1.0 (letters, digits, `.`, `-`, `_`, `/`; no spaces, no `..`).\n"
+    assert fails(capsys, "run", "--adapter", "org/a", "--output", "org/m", "--tag", "v1\nv2") == (2, (
+        "Error: --tag: 'v1\\nv2' is not a tag name git and the Hub accept (it has the control character '\\n').\n" + fix
+    ))  # fmt: skip
+    assert fails(capsys, "run", "--adapter", "org/a", "--output", "org/m", "--tag", "../../../etc") == (2, (
+        "Error: --tag: '../../../etc' is not a tag name git and the Hub accept (it has `..`).\n" + fix
+    ))  # fmt: skip
+    assert fails(capsys, "run", "--adapter", "org/a", "--output", "org/m", "--tag", "v" * 300) == (2, (
+        f"Error: --tag: {'v' * 60!r}… (300 characters) is not a tag name git and the Hub accept (it has a part longer "
+        "than 255 bytes).\n" + fix
+    ))  # fmt: skip

@@ -241,6 +241,18 @@ def _out_folder(flag: str) -> Callable[[str], Path]:
     return parse
 
 
+def _tag(text: str) -> str:
+    from loraship.text import show, tag_problem
+
+    problem = tag_problem(text)
+    if problem is not None:
+        raise UsageError(
+            f"--tag: {show(text)} is not a tag name git and the Hub accept (it has {problem}).",
+            fix="Pass --tag a name such as v1.0 (letters, digits, `.`, `-`, `_`, `/`; no spaces, no `..`).",
+        )
+    return text
+
+
 def _source(flag: str, output: bool = False) -> Callable[[str], str]:
     def parse(text: str) -> str:
         from loraship.run.job import parse_output, parse_source
@@ -355,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest output shard (default: the job's max_shard_size, else 1GB)")  # fmt: skip
     run.add_argument("--private", action="store_true", default=None, help="create the output repo private")
     run.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
-    run.add_argument("--tag", help="tag the published commit")
+    run.add_argument("--tag", type=_tag, help="tag the published commit")
     run.add_argument("--commit-message", help="commit title (the provenance is appended)")
     checks = run.add_mutually_exclusive_group()
     checks.add_argument("--verify", choices=("full", "weights", "off"),

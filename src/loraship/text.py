@@ -1,4 +1,4 @@
-"""Plain-text helpers: tables, byte counts both ways. Pure; below every layer but the errors."""
+"""Plain-text helpers: tables, byte counts both ways, git ref names. Pure; below every layer but the errors."""
 
 from __future__ import annotations
 
@@ -74,3 +74,52 @@ DTYPE_ALIASES = {
 def canonical_dtype(value: str) -> str:
     """``bf16`` -> ``bfloat16``, ``fp16`` -> ``float16``, ``fp32`` -> ``float32`` (any case); other values as given."""
     return DTYPE_ALIASES.get(value.strip().lower(), value)
+
+
+def show(value: str, limit: int = 60) -> str:
+    """``value`` quoted for a reason, cut at ``limit`` characters (with its length, when cut)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
+#: Characters git's check-ref-format forbids anywhere in a ref name (besides ASCII control characters).
+_REF_FORBIDDEN = " ~^:?*[\\"
+#: Loose refs are files: a part of a ref name longer than this cannot be stored by git.
+_REF_PART_BYTES = 255
+
+
+def ref_problem(ref: str) -> str | None:
+    """What breaks git's ``check-ref-format`` rules in ``ref`` (a full name, ``refs/...``), or None."""
+    if not ref.startswith("refs/"):
+        return "it does not start with `refs/`"
+    if ref.endswith("/") or "//" in ref:
+        return "an empty part"
+    for char in ref:
+        if ord(char) < 0x20 or ord(char) == 0x7F:
+            return f"the control character {char!r}"
+        if char in _REF_FORBIDDEN:
+            return f"the character {char!r}"
+    if ".." in ref:
+        return "`..`"
+    if "@{" in ref:
+        return "`@{`"
+    if ref.endswith("."):
+        return "a `.` at the end"
+    for part in ref.split("/"):
+        if part.startswith("."):
+            return "a part that starts with `.`"
+        if part.endswith(".lock"):
+            return "a part that ends with `.lock`"
+        if len(part.encode("utf-8")) > _REF_PART_BYTES:
+            return f"a part longer than {_REF_PART_BYTES} bytes"
+    return None
+
+
+def tag_problem(tag: str) -> str | None:
+    """What keeps ``tag`` from naming a tag, ``refs/tags/<tag>``, by git's rules (the Hub's), or None."""
+    if not tag.strip():
+        return "no name in it"
+    if tag == "@":
+        return "only `@`"
+    return ref_problem(f"refs/tags/{tag}")

@@ -634,6 +634,19 @@ def test_bot_yaml_errors_name_key_and_line(tmp_path: Path) -> None:
     )
 
 
+def test_bot_yaml_refuses_a_watched_repo_id_the_hub_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "bot.yaml"
+    path.write_text("watch:\n  - adapter: acme/..\n    job:\n      output: alice/m\nexecutor:\n  kind: local\n")
+    with pytest.raises(ConfigError) as e:
+        load_bot_config(path)
+    assert e.value.message == (
+        f"`{path}` has 1 problem(s):\n"
+        "  line 2: `watch.0.adapter`: 'acme/..' is not a repo id the Hub accepts (huggingface_hub: Repo id must use "
+        "alphanumeric chars, '-', '_' or '.'. The name cannot start or end with '-' or '.' and the maximum length is "
+        "96: 'acme/..')"
+    )
+
+
 def test_jobs_listing_needs_the_webhook_secret(start_bot_once) -> None:  # type: ignore[no-untyped-def]
     """/jobs names repos (private ones too) and their failures: not for anyone who finds the URL."""
     bot = start_bot_once

@@ -460,3 +460,42 @@ def test_max_memory_refuses_an_adapter_peft_builds_from_base_weights(model_cache
         "weights only (`verify: {outputs: false}`, `loraship verify --weights-only`: every merged tensor is still "
         "compared bit for bit with base + adapter).\n"
     )
+
+
+def test_an_adapter_holding_nan_is_refused_as_the_adapter_s_fault(model_cache, tmp_path: Path, capsys) -> None:
+    """NaN in the adapter's own weights: merging again would not help; NaN only in the merged file: it would."""
+    base = model_cache(LLAMA, tokenizer=True)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    name = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors[name][0, 0] = float("inf")
+    tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"][0, 0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    merged = tmp_path / "merged"
+    merge(base, adapter, merged, progress=False)
+    code, out, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged, "--weights-only")
+    assert code == 1 and re.search(r"finite values +FAIL", out)
+    assert err == (
+        f"Error: The adapter holds non-finite values (NaN or Inf) in `{name}` (and 1 more), so the merged model "
+        "does too: the adapter itself is broken, not the merge.\n"
+        "Fix: Retrain the adapter (its training diverged: check the loss for NaN, lower the learning rate) or export "
+        "it again from a good checkpoint; merging this adapter again gives the same result.\n"
+    )
+
+
+def test_nan_only_in_the_merged_file_still_says_merge_again(llama_case, capsys) -> None:
+    base, adapter, merged = llama_case
+
+    def damage(t):  # type: ignore[no-untyped-def]
+        t["model.layers.0.self_attn.v_proj.weight"][0, 0] = float("nan")
+
+    edit_weights(merged, damage)
+    code, _, err = run_verify(capsys, "--base", base, "--adapter", adapter, "--merged", merged, "--weights-only")
+    assert code == 1
+    assert err == (
+        "Error: The merged model does not match base + adapter: weights: changed tensors recomputed; weights: finite "
+        "values.\n"
+        "Fix: Do not publish it. Merge again with `loraship merge` (and check that the adapter and base are the ones "
+        "it was trained with); the report says which tensors or outputs differ.\n"
+    )

@@ -99,3 +99,52 @@ def test_dtype_aliases_take_their_canonical_names(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         job_from_values({"adapter": "org/a", "output": "org/m", "dtype": "int8"})
     assert "  `dtype`: input should be 'keep', 'bfloat16', 'float16' or 'float32' (got 'int8')" in str(e.value)
+
+
+def test_repo_ids_the_hub_would_refuse_are_refused_up_front(tmp_path: Path) -> None:
+    """`acme/..` has the shape `org/name` but huggingface_hub's own rules refuse it: refused naming the key."""
+    with pytest.raises(ValueError) as e:
+        parse_source("acme/..")
+    assert str(e.value) == (
+        "'acme/..' is not a repo id the Hub accepts (huggingface_hub: Repo id must use alphanumeric chars, '-', '_' "
+        "or '.'. The name cannot start or end with '-' or '.' and the maximum length is 96: 'acme/..')"
+    )
+    with pytest.raises(ValueError, match=r"^'acme/a--b' is not a repo id the Hub accepts \(huggingface_hub: Cannot "):
+        parse_output("acme/a--b")
+    config = tmp_path / "loraship.yaml"
+    config.write_text("adapter: org/lora\nbase: acme/x.git\noutput: org/merged\n")
+    with pytest.raises(ConfigError) as c:
+        load_jobs(config)
+    assert c.value.message == (
+        f"`{config}` has 1 problem(s):\n"
+        f"  line 2: `base`: 'acme/x.git' is not a repo id the Hub accepts (huggingface_hub: Repo_id cannot end by "
+        "'.git': 'acme/x.git')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("tag", "problem"),
+    [
+        ("v1\nv2", "the control character '\\n'"),
+        ("../../../etc", "`..`"),
+        ("a" * 300, "a part longer than 255 bytes"),
+        ("v1.lock", "a part that ends with `.lock`"),
+        ("v 1", "the character ' '"),
+    ],
+)
+def test_tags_git_or_the_hub_would_refuse_are_refused_up_front(tmp_path: Path, tag: str, problem: str) -> None:
+    import yaml
+
+    config = tmp_path / "loraship.yaml"
+    config.write_text(yaml.safe_dump({"adapter": "org/lora", "output": "org/merged", "publish": {"tag": tag}}))
+    with pytest.raises(ConfigError) as e:
+        load_jobs(config)
+    shown = repr(tag) if len(tag) <= 60 else f"{tag[:60]!r}… ({len(tag)} characters)"
+    assert f"`publish.tag`: {shown} is not a tag name git and the Hub accept (it has {problem})" in e.value.message
+    with pytest.raises(ConfigError) as e:
+        job_from_values({"adapter": "org/a", "output": "org/m", "publish": {"tag": tag}}, source="the action's inputs")
+    assert e.value.message == (
+        "The job given on the action's inputs has 1 problem(s):\n"
+        f"  `publish.tag`: {shown} is not a tag name git and the Hub accept (it has {problem})"
+    )
+    assert MergeJob(adapter="org/a", output="org/m", publish={"tag": "v1.0-rc.1/ü"}).publish.tag == "v1.0-rc.1/ü"

@@ -798,3 +798,61 @@ def test_local_adapter_naming_a_hub_base_uses_hf_token(seeded, hub_server, tmp_p
     assert code == 0, err
     assert_same_tensors(load_tensors(out), peft_reference(seeded.base, seeded.adapter, tmp_path / "peft"))
     assert ModelCard.load(out / "README.md").data.to_dict()["loraship"]["base_sha"] == seeded.base_sha
+
+
+# --------------------------------------------------------------------------- a hostile Hub, a hostile adapter config
+
+HUB_FIX = (
+    "Fix: Try again in a while; if it persists, check that HF_ENDPOINT ({url}) points at a Hugging Face Hub, and "
+    "https://status.huggingface.co.\n"
+)
+
+
+@pytest.mark.parametrize("fault", ["no-id", "no-sha"])
+def test_a_hub_reply_of_the_wrong_shape_is_not_understood(seeded, hub_server, fault: str, capsys) -> None:
+    hub_server.faults.append(Fault("GET", "/api/models/meta/base", fault))
+    code, out, err = run_cli(capsys, "--adapter", "alice/lora@v1", "--output", "alice/merged")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"Error: The Hub's answer when trying to read `meta/base` was not understood: it has no `{fault[3:]}`.\n"
+        + HUB_FIX.format(url=seeded.url)
+    )
+
+
+def test_an_adapter_naming_a_base_the_hub_refuses_is_refused(seeded, hub_server, tmp_path: Path, capsys) -> None:
+    adapter = tmp_path / "bad-adapter"
+    shutil.copytree(seeded.adapter, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "acme/.."}))
+    sha = hub_server.seed("alice/bad-lora", adapter)
+    code, out, err = run_cli(capsys, "--adapter", "alice/bad-lora", "--output", "alice/merged")
+    assert (code, out) == (1, "")
+    assert err == (
+        f"Error: The adapter `alice/bad-lora@{sha}` names its base as `acme/..` in adapter_config.json, which the Hub "
+        "refuses as a repo id (huggingface_hub: Repo id must use alphanumeric chars, '-', '_' or '.'. The name cannot "
+        "start or end with '-' or '.' and the maximum length is 96: 'acme/..').\n"
+        "Fix: Set `base:` in the job (or --base) to the base model's Hub repo id.\n"
+    )
+    assert "alice/merged" not in hub_server.repos
+
+
+def test_a_hub_failing_on_its_side_during_the_upload_says_so(seeded, hub_server, tmp_path: Path, monkeypatch,
+                                                           capsys) -> None:  # fmt: skip
+    """500s on preupload (huggingface_hub retries each 5 times): the Hub's side, transient, no raw dump."""
+    import time
+
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)  # huggingface_hub's retries, without their waits
+    hub_server.seed("alice/merged", tmp_path / "nothing")  # an existing repo: the weights upload while verified
+    hub_server.faults.extend(Fault("POST", "/alice/merged/preupload/", "error-500") for _ in range(30))
+    code = main(["run", "--adapter", "alice/lora@v1", "--output", "alice/merged", "--no-stream", "--verify", "weights"])
+    err = capsys.readouterr().err
+    said = "The Hub failed on its side (500) when trying to {} `alice/merged`. It said: Internal Error - We're " \
+        "working hard to fix this as soon as possible!"  # fmt: skip
+    assert code == 1
+    assert f"The upload during verification did not finish ({said.format('upload to')}): uploading now.\n" in err
+    assert err.endswith(
+        f"Error: {said.format('push to')}\n"
+        "Fix: Nothing in the job is at fault: run again in a while (the bot retries by itself); if it persists, check "
+        "https://status.huggingface.co.\n"
+    )
+    assert "x" * 100 not in err and "Request ID" not in err and "for url" not in err

@@ -13,7 +13,15 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator
 
 from loraship.errors import ConfigError
-from loraship.run.job import REPO_ID_PATTERN, MergeJob, _Spec, describe_errors, raise_problems, read_yaml
+from loraship.run.job import (
+    REPO_ID_PATTERN,
+    MergeJob,
+    _Spec,
+    check_repo_id,
+    describe_errors,
+    raise_problems,
+    read_yaml,
+)
 
 _REPO = f"^{REPO_ID_PATTERN}$"
 _FIX = "Correct the keys named above (examples/bot.yaml shows every key)."
@@ -27,6 +35,11 @@ class WatchRule(_Spec):
     branches: list[str] = Field(default_factory=list)
     job: dict[str, Any]
     name: str | None = None
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter(cls, value: str) -> str:
+        return check_repo_id(value)
 
     def matches(self, kind: Literal["tag", "branch"], ref_name: str) -> bool:
         if kind == "tag":

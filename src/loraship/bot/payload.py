@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from loraship.bot.config import BotConfig
+from loraship.text import ref_problem, show
 
 #: Deeper JSON is refused before it is parsed (a Hub payload nests 3 levels).
 MAX_DEPTH = 64
@@ -28,10 +29,6 @@ MAX_DEPTH = 64
 _SHA = re.compile(r"[0-9a-f]{40}")
 #: One part of a Hub repo id (huggingface_hub's ``validate_repo_id``, ASCII only).
 _REPO_PART = re.compile(r"[A-Za-z0-9_.\-]{1,96}", re.ASCII)
-#: Characters git's check-ref-format forbids anywhere in a ref name (besides ASCII control characters).
-_REF_FORBIDDEN = " ~^:?*[\\"
-#: Loose refs are files: a part of a ref name longer than this cannot be stored by git.
-_REF_PART_BYTES = 255
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 
@@ -111,13 +108,6 @@ def field_name(path: Sequence[str | int]) -> str:
     return ".".join(str(p).encode("utf-8", "backslashreplace").decode("utf-8") for p in path) or "(body)"
 
 
-def show(value: str, limit: int = 60) -> str:
-    """``value`` quoted for a reason, cut at ``limit`` characters (with its length, when cut)."""
-    if len(value) <= limit:
-        return repr(value)
-    return f"{value[:limit]!r}… ({len(value)} characters)"
-
-
 def repo_id_problem(name: str) -> str | None:
     """What breaks the Hub's rules for repo ids in ``name`` (``[namespace/]name``), or None."""
     if name.count("/") > 1:
@@ -135,33 +125,6 @@ def repo_id_problem(name: str) -> str | None:
         return "`--` or `..`"
     if name.endswith(".git"):
         return "`.git` at the end"
-    return None
-
-
-def ref_problem(ref: str) -> str | None:
-    """What breaks git's ``check-ref-format`` rules in ``ref`` (a full name, ``refs/...``), or None."""
-    if not ref.startswith("refs/"):
-        return "it does not start with `refs/`"
-    if ref.endswith("/") or "//" in ref:
-        return "an empty part"
-    for char in ref:
-        if ord(char) < 0x20 or ord(char) == 0x7F:
-            return f"the control character {char!r}"
-        if char in _REF_FORBIDDEN:
-            return f"the character {char!r}"
-    if ".." in ref:
-        return "`..`"
-    if "@{" in ref:
-        return "`@{`"
-    if ref.endswith("."):
-        return "a `.` at the end"
-    for part in ref.split("/"):
-        if part.startswith("."):
-            return "a part that starts with `.`"
-        if part.endswith(".lock"):
-            return "a part that ends with `.lock`"
-        if len(part.encode("utf-8")) > _REF_PART_BYTES:
-            return f"a part longer than {_REF_PART_BYTES} bytes"
     return None
 
 

@@ -128,6 +128,17 @@ def write_report(report: VerifyReport, *, json_path: Path | None, markdown_path:
 def raise_if_failed(report: VerifyReport) -> None:
     """Raise :class:`VerificationFailed`, carrying the report, unless every check passed."""
     if not report.passed:
+        if report.weights.adapter_non_finite:
+            names = report.weights.adapter_non_finite
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            error = VerificationFailed(
+                f"The adapter holds non-finite values (NaN or Inf) in `{names[0]}`{more}, so the merged model does "
+                "too: the adapter itself is broken, not the merge.",
+                fix="Retrain the adapter (its training diverged: check the loss for NaN, lower the learning rate) or "
+                "export it again from a good checkpoint; merging this adapter again gives the same result.",
+            )
+            error.report = report
+            raise error
         weights_exact = all(c.passed is not False for c in report.checks if c.level == "weights")
         half = report.outputs is not None and report.outputs.dtype in ("bfloat16", "float16")
         if weights_exact and report.outputs is not None and report.outputs.requantized:

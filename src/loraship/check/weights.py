@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraship.engine.merge import PreparedMerge
-from loraship.engine.plan import TensorPlan
+from loraship.engine.plan import LoraBiasStep, LoraStep, ReplaceStep, TensorPlan, TokenRowsStep
 from loraship.engine.safetensors_io import (
     CODE_NAMES,
     FLOAT_CODES,
@@ -25,6 +25,7 @@ from loraship.engine.safetensors_io import (
     TensorInfo,
     TensorReader,
     read_checkpoint,
+    torch_dtype,
     weight_files,
 )
 from loraship.errors import InputError, LorashipError, first_line
@@ -58,6 +59,8 @@ class WeightReport:
     adapter_applied: int
     adapter_ignored: int
     dtype: str | None
+    #: The adapter's own tensors that hold NaN or Inf (the cause of ``non_finite`` when not empty).
+    adapter_non_finite: tuple[str, ...] = ()
 
 
 def load_merged(folder: Path) -> Checkpoint:
@@ -141,6 +144,7 @@ def verify_weights(
     untouched_bad: list[str] = []
     change_missing: list[str] = []
     non_finite: list[str] = []
+    adapter_non_finite: list[str] = []
     bar = tqdm(total=sum(merged.tensors[t.name].nbytes for t in comparable), unit="B", unit_scale=True,
                desc="Checking weights", disable=not progress, leave=False)  # fmt: skip
     with contextlib.ExitStack() as stack:
@@ -189,6 +193,7 @@ def verify_weights(
                 mismatched.append((t.name, diff))
             if not finite:
                 non_finite.append(t.name)
+                adapter_non_finite.extend(n for n in _non_finite_inputs(reader, t) if n not in adapter_non_finite)
             if comparable_to_base and as_base:
                 same_as_base += 1
                 if not expected_is_base:
@@ -214,6 +219,7 @@ def verify_weights(
         adapter_applied=len(plan.accounting) - ignored,
         adapter_ignored=ignored,
         dtype=None,
+        adapter_non_finite=tuple(adapter_non_finite),
     )
 
 
@@ -234,7 +240,7 @@ def combine_weights(parts: Sequence[WeightReport], prepared: PreparedMerge) -> W
         wrong_layout=joined("wrong_layout"), change_missing=joined("change_missing"),
         same_as_base=sum(p.same_as_base for p in parts), non_finite=joined("non_finite"),
         adapter_tensors=len(plan.accounting), adapter_applied=len(plan.accounting) - ignored, adapter_ignored=ignored,
-        dtype=None,
+        dtype=None, adapter_non_finite=tuple(dict.fromkeys(joined("adapter_non_finite"))),
     )  # fmt: skip
 
 
@@ -251,6 +257,28 @@ def _same_bytes(reader: TensorReader, a: TensorInfo, b: TensorInfo) -> bool:
         if reader.read_bytes(a, start, length) != reader.read_bytes(b, start, length):
             return False
     return True
+
+
+def _non_finite_inputs(reader: TensorReader, t: TensorPlan) -> list[str]:
+    """The adapter tensors applied to ``t`` that hold NaN or Inf (a merged tensor that does came from them)."""
+    import torch
+
+    infos: list[TensorInfo] = []
+    for step in t.steps:
+        if isinstance(step, LoraStep):
+            infos += [step.module.a, step.module.b] + ([step.module.magnitude] if step.module.magnitude else [])
+        elif isinstance(step, LoraBiasStep) and step.module.bias is not None:
+            infos.append(step.module.bias)
+        elif isinstance(step, ReplaceStep):
+            infos.append(step.tensor)
+        elif isinstance(step, TokenRowsStep):
+            infos.append(step.update.tensor)
+    found = []
+    for info in infos:
+        values = _read_flat(reader, info, 0, info.nbytes, torch_dtype(info.dtype))
+        if values.is_floating_point() and not bool(torch.isfinite(values.float()).all()):
+            found.append(info.name)
+    return found
 
 
 def _read_flat(reader: TensorReader, info: TensorInfo, start: int, length: int, dtype: Any) -> Any:

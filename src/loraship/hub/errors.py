@@ -16,6 +16,16 @@ class CommitConflict(HubError):
     """The output repo's branch moved between reading its head and committing (HTTP 412)."""
 
 
+def not_understood(action: str, repo_id: str, what: str, *, endpoint: str) -> HubError:
+    """The Hub answered ``action`` on ``repo_id`` with a reply of the wrong shape (``what`` says how)."""
+    return HubError(
+        f"The Hub's answer when trying to {action} `{repo_id}` was not understood: {what}.",
+        fix=f"Try again in a while; if it persists, check that HF_ENDPOINT ({endpoint}) points at a Hugging Face "
+        "Hub, and https://status.huggingface.co.",
+        transient=True,
+    )
+
+
 def translate(
     error: Exception, action: str, repo_id: str | None, revision: str | None, *, endpoint: str, has_token: bool
 ) -> HubError | None:
@@ -74,10 +84,19 @@ def translate(
                 fix="Run again: loraship checks whether that commit already holds this merge before pushing.",
                 transient=True,
             )
+        if status is not None and status >= 500:
+            said = _first_line(getattr(error, "server_message", None))
+            return HubError(
+                f"The Hub failed on its side ({status}) when trying to {target}."
+                + (f" It said: {said}" if said else ""),
+                fix="Nothing in the job is at fault: run again in a while (the bot retries by itself); if it "
+                "persists, check https://status.huggingface.co.",
+                transient=True,
+            )  # fmt: skip
         return HubError(
             f"The Hub answered {status} when trying to {target}.",
             fix="Try again in a while; if it persists, check https://status.huggingface.co.",
-            transient=status is None or status >= 500 or status == 429,
+            transient=status is None or status == 429,
         )
     if type(error).__name__ == "OfflineModeIsEnabled":  # not the network: the user's setting
         offline = known_failure(error)
@@ -96,3 +115,9 @@ def translate(
             transient=True,
         )
     return None
+
+
+def _first_line(message: str | None, limit: int = 120) -> str:
+    """The first line of a server's message, cut at ``limit`` characters ('' when it says nothing)."""
+    line = (message or "").strip().splitlines()[0].strip() if (message or "").strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"

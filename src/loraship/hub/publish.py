@@ -13,6 +13,7 @@ from typing import Any
 
 from loraship.errors import HubError, first_line
 from loraship.hub.base import HubBase
+from loraship.hub.errors import translate
 from loraship.hub.read import Publication, Reads
 
 
@@ -47,7 +48,8 @@ class PreUpload:
             self.additions = additions
             hub.api.preupload_lfs_files(repo_id, list(additions.values()), create_pr=create_pr)
         except Exception as e:  # publish uploads what is missing; the reason is kept for the log
-            self.problem = first_line(e)
+            translated = translate(e, "upload to", repo_id, None, endpoint=hub.endpoint, has_token=bool(hub.token))
+            self.problem = translated.message if translated is not None else first_line(e)
 
     def wait(self) -> dict[str, Any]:
         """When the upload has ended: the operations publish may reuse (files unchanged since)."""

@@ -5,12 +5,21 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from loraship import __version__
 from loraship.errors import HubError
 from loraship.hub.base import HubBase
+from loraship.hub.errors import not_understood
+
+#: A commit SHA as the Hub sends it (git's SHA-1 object names, lowercase hex).
+_SHA = re.compile(r"[0-9a-f]{40}")
+
+
+class _Missing(Exception):
+    """The repo does not exist (for ``head``)."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +89,7 @@ class Reads(HubBase):
         Raises:
             HubError: The repo or revision does not exist, or the token cannot see it.
         """
-        with self._errors("read", repo_id, revision):
-            info = self.api.model_info(repo_id, revision=revision, files_metadata=False)
+        info = self._model_info(repo_id, revision)
         card = info.card_data.to_dict() if info.card_data is not None else {}
         files = tuple(s.rfilename for s in info.siblings or [])
         unsafe = next((f for f in files if f.startswith(("/", "\\")) or ".." in f.replace("\\", "/").split("/")), None)
@@ -94,6 +102,32 @@ class Reads(HubBase):
         gated = info.gated if info.gated is not None else False
         return RepoState(repo_id=repo_id, sha=str(info.sha), requested=revision, private=bool(info.private),
                          gated=gated, files=files, card_data=card)  # fmt: skip
+
+    def _model_info(self, repo_id: str, revision: str | None, *, missing_ok: bool = False) -> Any:
+        """huggingface_hub's ``ModelInfo`` of the repo at ``revision``, its ``id`` and ``sha`` checked.
+
+        Raises:
+            HubError: The read failed, or the Hub's reply lacks a field (or has one of the wrong type).
+            _Missing: ``missing_ok`` and the repo does not exist.
+        """
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        with self._errors("read", repo_id, revision):
+            try:
+                info = self.api.model_info(repo_id, revision=revision, files_metadata=False)
+            except RepositoryNotFoundError:
+                if missing_ok:
+                    raise _Missing from None
+                raise
+            except KeyError as e:  # huggingface_hub's ModelInfo pops its required fields
+                raise not_understood("read", repo_id, f"it has no `{e.args[0]}`", endpoint=self.endpoint) from e
+            except (TypeError, AttributeError) as e:
+                raise not_understood("read", repo_id, "a field has the wrong type", endpoint=self.endpoint) from e
+        sha = info.sha
+        if not isinstance(sha, str) or not _SHA.fullmatch(sha):
+            what = "it has no `sha`" if sha is None else f"its `sha` {str(sha)[:60]!r} is not a commit SHA"
+            raise not_understood("read", repo_id, what, endpoint=self.endpoint)
+        return info
 
     def file_sizes(self, repo: RepoState) -> dict[str, int]:
         """Each file's size at the pinned SHA, from the Hub's file listing (no download).
@@ -155,10 +189,7 @@ class Reads(HubBase):
 
     def head(self, repo_id: str) -> str | None:
         """The default branch's commit SHA, or None when the repo does not exist."""
-        from huggingface_hub.errors import RepositoryNotFoundError
-
-        with self._errors("read", repo_id):
-            try:
-                return str(self.api.model_info(repo_id).sha)
-            except RepositoryNotFoundError:
-                return None
+        try:
+            return str(self._model_info(repo_id, None, missing_ok=True).sha)
+        except _Missing:
+            return None

@@ -18,11 +18,43 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loraship.errors import ConfigError, InputError
-from loraship.text import canonical_dtype, parse_size
+from loraship.text import canonical_dtype, parse_size, show, tag_problem
 
-#: A Hub repo id, ``org/name``.
+#: The shape of a Hub repo id, ``org/name`` (:func:`repo_id_problem` holds the Hub's own rules).
 REPO_ID_PATTERN = r"[A-Za-z0-9][\w.\-]*/[\w.\-]+"
 _REPO_ID = re.compile(REPO_ID_PATTERN)
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why the Hub would refuse ``repo_id`` (huggingface_hub's own ``validate_repo_id``), or None."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return str(e).rstrip(".")
+    return None
+
+
+class RepoIdRefused(ValueError):
+    """A name shaped as ``org/name`` that the Hub refuses as a repo id (``acme/..``): ``problem`` says why."""
+
+    def __init__(self, repo_id: str, problem: str) -> None:
+        self.repo_id, self.problem = repo_id, problem
+        super().__init__(f"{repo_id!r} is not a repo id the Hub accepts (huggingface_hub: {problem})")
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id``, if the Hub accepts it as a repo id.
+
+    Raises:
+        RepoIdRefused: It does not.
+    """
+    problem = repo_id_problem(repo_id)
+    if problem is not None:
+        raise RepoIdRefused(repo_id, problem)
+    return repo_id
 
 
 @dataclass(frozen=True)
@@ -54,7 +86,7 @@ def parse_source(text: str) -> Source:
         return Source(path=Path(text).expanduser())
     repo, _, revision = text.partition("@")
     if _REPO_ID.fullmatch(repo) and ("@" not in text or revision):
-        return Source(repo_id=repo, revision=revision or None)
+        return Source(repo_id=check_repo_id(repo), revision=revision or None)
     raise ValueError(
         f"{text!r} is neither a Hub repo id (`org/name`, optionally `@revision`) nor an existing local folder "
         "(write local folders as ./path or /path)"
@@ -69,7 +101,7 @@ def parse_output(text: str) -> Source:
             raise ValueError("dir: needs a path, e.g. dir:./merged")
         return Source(path=Path(text[4:]).expanduser())
     if _REPO_ID.fullmatch(text):
-        return Source(repo_id=text)
+        return Source(repo_id=check_repo_id(text))
     raise ValueError(f"{text!r} is neither a Hub repo id (`org/name`) nor `dir:PATH`")
 
 
@@ -84,6 +116,14 @@ class PublishSpec(_Spec):
     tag: str | None = None
     commit_message: str | None = None
     gated: Literal["inherit", "auto", "manual", "off"] = "inherit"
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, value: str | None) -> str | None:
+        problem = tag_problem(value) if value is not None else None
+        if problem is not None:
+            raise ValueError(f"{show(value or '')} is not a tag name git and the Hub accept (it has {problem})")
+        return value
 
 
 class VerifySpec(_Spec):

@@ -83,10 +83,16 @@ def base_from_adapter(adapter: Input) -> Source:
             f"The adapter `{shown}` does not name its base model (no base_model_name_or_path in {ADAPTER_CONFIG}).",
             fix="Set `base:` in the job (or --base) to the model the adapter was trained on.",
         )
-    from loraship.run.job import parse_source
+    from loraship.run.job import RepoIdRefused, parse_source
 
     try:
         named = parse_source(f"{name}@{revision}" if revision else str(name))
+    except RepoIdRefused as e:
+        raise AdapterError(
+            f"The adapter `{shown}` names its base as `{name}` in {ADAPTER_CONFIG}, which the Hub refuses as a repo "
+            f"id (huggingface_hub: {e.problem}).",
+            fix="Set `base:` in the job (or --base) to the base model's Hub repo id.",
+        ) from e
     except ValueError as e:
         raise AdapterError(
             f"The adapter `{shown}` names its base as `{name}`, which is neither a Hub repo nor a local "
