@@ -88,7 +88,8 @@ class OutputError(LorashipError):
 
 
 class ResourceError(LorashipError):
-    """The machine lacks the disk space or memory the run needs (found before downloading)."""
+    """The machine lacks the disk space or memory the run needs (found before downloading, or a disk that
+    filled up during the run)."""
 
     title = "Not enough room on this machine"
 

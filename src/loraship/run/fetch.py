@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from loraship.engine.quantized import check_base, check_requantizable
@@ -24,6 +25,7 @@ from loraship.engine.safetensors_io import read_header
 from loraship.errors import BaseModelError
 from loraship.hub.client import RepoState
 from loraship.run.context import Input, RunContext
+from loraship.run.disk import CACHE, room
 from loraship.run.job import Source
 from loraship.run.preflight import check_machine
 from loraship.run.streaming import remote_base
@@ -56,7 +58,9 @@ def fetch_base(ctx: RunContext, source: Source, state: RepoState | None) -> Inpu
     missing = hub.missing_from_cache(state, files)
     check_machine(ctx, config, {f: sizes.get(f, 0) for f in files}, sum(sizes.get(f, 0) for f in missing))
     ctx.log(f"Downloading the base {state} ({len(files)} files) ...")
-    return Input(source, hub.fetch(state, files), state)
+    with room("the base's files", cache_folder(), CACHE):
+        folder = hub.fetch(state, files)
+    return Input(source, folder, state)
 
 
 def stream_base(ctx: RunContext, source: Source, state: RepoState | None) -> StreamedBase | None:
@@ -79,7 +83,9 @@ def stream_base(ctx: RunContext, source: Source, state: RepoState | None) -> Str
     if not set(weights) & set(missing):  # the cache holds the weights already: merge from there
         check_machine(ctx, config, {f: sizes.get(f, 0) for f in files}, 0, streaming=folder, keep=keep)
         ctx.log(f"The base {state} is in the Hugging Face cache: streaming the merge and upload from there ...")
-        return StreamedBase(Input(source, hub.fetch(state, files), state), ())
+        with room("the base's files", cache_folder(), CACHE):
+            cached = hub.fetch(state, files)
+        return StreamedBase(Input(source, cached, state), ())
     ctx.log(f"Reading the base {state} ({len(weights)} weight files, downloaded while merging) ...")
     remote_base(hub, state, files, sizes, folder)  # the small files and the weights' headers
     largest = max((i.nbytes for f in weights for i in read_header(folder / f)[1].values()), default=0)
@@ -100,7 +106,8 @@ def base_config(ctx: RunContext, state: RepoState) -> dict[str, Any]:
             f"The base `{state}` has no config.json: it is not a transformers model repo.",
             fix="Set `base:` (or --base) to the full model the adapter was trained on.",
         )
-    config_dir = hub.fetch(state, ["config.json"])  # small: refuse quantized bases before the weights
+    with room("the base's config.json", cache_folder(), CACHE):
+        config_dir = hub.fetch(state, ["config.json"])  # small: refuse quantized bases before the weights
     config: dict[str, Any] = json.loads((config_dir / "config.json").read_text())
     try:
         check_base(config, where=str(state))
@@ -115,6 +122,13 @@ def base_config(ctx: RunContext, state: RepoState) -> dict[str, Any]:
     if ctx.job.requantize:
         check_requantizable(config, str(state))
     return config
+
+
+def cache_folder() -> Path:
+    """The Hugging Face cache the base downloads into (HF_HUB_CACHE, or HF_HOME's ``hub``)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
 
 
 def base_files(files: tuple[str, ...], *, allow_pickle: bool, remote_code: bool) -> list[str]:

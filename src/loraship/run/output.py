@@ -6,8 +6,8 @@ Each takes the run's :class:`~loraship.run.context.RunContext`:
 - :func:`check_overlap`: a ``dir:`` output is neither inside nor around a local input.
 - :func:`staging_folder`: returns the folder the merged model is staged in (beside a ``dir:`` output,
   which must be writable, so that :func:`move_into_place` is a rename; in the run's folder otherwise).
-- :class:`Cleanup`: on failure, removes the staging folder of a ``dir:`` output and the empty output
-  repo a streaming run created.
+- :class:`Cleanup`: on failure, removes the staging folder of a ``dir:`` output, what the run wrote
+  into its folder (--workdir), and the empty output repo a streaming run created.
 """
 
 from __future__ import annotations
@@ -91,14 +91,29 @@ def move_into_place(ctx: RunContext, staging: Path) -> Path:
 
 class Cleanup:
     """What a failed run leaves nothing of. The merge stage records in :attr:`created` the output repo
-    it created empty for a streamed upload; :meth:`undo` runs when any stage raised."""
+    it created empty for a streamed upload; :meth:`undo` runs when any stage raised, and removes what the
+    run wrote into its folder (a --workdir keeps only what was there before the run)."""
 
     def __init__(self, ctx: RunContext, staging: Path) -> None:
         self.ctx, self.staging = ctx, staging
         self.created: str | None = None  # the output repo this run created before verifying (a streaming run)
+        self.before = _entries(ctx.work)
 
     def undo(self) -> None:
         if self.ctx.target.is_local:  # the staging folder sits beside the output: leave nothing there
             shutil.rmtree(self.staging.parent, ignore_errors=True)
+        for entry in _entries(self.ctx.work) - self.before:  # the base's files, the staged model
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
         if self.created is not None:  # an empty repo made for the streamed upload: gone again
             self.ctx.hub_client().delete_if_unchanged(self.ctx.target.repo_id or "", self.created)
+
+
+def _entries(folder: Path) -> set[Path]:
+    """What ``folder`` holds at its top level (nothing when it cannot be read)."""
+    try:
+        return set(folder.iterdir())
+    except OSError:
+        return set()

@@ -20,12 +20,15 @@ run's result (:mod:`.result`), publish (:mod:`.publish`).
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from loraship.errors import LorashipError
 from loraship.hub.client import Hub
 from loraship.run.context import Log, RunContext
+from loraship.run.disk import WORKDIR, full_disk, full_disk_error
 from loraship.run.fetch import base_files, fetch_base, full_precision_guess, stream_base
 from loraship.run.job import MergeJob
 from loraship.run.merge import merge_whole, stream_merge
@@ -78,14 +81,28 @@ def run(
     hub = hub or (Hub() if needs_hub(job) else None)
     owned = workdir is None
     work = Path(tempfile.mkdtemp(prefix="loraship-run-")) if workdir is None else workdir
+    made = _first_missing(work)  # the folders this run creates for a --workdir: removed again if it fails
     work.mkdir(parents=True, exist_ok=True)
     try:
         ctx = RunContext(job, job.output_target, hub, work, dry_run=dry_run, overwrite=overwrite, progress=progress,
                          stream=stream, log=log, stage=stage or (lambda name: None))  # fmt: skip
         return _run(ctx)
+    except BaseException:
+        if made is not None and not owned:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     finally:
         if owned and not dry_run:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of ``folder``'s path that does not exist yet (None when ``folder`` exists)."""
+    folder = folder.absolute()
+    missing = None
+    while not folder.exists() and folder != folder.parent:
+        missing, folder = folder, folder.parent
+    return missing
 
 
 def needs_hub(job: MergeJob) -> bool:
@@ -108,8 +125,12 @@ def _run(ctx: RunContext) -> RunResult:
     cleanup = Cleanup(ctx, staging)
     try:
         return _stages(ctx, staging, cleanup)
-    except BaseException:
+    except BaseException as e:
         cleanup.undo()
+        full = full_disk(e) if not isinstance(e, LorashipError) else None
+        if full is not None:  # a full disk no stage named: the file's folder, or the run's folder
+            folder = Path(os.fsdecode(full.filename)).parent if full.filename else ctx.work
+            raise full_disk_error(full, "the run's files", folder, WORKDIR) from e
         raise
 
 

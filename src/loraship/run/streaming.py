@@ -38,6 +38,7 @@ from loraship.engine.plan import TensorPlan
 from loraship.engine.safetensors_io import Checkpoint, TensorInfo, TensorReader, read_header
 from loraship.errors import HubError, LorashipError
 from loraship.hub.client import Hub, RepoState, file_identity
+from loraship.run.disk import CACHE, WORKDIR, room
 
 if TYPE_CHECKING:
     from loraship.check.verify import WeightReport
@@ -64,22 +65,27 @@ def remote_base(hub: Hub, state: RepoState, files: Iterable[str], sizes: Mapping
     files = list(files)
     weights = [f for f in files if f.endswith(".safetensors") and "/" not in f]
     others = [f for f in files if f not in weights]
-    folder.mkdir(parents=True, exist_ok=True)
+    snapshot = folder
     if others:
-        snapshot = hub.fetch(state, others)
+        from huggingface_hub import constants
+
+        with room("the base's files", Path(constants.HF_HUB_CACHE), CACHE):
+            snapshot = hub.fetch(state, others)
+    with room("the base's small files and weight headers", folder, WORKDIR):
+        folder.mkdir(parents=True, exist_ok=True)
         for name in others:
             src = snapshot / name
             if src.is_file():
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, folder / name)
-    for name in weights:
-        if not sizes.get(name):
-            raise HubError(f"The Hub's file listing of `{state}` gives no size for `{name}`.",
-                           fix="Run again; if it persists, run with `--no-stream`.")  # fmt: skip
-        header = hub.header(state, name)
-        with (folder / name).open("wb") as f:  # sparse: the header, then a hole as long as the data
-            f.write(header)
-            f.truncate(sizes[name])
+        for name in weights:
+            if not sizes.get(name):
+                raise HubError(f"The Hub's file listing of `{state}` gives no size for `{name}`.",
+                               fix="Run again; if it persists, run with `--no-stream`.")  # fmt: skip
+            header = hub.header(state, name)
+            with (folder / name).open("wb") as f:  # sparse: the header, then a hole as long as the data
+                f.write(header)
+                f.truncate(sizes[name])
     return weights
 
 
@@ -126,7 +132,8 @@ class BaseFeed:
         with target.open("rb") as f:
             prefix = f.read(8)
             expected = prefix + f.read(int.from_bytes(prefix, "little"))
-        path = self.hub.download(self.state, name, self.downloads)
+        with room(f"the base's `{name}`", self.downloads, WORKDIR):
+            path = self.hub.download(self.state, name, self.downloads)
         with path.open("rb") as f:
             found = f.read(len(expected))
         if found != expected or path.stat().st_size != target.stat().st_size:
