@@ -13,29 +13,20 @@ from typing import Any
 
 import httpx
 import pytest
-from hub_server import serve, stop
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_webhook import SECRET, Recording, Running, config, payload
+from test_webhook import SECRET, Running, payload
+from test_webhook import start_bot_once as start_bot_once  # a fixture: the one served bot of the module
 
-from loraship.bot.app import create_app
-from loraship.bot.bot import Bot
 from loraship.bot.config import BotConfig, WatchRule
-from loraship.bot.queue import JobQueue
 
 NOT_A_SHA = "is not a commit SHA (40 lowercase hex digits)"
 
 
 @pytest.fixture(scope="module")
-def bot(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    queue = JobQueue(tmp_path_factory.mktemp("hostile") / "bot.db")
-    bot = Bot(config(), queue, Recording(), None)
-    bot.start()
-    url, server, thread = serve(create_app(bot, SECRET))
-    yield Running(bot, url)
-    stop(server, thread)
-    bot.stop()
-    queue.close()
+def bot(start_bot_once: Running) -> Running:
+    """One bot for this module, served as test_webhook serves it."""
+    return start_bot_once
 
 
 def _jobs(bot: Running) -> int:
