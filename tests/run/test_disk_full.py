@@ -113,6 +113,8 @@ def test_a_disk_that_fills_up_during_the_run_is_a_known_failure_and_leaves_nothi
         real_download = BaseFeed._download
 
         def filling_download(self: BaseFeed, name: str) -> None:
+            with self._cond:  # once the merge waits for this file, so past its own free-space check
+                assert self._cond.wait_for(lambda: name in self._wanted, timeout=60)
             free.append(fill(small_disk))
             real_download(self, name)
 
