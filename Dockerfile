@@ -1,12 +1,16 @@
-# loraship's images, built from one file (docker build --target NAME; the last stage is the default):
+# loraship's images, built from one file (docker build --target NAME):
 #
-#   action  the GitHub Docker action (default). Runs as root and relies on no WORKDIR, as GitHub's
-#           "Dockerfile support for GitHub Actions" requires: the runner mounts the workspace and
-#           makes it the working directory.
+#   action  the GitHub Docker action (also the default, the last stage). Runs as root and relies on no
+#           WORKDIR, as GitHub's "Dockerfile support for GitHub Actions" requires: the runner mounts the
+#           workspace and makes it the working directory.
 #   bot     `loraship serve` (webhook bot) and job-level `container:` use, as a non-root user (1001).
 #
-# torch is the version the project tests (2.13.0). Default: PyPI's build, which on Linux x86-64 is
-# the CUDA one. For the slim CPU image pass --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# `action` comes before `bot`, so `--target action` builds only `base` and `action`, with the classic
+# builder too (it builds every stage up to the target).
+#
+# torch is the version the project tests (2.13.0), installed alone in the first layer so that a change
+# to loraship's sources rebuilds only the small layers after it. Default: PyPI's build, which on Linux
+# x86-64 is the CUDA one. For the slim CPU image pass --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # (.github/workflows/image.yml builds and pushes both, tagged vX.Y.Z / vX and vX.Y.Z-cpu / vX-cpu).
 FROM python:3.11-slim AS base
 
@@ -27,13 +31,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONPATH=/opt/loraship
 
+# The large layer (about 1.2 GB for CPU torch), cached across source changes.
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" torch==2.13.0
+
+# Everything else pinned by constraints/docker.txt (torch is already there and is kept).
 COPY pyproject.toml README.md LICENSE /opt/loraship/
 COPY constraints/docker.txt /opt/loraship/constraints/docker.txt
 COPY src /opt/loraship/src
 COPY entrypoint /opt/loraship/entrypoint
-# torch first, from the chosen index; everything else pinned by constraints/docker.txt.
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" torch==2.13.0 \
-    && pip install --no-cache-dir -c /opt/loraship/constraints/docker.txt /opt/loraship
+RUN pip install --no-cache-dir -c /opt/loraship/constraints/docker.txt /opt/loraship
+
+FROM base AS action
+ENTRYPOINT ["/usr/local/bin/python", "-P", "-m", "entrypoint"]
 
 FROM base AS bot
 ENV HF_HOME=/home/loraship/.cache/huggingface
@@ -42,5 +51,5 @@ USER 1001
 ENTRYPOINT ["/usr/local/bin/loraship"]
 CMD ["serve", "--config", "/data/bot.yaml", "--host", "0.0.0.0", "--port", "8080"]
 
-FROM base AS action
-ENTRYPOINT ["/usr/local/bin/python", "-P", "-m", "entrypoint"]
+# The default target (a build without --target, as GitHub builds a Dockerfile action): the action.
+FROM action

@@ -372,7 +372,9 @@ def test_a_workspace_file_named_entrypoint_cannot_run_instead(tmp_path: Path) ->
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["/usr/local/bin/python", "-P", "-m", "entrypoint"]' in dockerfile
     assert "PYTHONSAFEPATH=1" in dockerfile and "PYTHONPATH=/opt/loraship" in dockerfile
-    assert "\nUSER " not in dockerfile.split("AS action")[1] and "\nWORKDIR" not in dockerfile
+    action_stage = dockerfile.split("AS action\n")[1].split("\nFROM ")[0]
+    assert "\nUSER " not in action_stage and "\nWORKDIR" not in dockerfile
+    assert dockerfile.rstrip().endswith("\nFROM action")  # the default target is the action
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONSAFEPATH": "1", "GITHUB_WORKSPACE": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-P", "-m", "entrypoint"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, check=False)  # fmt: skip
