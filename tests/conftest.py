@@ -31,6 +31,10 @@ hf_logging.disable_progress_bar()
 
 from loraship.tiny import build_model  # noqa: E402
 
+# tests/container/'s fixtures and hooks (images, act): a plugin, since a second conftest.py would take this
+# module's name `conftest`, which the tests import from.
+pytest_plugins = ["harness"]
+
 LLAMA: dict[str, Any] = {
     "model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 24,
     "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -175,6 +179,23 @@ def hub_server():  # type: ignore[no-untyped-def]
     running.hub.add_user(TOKENS["bob"], "bob")
     yield running.hub
     stop(running.server, running.thread)
+
+
+#: The token the local GitHub (``github`` fixture) accepts.
+GH_TOKEN = "ghs_local_test_token_0123456789"
+
+
+@pytest.fixture
+def github():  # type: ignore[no-untyped-def]
+    """A fresh local GitHub REST API on 127.0.0.1 (tests/github_server.py) that accepts ``GH_TOKEN``."""
+    from github_server import FakeGitHub
+    from hub_server import serve, stop
+
+    fake = FakeGitHub(token=GH_TOKEN)
+    url, server, thread = serve(fake.app())
+    fake.url = url
+    yield fake
+    stop(server, thread)
 
 
 @pytest.fixture(scope="session")

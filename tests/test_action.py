@@ -14,14 +14,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import LLAMA, TOKENS
-from github_server import FakeGitHub
-from hub_server import serve, stop
+from conftest import GH_TOKEN, LLAMA, TOKENS
 
 from loraship.tiny import build_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
-GH_TOKEN = "ghs_local_test_token_0123456789"
 EVENT_SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -32,15 +29,6 @@ class ActionRun:
     stderr: str
     outputs: dict[str, str]
     summary: str
-
-
-@pytest.fixture
-def github():  # type: ignore[no-untyped-def]
-    fake = FakeGitHub(token=GH_TOKEN)
-    url, server, thread = serve(fake.app())
-    fake.url = url
-    yield fake
-    stop(server, thread)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import yaml
 from conftest import LLAMA, TOKENS
 from huggingface_hub import ModelCard
@@ -115,8 +116,10 @@ def run_parser() -> argparse.ArgumentParser:
     return sub.choices["run"]
 
 
-def test_example_dispatch_workflow_takes_the_inputs_the_bot_sends() -> None:
-    """examples/workflows/loraship-dispatch.yml takes exactly the inputs the bot's github executor dispatches."""
+@pytest.mark.parametrize("name", ["loraship-dispatch.yml", "loraship-dispatch-cpu.yml"])
+def test_example_dispatch_workflow_takes_the_inputs_the_bot_sends(name: str) -> None:
+    """The dispatch examples take exactly the inputs the bot's github executor dispatches (the CPU one is also
+    run through act on both dispatch events, tests/container/test_workflows.py)."""
     from loraship.bot.executors import GitHubActionsExecutor
 
     sent: list[dict[str, str]] = []
@@ -133,7 +136,7 @@ def test_example_dispatch_workflow_takes_the_inputs_the_bot_sends() -> None:
     with contextlib.suppress(AttributeError, TypeError):  # the report after the dispatch may want more of a job
         executor.run(job, merge_job)
     assert sent, "the executor dispatched nothing"
-    workflow = yaml.safe_load((EXAMPLES / "workflows" / "loraship-dispatch.yml").read_text())
+    workflow = yaml.safe_load((EXAMPLES / "workflows" / name).read_text())
     inputs = workflow[True]["workflow_dispatch"]["inputs"]  # PyYAML reads the key `on` as True
     assert set(inputs) == set(sent[0])
     assert {k for k, v in inputs.items() if v.get("required")} <= {k for k, v in sent[0].items() if v}
