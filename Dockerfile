@@ -46,7 +46,8 @@ ENTRYPOINT ["/usr/local/bin/python", "-P", "-m", "entrypoint"]
 
 FROM base AS bot
 ENV HF_HOME=/home/loraship/.cache/huggingface
-RUN useradd --create-home --uid 1001 loraship
+# /data (the queue, bot.yaml) belongs to the bot, so a named volume mounted there starts writable by it.
+RUN useradd --create-home --uid 1001 loraship && install -d -o 1001 -g 1001 /data
 USER 1001
 ENTRYPOINT ["/usr/local/bin/loraship"]
 CMD ["serve", "--config", "/data/bot.yaml", "--host", "0.0.0.0", "--port", "8080"]

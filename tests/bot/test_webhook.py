@@ -613,6 +613,22 @@ def test_serve_without_secret(tmp_path: Path) -> None:
     )
 
 
+def test_serve_with_a_queue_it_cannot_open_says_how_to_fix_it(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file where the queue's folder should be")
+    (tmp_path / "bot.yaml").write_text(
+        "state: taken/bot.db\nwatch:\n  - adapter: alice/lora\n    job:\n      output: alice/m\n"
+    )
+    env = {"PATH": os.environ["PATH"], "HF_TOKEN": "hf_placeholder", "WEBHOOK_SECRET": SECRET}
+    proc = subprocess.run([sys.executable, "-m", "loraship", "serve", "--config", "bot.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[-2:] == [
+        "Error: Cannot open the bot's job queue `taken/bot.db` (the `state` of bot.yaml): File exists.",
+        "Fix: Make its folder writable by the user the bot runs as (uid 1001 in the loraship-bot image: `chown 1001` "
+        "the host folder mounted at /data), or set `state` to a file in a writable folder.",
+    ]
+
+
 def test_bot_yaml_errors_name_key_and_line(tmp_path: Path) -> None:
     path = tmp_path / "bot.yaml"
     path.write_text("watch:\n  - adapter: alice/lora\n    tagz: ['v*']\n    job:\n      output: alice/m\n"

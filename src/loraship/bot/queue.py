@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from loraship.errors import OutputError
+
 State = Literal["queued", "running", "succeeded", "failed", "skipped"]
 
 _SCHEMA = """
@@ -72,12 +74,20 @@ class JobQueue:
     """The queue, in one SQLite file."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
-        with self._lock:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
+        except (OSError, sqlite3.Error) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise OutputError(
+                f"Cannot open the bot's job queue `{path}` (the `state` of bot.yaml): {reason}.",
+                fix="Make its folder writable by the user the bot runs as (uid 1001 in the loraship-bot image: "
+                "`chown 1001` the host folder mounted at /data), or set `state` to a file in a writable folder.",
+            ) from e
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
             columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
