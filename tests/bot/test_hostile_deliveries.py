@@ -143,25 +143,32 @@ def test_refs_follow_git_check_ref_format(bot: Running, ref: str, problem: str) 
     )
 
 
+#: huggingface_hub's validate_repo_id reasons (without the name it echoes), which the bot answers with.
+CHARS = (
+    "Repo id must use alphanumeric chars, '-', '_' or '.'. The name cannot start or end with '-' or '.' and the "
+    "maximum length is 96"
+)
+
+
 @pytest.mark.parametrize(
     ("name", "problem"),
     [
-        ("alice/lora/x", "more than one `/`"),
-        ("alice/", "an empty part"),
-        ("alice/" + "x" * 97, "a part longer than 96 characters"),
-        ("alice/lоra", "a character other than ASCII letters, digits, `-`, `_` and `.`"),  # a Cyrillic о
-        ("alice/lora x", "a character other than ASCII letters, digits, `-`, `_` and `.`"),
-        ("alice/-lora", "a part that starts or ends with `-` or `.`"),
-        ("alice/lora.", "a part that starts or ends with `-` or `.`"),
-        ("alice/lo--ra", "`--` or `..`"),
-        ("alice/lo..ra", "`--` or `..`"),
-        ("alice/lora.git", "`.git` at the end"),
+        ("alice/lora/x", "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"),
+        ("alice/", CHARS),
+        ("alice/" + "x" * 97, CHARS),
+        ("alice/lоra", "a character that is not ASCII"),  # a Cyrillic о
+        ("alice/lora x", CHARS),
+        ("alice/-lora", CHARS),
+        ("alice/lora.", CHARS),
+        ("alice/lo--ra", "Cannot have -- or .. in repo_id"),
+        ("alice/lo..ra", "Cannot have -- or .. in repo_id"),
+        ("alice/lora.git", "Repo_id cannot end by '.git'"),
     ],
 )
 def test_repo_names_follow_the_hub_rules(bot: Running, name: str, problem: str) -> None:
     shown = f"{name[:60]!r}… ({len(name)} characters)" if len(name) > 60 else repr(name)
     assert _refused(bot, payload(repo=name)) == (
-        f"not a Hub webhook payload: `repo.name`: {shown} is not a Hub repo id (it has {problem})"
+        f"not a Hub webhook payload: `repo.name`: {shown} is not a Hub repo id (huggingface_hub: {problem})"
     )
 
 

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from loraship.bot.config import BotConfig
+from loraship.run.job import repo_id_problem as hub_repo_id_problem
 from loraship.text import ref_problem, show
 
 #: Deeper JSON is refused before it is parsed (a Hub payload nests 3 levels).
 MAX_DEPTH = 64
 #: A commit SHA as the Hub sends it in ``updatedRefs[].newSha`` (git's SHA-1 object names, lowercase).
 _SHA = re.compile(r"[0-9a-f]{40}")
-#: One part of a Hub repo id (huggingface_hub's ``validate_repo_id``, ASCII only).
-_REPO_PART = re.compile(r"[A-Za-z0-9_.\-]{1,96}", re.ASCII)
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 
@@ -109,30 +108,22 @@ def field_name(path: Sequence[str | int]) -> str:
 
 
 def repo_id_problem(name: str) -> str | None:
-    """What breaks the Hub's rules for repo ids in ``name`` (``[namespace/]name``), or None."""
-    if name.count("/") > 1:
-        return "more than one `/`"
-    for part in name.split("/"):
-        if not part:
-            return "an empty part"
-        if len(part) > 96:
-            return "a part longer than 96 characters"
-        if not _REPO_PART.fullmatch(part):
-            return "a character other than ASCII letters, digits, `-`, `_` and `.`"
-        if part[0] in "-." or part[-1] in "-.":
-            return "a part that starts or ends with `-` or `.`"
-    if "--" in name or ".." in name:
-        return "`--` or `..`"
-    if name.endswith(".git"):
-        return "`.git` at the end"
-    return None
+    """Why the Hub refuses ``name`` (``[namespace/]name``) as a repo id, or None: huggingface_hub's own rules
+    (``validate_repo_id``, its reason without the name it echoes, which may be long or hostile), in ASCII
+    only (its ``\\w`` would let Unicode letters through, the Hub does not)."""
+    if not name.isascii():
+        return "a character that is not ASCII"
+    problem = hub_repo_id_problem(name)
+    if problem is None:
+        return None
+    return problem.split(": '", 1)[0].rstrip(".") if ": '" in problem else problem
 
 
 def _check_payload(payload: Any) -> None:
     """The fields the bot uses, checked before any is used (``payload``: a ``WebhookPayload``)."""
     problem = repo_id_problem(payload.repo.name)
     if problem is not None:
-        raise BadPayload("repo.name", f"{show(payload.repo.name)} is not a Hub repo id (it has {problem})")
+        raise BadPayload("repo.name", f"{show(payload.repo.name)} is not a Hub repo id (huggingface_hub: {problem})")
     for i, updated in enumerate(payload.updatedRefs or []):
         problem = ref_problem(updated.ref)
         if problem is not None:
