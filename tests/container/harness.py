@@ -103,8 +103,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         for tag in TAGS[image]:
             docker("tag", image, tag)
         size = int(docker("image", "inspect", image, "--format", "{{.Size}}").stdout)
-        FIGURES.append(f"{image}: built in {seconds:.0f} s (cached layers reused), {size / 1e9:.2f} GB")
-    if docker("image", "inspect", RUNNER_IMAGE, check=False).returncode != 0:
+        FIGURES.append(f"{image}: built in {seconds:.0f} s (Docker reuses cached layers), {size / 1e9:.2f} GB")
+    if (docker("image", "inspect", RUNNER_IMAGE, check=False).returncode != 0
+            and docker("pull", RUNNER_IMAGE, check=False, timeout=600).returncode != 0):  # fmt: skip
         pytest.fail(f"No {RUNNER_IMAGE} image for act's job container: `docker pull {RUNNER_IMAGE}` (or run "
                     f"{ENGINE_SCRIPT.name} up, which builds a stand-in).")  # fmt: skip
     return {"action": ACTION_IMAGE, "bot": BOT_IMAGE}
@@ -191,6 +192,12 @@ def git_repo(folder: Path, files: dict[str, str], *, repository: str, tag: str |
     if tag:
         git("tag", tag)
     return git("rev-parse", "HEAD")
+
+
+def chown(folder: Path, uid: int) -> None:
+    """``chown -R uid:uid folder``, done as root inside a container (the tests may run as any user)."""
+    docker("run", "--rm", "--network", "none", "--user", "0", "-v", f"{folder}:/mnt", "--entrypoint", "chown",
+           ACTION_IMAGE, "-R", f"{uid}:{uid}", "/mnt")  # fmt: skip
 
 
 @pytest.fixture

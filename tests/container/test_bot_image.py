@@ -4,7 +4,6 @@ the Hub's signed webhook delivered to it, a ``docker kill`` and a second contain
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import time
@@ -14,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import LLAMA, TOKENS
-from harness import TAGS, docker
+from harness import TAGS, chown, docker
 from test_webhook import SECRET, Running, payload
 
 from loraship.tiny import build_adapter
@@ -47,12 +46,12 @@ def seeded(hub_server, model_cache, tmp_path: Path) -> str:  # type: ignore[no-u
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> Path:
+def data(images, tmp_path: Path) -> Path:
     """The host folder mounted at /data: bot.yaml, and the queue the bot (uid 1001) writes."""
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "bot.yaml").write_text(BOT_YAML)
-    os.chown(folder, 1001, 1001)
+    chown(folder, 1001)
     return folder
 
 
@@ -145,6 +144,7 @@ def test_a_volume_the_bot_cannot_write_is_refused_with_the_fix(images, tmp_path:
     folder = tmp_path / "root-owned"
     folder.mkdir()
     (folder / "bot.yaml").write_text(BOT_YAML)
+    chown(folder, 0)
     (image,) = TAGS["loraship:bot-cpu"]
     proc = docker("run", "--rm", "--network", "none", "-v", f"{folder}:/data", "-e", f"WEBHOOK_SECRET={SECRET}",
                   "-e", "HF_TOKEN=hf_placeholder", image, check=False)  # fmt: skip
