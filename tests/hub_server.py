@@ -39,7 +39,8 @@ class Fault:
     500 with a long server message; ``no-id`` / ``no-sha``: the normal JSON reply without that field;
     ``lost-reply``: the request is carried out, then the client gets a 412 (its reply was lost and a
     retry found the branch moved); ``pass``: only the hook. ``hook`` runs first (e.g. to kill the
-    client process, or to land another commit).
+    client process, or to land another commit), except with ``lost-reply``, where it runs once the
+    request is carried out and before the 412 is sent.
     """
 
     method: str
@@ -316,6 +317,12 @@ class FakeHub:
             if fault is None:
                 return await call_next(request)
             await request.body()  # the whole request first: a hook that kills the client must not cut it short
+            if fault.action == "lost-reply":  # carried out before the hook: once the client is killed, Starlette
+                reply = await call_next(request)  # may cancel a request whose connection is gone
+                _ = [chunk async for chunk in reply.body_iterator]
+                if fault.hook is not None:
+                    fault.hook()
+                return JSONResponse({"error": "A commit has happened since. Please refresh and try again."}, 412)
             if fault.hook is not None:
                 fault.hook()
             if fault.action == "drop":  # declares 1000 bytes, sends 2: the client sees the connection break
@@ -333,9 +340,7 @@ class FakeHub:
                 body = json.loads(b"".join([chunk async for chunk in reply.body_iterator]))
                 body.pop(fault.action[3:], None)
                 return JSONResponse(body, reply.status_code)
-            assert fault.action == "lost-reply", fault.action
-            await call_next(request)
-            return JSONResponse({"error": "A commit has happened since. Please refresh and try again."}, 412)
+            raise AssertionError(f"unknown fault action {fault.action!r}")
 
         @app.get("/_actions/id-token")  # GitHub Actions' ACTIONS_ID_TOKEN_REQUEST_URL, served here for tests
         def mint_id_token(request: Request) -> Any:
