@@ -1,6 +1,6 @@
-"""``loraship run`` on a disk that fills up after the preflight passed (a small tmpfs the test mounts), and
-a run the preflight refuses: a known failure naming the folder, its free space and the setting that moves
-it, nothing published, and nothing of the run left in its folder."""
+"""``loraship run`` on a disk that fills up after the preflight passed (a small tmpfs the test mounts, and
+``ulimit -f``, which needs no root), and a run the preflight refuses: a known failure naming the folder,
+its free space and the setting that moves it, nothing published, and nothing of the run left in its folder."""
 
 from __future__ import annotations
 
@@ -167,3 +167,44 @@ def test_a_run_the_preflight_refuses_leaves_nothing_in_its_workdir(seeded, hub_s
     assert code == 1 and "Nothing was downloaded." in err, err
     assert not fresh.exists()
     assert "alice/merged" not in hub_server.repos
+
+
+@pytest.mark.parametrize("args", [[], ["--no-stream"]], ids=["streamed", "sequential"])
+def test_the_file_size_limit_during_the_run_is_a_known_failure_and_leaves_nothing(
+    seeded, hub_server, model_cache, tmp_path: Path, args: list[str]
+) -> None:
+    """``ulimit -f`` below the base's weights file (where no small disk can be mounted, a full disk as the run
+    sees it: EFBIG): the same known failure, nothing published, nothing of the run left behind."""
+    import re
+    import sys
+
+    base = model_cache(LLAMA, tokenizer=True)
+    weights = (base / "model.safetensors").stat().st_size
+    limit = weights // 2  # bytes; every other file of the base, the adapter and the job is smaller than that
+    assert all(p.stat().st_size < limit for p in base.iterdir() if p.name != "model.safetensors")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "kept.txt").write_text("here before the run\n")
+    hf_home = tmp_path / "hf"
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_DISABLE_XET": "1"}
+    env.pop("HF_HUB_CACHE", None)
+
+    commits = hub_server.commit_list("alice/existing")
+    command = [sys.executable, "-m", "loraship", "run", "--config", str(seeded), "--output", "alice/existing",
+               "--workdir", str(work), "--quiet", *args]  # fmt: skip
+    # bash's ulimit -f counts 1024-byte blocks; Python ignores SIGXFSZ, so a write past it fails with EFBIG
+    done = subprocess.run(["bash", "-c", f'ulimit -f {limit // 1024} && exec "$@"', "bash", *command], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    what, folder, setting = (
+        ("the base's files", hf_home / "hub", CACHE) if args else
+        ("the base's small files and weight headers", work / "default" / "base", WORKDIR)  # its sized placeholder
+    )  # fmt: skip
+    pattern = (
+        re.escape(f"Error: Writing {what} into `{folder}` failed: File too large; its disk has ")
+        + r"[0-9.]+ [KMGT]?i?B free\. Nothing was published\.\n"
+        + re.escape(FIX.format(setting=setting))
+    )
+    assert re.fullmatch(pattern, done.stderr), done.stderr
+    assert hub_server.commit_list("alice/existing") == commits  # nothing published
+    assert sorted(p.name for p in work.iterdir()) == ["kept.txt"]  # nothing of the run left in its folder
