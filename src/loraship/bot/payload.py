@@ -114,9 +114,7 @@ def repo_id_problem(name: str) -> str | None:
     if not name.isascii():
         return "a character that is not ASCII"
     problem = hub_repo_id_problem(name)
-    if problem is None:
-        return None
-    return problem.split(": '", 1)[0].rstrip(".") if ": '" in problem else problem
+    return None if problem is None else problem.split(": '", 1)[0].rstrip(".")
 
 
 def _check_payload(payload: Any) -> None:
