@@ -107,6 +107,14 @@ def assert_same_tensors(
             )
 
 
+def assert_changes_as_planned(plan: Any, ours: Mapping[str, torch.Tensor], base: Path) -> None:
+    """The merge changed exactly the tensors its plan says the adapter changes, and some (no silent no-op)."""
+    base_tensors = load_tensors(base)
+    changed = {n for n, t in ours.items() if n not in base_tensors or not torch.equal(t, base_tensors[n])}
+    assert changed == {t.name for t in plan.changed}
+    assert changed
+
+
 def peft_reference(
     base: Path,
     adapter: Path,

@@ -8,8 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from loraship.engine.adapter import settings_summary
 from loraship.engine.merge import MergeResult, PreparedMerge
-from loraship.engine.plan import LoraBiasStep, LoraStep, ReplaceStep, ScalesStep, Step, TensorPlan
+from loraship.engine.plan import LoraBiasStep, LoraStep, MethodStep, ReplaceStep, ScalesStep, Step, TensorPlan
 from loraship.run.pipeline import RunResult
 from loraship.text import human_bytes, table
 
@@ -23,10 +24,8 @@ def format_plan(prepared: PreparedMerge, *, show_all: bool = False) -> str:
     base = prepared.base
     out = [
         f"Base:    {prepared.base_dir} ({len(base.tensors)} tensors, {human_bytes(base.total_bytes)})",
-        f"Adapter: {prepared.adapter_dir} (LoRA r={adapter.r}, alpha={adapter.lora_alpha:g}"
-        + (", rsLoRA" if adapter.use_rslora else "")
-        + (", DoRA" if adapter.use_dora else "")
-        + f"; {len(adapter.tensors)} tensors)",
+        f"Adapter: {prepared.adapter_dir} ({adapter.method}: {settings_summary(adapter)}; "
+        f"{len(adapter.tensors)} tensors)",
         "",
         table(("tensor", "shape", "dtype", "change"), rows, wrap=(3,)) if rows else "No tensor changes.",
         "",
@@ -85,10 +84,19 @@ def plan_json(prepared: PreparedMerge) -> dict[str, Any]:
         "base": {"path": str(prepared.base_dir), "tensors": len(base.tensors), "bytes": base.total_bytes},
         "adapter": {
             "path": str(prepared.adapter_dir),
-            "r": adapter.r,
-            "lora_alpha": adapter.lora_alpha,
-            "use_rslora": adapter.use_rslora,
-            "use_dora": adapter.use_dora,
+            "method": adapter.method,
+            "peft_type": adapter.peft_type,
+            "settings": settings_summary(adapter),
+            **(
+                {
+                    "r": adapter.r,
+                    "lora_alpha": adapter.lora_alpha,
+                    "use_rslora": adapter.use_rslora,
+                    "use_dora": adapter.use_dora,
+                }
+                if adapter.peft_type == "LORA"
+                else {}
+            ),
             "tensors": len(adapter.tensors),
         },
         "output": {
@@ -129,6 +137,10 @@ def _step_json(step: Step) -> dict[str, Any]:
             p = step.part
             out["expert"] = {"fused": p.fused, "index": p.expert, "start": p.start, "length": p.length}
         return out
+    if isinstance(step, MethodStep):
+        mm = step.module
+        return {"kind": mm.method.lower(), "module": mm.module, "param": step.param, "settings": dict(mm.settings),
+                "tensors": [info.name for _, info in mm.tensors]}  # fmt: skip
     if isinstance(step, LoraBiasStep):
         return {"kind": "lora_bias", "module": step.module.module, "scale": step.module.scale}
     if isinstance(step, ScalesStep):

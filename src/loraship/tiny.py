@@ -114,6 +114,41 @@ def build_adapter(
     return folder
 
 
+def build_method_adapter(
+    base: Path,
+    folder: Path,
+    peft_type: str,
+    *,
+    model_class: str = "AutoModelForCausalLM",
+    seed: int = 1,
+    adapter_dtype: str | None = None,
+    **settings: Any,
+) -> Path:
+    """Save an adapter of any PEFT method (``LOHA``, ``IA3``...) for ``base``, every trained tensor random.
+
+    ``settings`` are the method's config arguments (``target_modules``, ``r``...). PEFT initialises
+    some methods to change nothing (LoHa's w2_a, LN tuning's copy of the norm): every trainable
+    tensor gets noise added, so the merge changes something.
+    """
+    import torch
+    import transformers
+    from peft import get_peft_model
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import PeftType
+
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class).from_pretrained(str(base), dtype=torch.float32)
+    peft_model = get_peft_model(model, PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(peft_type)](**settings))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    if adapter_dtype:
+        peft_model = peft_model.to(getattr(torch, adapter_dtype))
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
 def quantize_fp8(folder: Path, *, block: tuple[int, int] = (128, 128), pattern: str = r"_proj\.weight$") -> Path:
     """Rewrite a saved model as a block-scaled FP8 checkpoint, as DeepSeek-V3 and Qwen3 FP8 releases
     are stored: each matching 2-D weight as float8_e4m3fn with a float32 ``weight_scale_inv`` per

@@ -161,20 +161,39 @@ def test_adapter_for_another_architecture(model_cache, tmp_path: Path, capsys) -
     assert_nothing_written(out)
 
 
-def test_unsupported_peft_type_ia3(llama: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("peft_type", "settings"),
+    [
+        # PEFT's defaults: r=0 with oft_block_size=32 (once refused as "sets `r` to 0, but PEFT expects a whole
+        # number from 1").
+        ("OFT", {"target_modules": ["q_proj"], "oft_block_size": 8}),
+        # AdaLoRA after rank allocation: rank_pattern holds boolean masks (once "expects a mapping of names to ranks").
+        ("ADALORA", {"target_modules": ["q_proj"], "init_r": 4, "total_step": 10,
+                     "rank_pattern": {"model.layers.0.self_attn.q_proj": [True, False, True, True]}}),
+    ],
+    ids=["oft-defaults", "adalora-allocated"],
+)  # fmt: skip
+def test_method_not_merged_yet_is_named(peft_type: str, settings: dict, llama: Path, tmp_path: Path, capsys) -> None:
+    import json
+
     import transformers
-    from peft import IA3Config, get_peft_model
+    from peft import get_peft_model
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(llama))
-    get_peft_model(model, IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))\
-        .save_pretrained(str(tmp_path / "ia3"))  # fmt: skip
+    rank_pattern = settings.pop("rank_pattern", None)
+    get_peft_model(model, PEFT_TYPE_TO_CONFIG_MAPPING[peft_type](**settings)).save_pretrained(str(tmp_path / "a"))
+    config_path = tmp_path / "a" / "adapter_config.json"
+    if rank_pattern is not None:  # as AdaLoRA's allocator saves it after training
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "rank_pattern": rank_pattern}))
     out = tmp_path / "out"
-    code, err = run_merge(capsys, "--base", llama, "--adapter", tmp_path / "ia3", "--output", out)
+    code, err = run_merge(capsys, "--base", llama, "--adapter", tmp_path / "a", "--output", out)
     assert code == 1
     assert err == (
-        f"Error: `{tmp_path / 'ia3' / 'adapter_config.json'}` is a IA3 adapter: a method PEFT can merge, but loraship "
-        "does not merge yet (it merges LoRA, rsLoRA and DoRA adapters).\n"
-        "Fix: Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload().\n"
+        f"Error: `{config_path}` is an {peft_type} adapter: a method PEFT can merge, but loraship does not merge yet "
+        "(it merges LoRA (with rsLoRA, DoRA), IA3, LoHa, LoKr, LN tuning and trainable tokens).\n"
+        "Fix: Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload(), then check the "
+        "result with `loraship verify`.\n"
     )
     assert_nothing_written(out)
 
@@ -190,7 +209,7 @@ def test_unsupported_peft_type_prompt_tuning(llama: Path, tmp_path: Path, capsys
     assert code == 1
     assert err == (
         f"Error: `{tmp_path / 'prompt' / 'adapter_config.json'}` is a PROMPT_TUNING adapter: it adds virtual tokens "
-        "or modules at run time and has no weight delta that could be merged into the base model.\n"
+        "(or attention prefixes) at run time and has no weight delta that could be merged into the base model.\n"
         "Fix: Ship it as an adapter (load it with PEFT on top of the base model) instead of merging it.\n"
     )
 

@@ -161,12 +161,16 @@ def test_plan_lists_changes_without_reading_tensor_data(model_cache, tmp_path: P
     assert "lm_head.weight                          64x16  F32    replace (modules to save)" in out
     assert "3 of 21 output tensors change; 18 are copied unchanged." in out
     assert "Every adapter tensor is accounted for: 5 applied." in out
-    assert "Adapter: " in out and "(LoRA r=4, alpha=8, rsLoRA; 5 tensors)" in out
+    settings = "r = 4, alpha = 8, scale = 4 (rsLoRA); plus 1 trained full tensors (modules_to_save / saved layers)"
+    assert "Adapter: " in out and f"(LoRA: {settings}; 5 tensors)" in out
 
     assert main(["plan", "--base", str(base), "--adapter", str(adapter), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)  # stdout holds the JSON and nothing else
-    assert data["adapter"] | {"path": None} == {"path": None, "r": 4, "lora_alpha": 8, "use_rslora": True,
-                                                  "use_dora": False, "tensors": 5}  # fmt: skip
+    assert data["adapter"] | {"path": None} == {
+        "path": None, "method": "LoRA", "peft_type": "LORA",
+        "settings": settings,
+        "r": 4, "lora_alpha": 8, "use_rslora": True, "use_dora": False, "tensors": 5,
+    }  # fmt: skip
     assert data["output"] | {"bytes": None, "largest_tensor_bytes": None} == {
         "tensors": 21, "changed": 3, "bytes": None, "largest_tensor_bytes": None
     }  # fmt: skip

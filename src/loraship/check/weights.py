@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraship.engine.merge import PreparedMerge
-from loraship.engine.plan import LoraBiasStep, LoraStep, ReplaceStep, TensorPlan, TokenRowsStep
+from loraship.engine.plan import LoraBiasStep, LoraStep, MethodStep, ReplaceStep, TensorPlan, TokenRowsStep
 from loraship.engine.safetensors_io import (
     CODE_NAMES,
     FLOAT_CODES,
@@ -267,6 +267,8 @@ def _non_finite_inputs(reader: TensorReader, t: TensorPlan) -> list[str]:
     for step in t.steps:
         if isinstance(step, LoraStep):
             infos += [step.module.a, step.module.b] + ([step.module.magnitude] if step.module.magnitude else [])
+        elif isinstance(step, MethodStep):
+            infos += [info for _, info in step.module.tensors if isinstance(info, TensorInfo)]
         elif isinstance(step, LoraBiasStep) and step.module.bias is not None:
             infos.append(step.module.bias)
         elif isinstance(step, ReplaceStep):

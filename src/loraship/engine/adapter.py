@@ -18,22 +18,41 @@ from typing import Any, Literal
 from loraship.engine.patterns import check_patterns
 from loraship.engine.safetensors_io import TensorInfo, read_header
 from loraship.errors import AdapterError, UnsupportedError, first_line
+from loraship.methods.base import MethodModule, method_of, pattern_key, registry
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 
-#: PEFT methods that have weights one could merge, but that loraship does not merge yet.
+#: PEFT methods PEFT merges that loraship does not merge yet (issue: every PEFT method that merges).
 _MERGEABLE_ELSEWHERE = {
-    "IA3", "LOHA", "LOKR", "ADALORA", "OFT", "BOFT", "VERA", "FOURIERFT", "HRA", "VBLORA",
-    "BONE", "MISS", "RANDLORA", "SHIRA", "C3A", "ROAD", "WAVEFT", "DELORA", "OSF", "GRALORA",
+    "ADALORA", "OFT", "BOFT", "VERA", "FOURIERFT", "HRA", "VBLORA", "BONE", "MISS", "RANDLORA", "SHIRA", "C3A",
+    "ROAD", "WAVEFT", "DELORA", "OSF", "GRALORA", "BEFT", "GLORA", "FROD", "HIRA", "PEANUT", "DEFT", "TINYLORA",
+    "UNILORA", "SUPERTUNING", "PVERA", "PSOFT", "ADAMSS",
 }  # fmt: skip
-#: PEFT methods whose effect is not a weight delta: nothing to merge.
+#: PEFT methods with no weight delta to merge, with why.
 _NOT_MERGEABLE = {
-    "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT",
-    "XLORA", "POLY", "LN_TUNING", "CPT", "TRAINABLE_TOKENS",
-}  # fmt: skip
+    **dict.fromkeys(
+        (
+            "PROMPT_TUNING",
+            "PREFIX_TUNING",
+            "P_TUNING",
+            "MULTITASK_PROMPT_TUNING",
+            "ADAPTION_PROMPT",
+            "CPT",
+            "CARTRIDGE",
+        ),
+        "it adds virtual tokens (or attention prefixes) at run time and has no weight delta that could be merged "
+        "into the base model",
+    ),
+    "XLORA": "it mixes several LoRAs differently for every input, so no single weight delta stands for it",
+    "POLY": "it routes each input to its task's LoRA mix by a task id, so no single weight delta stands for it",
+    "LILY": "PEFT itself cannot merge it (its merge is not implemented)",
+    "SHADOW": "it runs a side network next to the model, which no weight delta stands for (PEFT cannot merge it)",
+}
+#: Methods merged as replacements of base parameters or rows (no registered Method needed).
+_REPLACING = {"LN_TUNING", "TRAINABLE_TOKENS"}
 #: LoRA variants whose merge differs from plain LoRA/DoRA (config field -> name users know).
 _VARIANT_FIELDS = {
     "alora_invocation_tokens": "aLoRA",
@@ -103,13 +122,14 @@ class Replacement:
         param: Parameter name (``weight``, ``bias``).
         tensor: The adapter tensor.
         origin: Why the adapter carries it: ``modules_to_save``, ``saved_base_layer`` (e.g. resized
-            embeddings), or ``bias`` (``bias="all"`` / ``"lora_only"``).
+            embeddings), ``bias`` (``bias="all"`` / ``"lora_only"``), or ``ln_tuning`` (LN tuning's trained
+            norm, which PEFT's merge swaps in for the base's).
     """
 
     module: str
     param: str
     tensor: TensorInfo
-    origin: Literal["modules_to_save", "saved_base_layer", "bias"]
+    origin: Literal["modules_to_save", "saved_base_layer", "bias", "ln_tuning"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +154,17 @@ class AdapterSpec:
     #: Adapter tensors that PEFT saves but that carry nothing to apply (with the reason).
     ignored: Mapping[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: The modules of a method other than LoRA (:mod:`loraship.methods`).
+    method_modules: tuple[MethodModule, ...] = ()
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type") or "LORA").upper()
+
+    @property
+    def method(self) -> str:
+        """The method's name as users know it (``LoRA``, ``LoHa``, ``LN tuning``)."""
+        return method_name(self.peft_type)
 
     @property
     def r(self) -> int:
@@ -169,6 +200,36 @@ class AdapterSpec:
     @property
     def ensure_weight_tying(self) -> bool:
         return bool(self.config.get("ensure_weight_tying"))
+
+
+def settings_summary(spec: AdapterSpec) -> str:
+    """The method's settings in words: ``r = 16, alpha = 32, scale = 2 (rsLoRA)`` for LoRA (patterns as
+    ranges), the method's own summary for the others, then what else the adapter trains."""
+    from loraship.methods.base import span
+
+    if spec.peft_type == "LORA":
+        modules = spec.lora_modules
+        parts = [f"r = {span([m.rank for m in modules])}", f"alpha = {span([m.alpha for m in modules])}",
+                 f"scale = {span([m.scale for m in modules])}"] if modules else []  # fmt: skip
+        kinds = [k for k, on in (("rsLoRA", spec.use_rslora), ("DoRA", spec.use_dora)) if on]
+        text = ", ".join(parts) + (f" ({', '.join(kinds)})" if kinds else "")
+    elif spec.method_modules:
+        method = method_of(spec.peft_type)
+        assert method is not None
+        text = method.summary(spec.method_modules)
+    else:
+        text = ""
+    extras = []
+    norms = sum(1 for r in spec.replacements if r.origin == "ln_tuning")
+    if norms:
+        extras.append(f"{norms} trained norm tensors")
+    if len(spec.replacements) > norms:
+        extras.append(f"{len(spec.replacements) - norms} trained full tensors (modules_to_save / saved layers)")
+    if spec.token_updates:
+        extras.append(f"{sum(len(u.indices) for u in spec.token_updates)} trainable token rows")
+    if not text:
+        return ", ".join(extras) or "nothing"
+    return text + ("; plus " + ", ".join(extras) if extras else "")
 
 
 # --------------------------------------------------------------------------- loading
@@ -217,8 +278,8 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
             f"`{config_path}` is not valid JSON ({why}).",
             fix="Restore the file PEFT wrote, or save the adapter again with save_pretrained().",
         ) from e
-    check_config_types(config, config_path)
     check_method(config, config_path)
+    check_config_types(config, config_path)
     return config
 
 
@@ -318,13 +379,11 @@ def _is_names(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
-#: The adapter_config.json fields loraship or PEFT read, with the JSON PEFT's LoraConfig accepts.
-_FIELD_TYPES: dict[str, tuple[str, Any]] = {
+#: The adapter_config.json fields LoRA reads (with the JSON PEFT's LoraConfig accepts); each other
+#: method names its own (``Method.fields``).
+_LORA_FIELDS: dict[str, tuple[str, Any]] = {
     "r": ("a whole number from 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
     "lora_alpha": ("a number", _is_number),
-    "target_modules": ("a module name pattern or a list of names", lambda v: isinstance(v, str) or _is_names(v)),
-    "modules_to_save": ("a list of module names", _is_names),
-    "target_parameters": ("a list of parameter names", _is_names),
     "rank_pattern": ("a mapping of names to ranks", lambda v: isinstance(v, dict) and all(
         isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v.values())),
     "alpha_pattern": ("a mapping of names to numbers", lambda v: isinstance(v, dict) and all(
@@ -334,6 +393,16 @@ _FIELD_TYPES: dict[str, tuple[str, Any]] = {
     "lora_bias": ("true or false", lambda v: isinstance(v, bool)),
     "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
     "ensure_weight_tying": ("true or false", lambda v: isinstance(v, bool)),
+    "init_lora_weights": ("true, false or an initialization name", lambda v: isinstance(v, (bool, str))),
+    "target_parameters": ("a list of parameter names", _is_names),
+    "trainable_token_indices": ("a list of token ids or a mapping of names to them", lambda v: (
+        isinstance(v, list) and all(isinstance(x, int) for x in v)) or (isinstance(v, dict) and all(
+        isinstance(x, list) and all(isinstance(i, int) for i in x) for x in v.values()))),
+}  # fmt: skip
+#: The fields every method's config has.
+_FIELD_TYPES: dict[str, tuple[str, Any]] = {
+    "target_modules": ("a module name pattern or a list of names", lambda v: isinstance(v, str) or _is_names(v)),
+    "modules_to_save": ("a list of module names", _is_names),
     "bias": ('"none", "all" or "lora_only"', lambda v: v in ("none", "all", "lora_only")),
     "peft_type": ("a PEFT method name", lambda v: isinstance(v, str)),
     "task_type": ("a task name", lambda v: isinstance(v, str)),
@@ -342,10 +411,7 @@ _FIELD_TYPES: dict[str, tuple[str, Any]] = {
     "layers_to_transform": ("a layer number from 0 or a list of them", lambda v: _is_index(v) or (
         isinstance(v, list) and all(_is_index(x) for x in v))),
     "layers_pattern": ("a name or a list of names", lambda v: isinstance(v, str) or _is_names(v)),
-    "init_lora_weights": ("true, false or an initialization name", lambda v: isinstance(v, (bool, str))),
-    "trainable_token_indices": ("a list of token ids or a mapping of names to them", lambda v: (
-        isinstance(v, list) and all(isinstance(x, int) for x in v)) or (isinstance(v, dict) and all(
-        isinstance(x, list) and all(isinstance(i, int) for i in x) for x in v.values()))),
+    "token_indices": ("a list of token ids", lambda v: isinstance(v, list) and all(_is_index(x) for x in v)),
 }  # fmt: skip
 
 
@@ -355,15 +421,42 @@ def check_config_types(config: Mapping[str, Any], where: Path | str) -> None:
     Raises:
         AdapterError: Naming the field, its value and what PEFT expects.
     """
-    for key, (expected, ok) in _FIELD_TYPES.items():
+    peft_type = str(config.get("peft_type") or "LORA").upper()
+    method = method_of(peft_type)
+    own = _LORA_FIELDS if peft_type == "LORA" else (method.fields if method is not None else {})
+    for key, (expected, ok) in {**_FIELD_TYPES, **own}.items():
         value = config.get(key)
         if value is not None and not ok(value):
             shown = json.dumps(value)
             shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise AdapterError(
                 f"`{where}` sets `{key}` to {shown}, but PEFT expects {expected} there.",
-                fix="Correct the field (see PEFT's LoraConfig), or save the adapter again with save_pretrained().",
+                fix=f"Correct the field (see PEFT's {_config_class(peft_type)}), or save the adapter again with "
+                "save_pretrained().",
             )
+
+
+def supported_methods() -> str:
+    """The methods loraship merges, in words."""
+    names = sorted(m.name for m in registry().values())
+    return "LoRA (with rsLoRA, DoRA), " + ", ".join(names) + ", LN tuning and trainable tokens"
+
+
+def method_name(peft_type: str) -> str:
+    """The name users know for a PEFT type (``LOHA`` -> ``LoHa``)."""
+    found = method_of(peft_type)
+    names = {"LORA": "LoRA", "LN_TUNING": "LN tuning", "TRAINABLE_TOKENS": "trainable tokens"}
+    return found.name if found is not None else names.get(peft_type.upper(), peft_type)
+
+
+def _config_class(peft_type: str) -> str:
+    names = {"LORA": "LoraConfig", "LN_TUNING": "LNTuningConfig", "TRAINABLE_TOKENS": "TrainableTokensConfig"}
+    return names.get(peft_type, f"{method_name(peft_type)}Config")
+
+
+def _a(name: str) -> str:
+    """``an OFT``, ``a PROMPT_TUNING`` (PEFT types are read letter by letter or as words)."""
+    return ("an " if name[:1] in "AEIOF" or name.startswith(("LN", "X")) else "a ") + name
 
 
 def check_method(config: Mapping[str, Any], where: Path | str) -> None:
@@ -375,16 +468,18 @@ def check_method(config: Mapping[str, Any], where: Path | str) -> None:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type in _NOT_MERGEABLE:
         raise UnsupportedError(
-            f"`{where}` is a {peft_type} adapter: it adds virtual tokens or modules at run time and has "
-            "no weight delta that could be merged into the base model.",
+            f"`{where}` is {_a(peft_type)} adapter: {_NOT_MERGEABLE[peft_type]}.",
             fix="Ship it as an adapter (load it with PEFT on top of the base model) instead of merging it.",
         )
+    if peft_type in _REPLACING or method_of(peft_type) is not None:
+        return
     if peft_type != "LORA":
         known = "a method PEFT can merge, but" if peft_type in _MERGEABLE_ELSEWHERE else "a method"
         raise UnsupportedError(
-            f"`{where}` is a {peft_type or 'typeless'} adapter: {known} loraship does not merge yet "
-            "(it merges LoRA, rsLoRA and DoRA adapters).",
-            fix="Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload().",
+            f"`{where}` is {_a(peft_type) if peft_type else 'a typeless'} adapter: {known} loraship does not merge yet "
+            f"(it merges {supported_methods()}).",
+            fix="Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload(), then check "
+            "the result with `loraship verify`.",
         )
     variants = [name for key, name in _VARIANT_FIELDS.items() if config.get(key)]
     init = config.get("init_lora_weights")
@@ -451,6 +546,10 @@ def parse_adapter(
     target_parameters = list(config.get("target_parameters") or [])
     ensure_tying = bool(config.get("ensure_weight_tying"))
 
+    peft_type = str(config.get("peft_type") or "LORA").upper()
+    method = method_of(peft_type)
+    suffixes = _LORA_SUFFIXES if peft_type == "LORA" else _OTHER_SUFFIXES.get(peft_type, ())
+    method_parts: dict[str, dict[str, TensorInfo]] = {}
     parts: dict[str, dict[str, TensorInfo]] = {}
     replacements: list[Replacement] = []
     token_tensors: list[tuple[str, TensorInfo]] = []
@@ -458,7 +557,15 @@ def parse_adapter(
     unexplained: list[str] = []
     for key, info in tensors.items():
         name = key[len(PREFIX) :]
-        for suffix, role in _LORA_SUFFIXES:
+        role = _method_role(method, name)
+        if method is not None and role is not None:
+            method_parts.setdefault(name[: -len(role) - 1], {})[role] = info
+            continue
+        if peft_type == "LN_TUNING" and ".ln_tuning_layers." in name:
+            module, _, param = name.partition(".ln_tuning_layers.")
+            replacements.append(Replacement(module, param, info, "ln_tuning"))
+            continue
+        for suffix, role in suffixes:
             if name.endswith(suffix):
                 module = name[: -len(suffix)]
                 if role == "tokens":
@@ -490,8 +597,8 @@ def parse_adapter(
                 unexplained.append(key)
     if unexplained:
         raise AdapterError(
-            f"`{folder}` holds {len(unexplained)} tensor(s) that are neither LoRA weights nor covered by "
-            f"modules_to_save or bias in {CONFIG_NAME}: "
+            f"`{folder}` holds {len(unexplained)} tensor(s) that are neither {method_name(peft_type)} weights nor "
+            f"covered by modules_to_save or bias in {CONFIG_NAME}: "
             + ", ".join(f"`{k}`" for k in unexplained[:10])
             + (" ..." if len(unexplained) > 10 else "")
             + ".",
@@ -509,6 +616,9 @@ def parse_adapter(
             )
         )  # fmt: skip
     _check_layers(config, lora_modules, folder)
+    method_modules = (
+        tuple(method.module(m, roles, config, folder) for m, roles in method_parts.items()) if method else ()
+    )
     token_updates = [_token_update(module, info, config, folder) for module, info in token_tensors]
     return AdapterSpec(
         folder=folder,
@@ -518,7 +628,19 @@ def parse_adapter(
         replacements=tuple(replacements),
         token_updates=tuple(token_updates),
         ignored=ignored,
+        method_modules=method_modules,
     )
+
+
+#: Tensor names of the replacing methods: trained token rows (the rest of a LoRA's are in _LORA_SUFFIXES).
+_OTHER_SUFFIXES: dict[str, tuple[tuple[str, str], ...]] = {"TRAINABLE_TOKENS": ((".trainable_tokens_delta", "tokens"),)}
+
+
+def _method_role(method: Any, name: str) -> str | None:
+    """The role (``hada_w1_a``) an adapter tensor named ``<module>.<role>`` has in its method, if any."""
+    if method is None:
+        return None
+    return next((role for role in method.roles if name.endswith("." + role)), None)
 
 
 def _lora_module(
@@ -573,8 +695,8 @@ def _lora_module(
             wrapped = True
         else:
             pattern_name = module
-    r_key = _pattern_key(rank_pattern, pattern_name)
-    alpha_key = _pattern_key(alpha_pattern, pattern_name)
+    r_key = pattern_key(rank_pattern, pattern_name)
+    alpha_key = pattern_key(alpha_pattern, pattern_name)
     alpha = float(alpha_pattern[alpha_key]) if alpha_key is not None else lora_alpha
     configured_rank = int(rank_pattern[r_key]) if r_key is not None else config_r
     experts: int | None = None
@@ -611,34 +733,27 @@ def _lora_module(
 
 
 def _token_update(module: str, info: TensorInfo, config: Mapping[str, Any], folder: Path) -> TokenUpdate:
-    spec = config.get("trainable_token_indices")
+    standalone = str(config.get("peft_type") or "").upper() == "TRAINABLE_TOKENS"
+    field_name = "token_indices" if standalone else "trainable_token_indices"
+    spec = config.get(field_name)
     indices: Sequence[int] | None = None
     if isinstance(spec, list):
         indices = spec
     elif isinstance(spec, dict):
-        key = _pattern_key({k: 0 for k in spec}, module)
+        key = pattern_key({k: 0 for k in spec}, module)
         indices = spec.get(key) if key is not None else None
     if indices is None:
         raise AdapterError(
-            f"`{folder}` holds trainable-token rows for `{module}` but {CONFIG_NAME} gives no "
-            "trainable_token_indices for it.",
+            f"`{folder}` holds trainable-token rows for `{module}` but {CONFIG_NAME} gives no {field_name} for it.",
             fix=f"Restore {CONFIG_NAME} as PEFT saved it with this adapter.",
         )
     if not info.shape or info.shape[0] != len(indices):
         raise AdapterError(
             f"`{folder}`: `{info.name}` has {info.shape[0] if info.shape else 0} rows but "
-            f"trainable_token_indices lists {len(indices)} tokens for `{module}`.",
+            f"{field_name} lists {len(indices)} tokens for `{module}`.",
             fix=f"Restore {CONFIG_NAME} as PEFT saved it with this adapter.",
         )
     return TokenUpdate(module=module, tensor=info, indices=tuple(int(i) for i in indices))
-
-
-def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
-    """PEFT's ``get_pattern_key``: the first key (in order) matching the end of the module name."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
 
 
 def _matches_module(module: str, names: Sequence[str]) -> bool:

@@ -44,6 +44,10 @@ class Layouts:
     trained_on: str
     note: Callable[[str], None]
 
+    def conv1d(self, module: str) -> bool:
+        """Whether ``module`` is a transformers Conv1D layer (weight stored (in, out))."""
+        return self.model_type in CONV1D_MODEL_TYPES and module.rpartition(".")[2] in CONV1D_LAYER_NAMES
+
     def layer(self, name: str, w: tuple[int, ...], mod: LoraModule) -> Layout:
         a, b = mod.a.shape, mod.b.shape
         where = f"`{name}`"
@@ -67,7 +71,7 @@ class Layouts:
             self.shape_error(where, w, f"lora_B {list(b)} @ lora_A {list(a)}", (b[0], a[-1]))
         linear_fits = w == (b[0], a[1])
         conv1d_fits = w == (a[1], b[0])
-        is_conv1d_layer = self.model_type in CONV1D_MODEL_TYPES and mod.module.rpartition(".")[2] in CONV1D_LAYER_NAMES
+        is_conv1d_layer = self.conv1d(mod.module)
         if linear_fits and conv1d_fits:
             layout: Layout = "conv1d" if is_conv1d_layer else "linear"
         elif linear_fits:

@@ -12,6 +12,7 @@ asks transformers which tensors the merged model's class expects. The plan must 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,13 +75,16 @@ def peft_model_on_meta(
             f"PEFT refuses the configuration of `{adapter.folder}`: {e}",
             fix="PEFT cannot load this adapter either: save it again with a configuration PEFT accepts.",
         ) from e
-    config.init_lora_weights = True  # shapes only: no initialisation that rewrites base weights
+    if hasattr(config, "init_lora_weights"):
+        config.init_lora_weights = True  # shapes only: no initialisation that rewrites base weights
     config.inference_mode = True
     params = dict(model.named_parameters(remove_duplicate=False))
     where = adapter.folder / "adapter_config.json"
     check_patterns(adapter.config, [n for n, _ in model.named_modules()], where=where)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            # LN tuning of an RMSNorm: PEFT warns of a layer type it does not list, and wraps it all the same.
+            warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
             peft_model = get_peft_model(model, config)
     except NoMatchingPeftModuleError as e:
         raise AdapterError(
@@ -98,9 +102,15 @@ def peft_model_on_meta(
 
 
 def _known_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of ``config`` its PEFT type's config class has (a newer PEFT may have saved more)."""
     from peft import LoraConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft.utils import PeftType
 
-    fields = set(LoraConfig.__dataclass_fields__)
+    peft_type = str(config.get("peft_type") or "LORA").upper()
+    known = peft_type in PeftType.__members__
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[PeftType(peft_type)] if known else LoraConfig
+    fields = set(cls.__dataclass_fields__)
     return {k: v for k, v in config.items() if k in fields}
 
 
@@ -139,8 +149,8 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
             continue
         found = _destination(key, wrappers, params)
         if found is None:
-            module = key[len(PREFIX) :].partition(".lora_")[0]
-            if ".lora_" in key and module in modules and not _is_lora_layer(wrappers.get(module)):
+            module = _adapter_module(key, adapter)
+            if module is not None and module in modules and not _is_lora_layer(wrappers.get(module)):
                 untargeted.append(module)  # the config does not target a module the weights are for
                 continue
             problems.append(f"`{key}`: PEFT loads it into no module of {model_map.model_class}")
@@ -186,6 +196,13 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
         )
     problems.extend(_expected_keys(base_dir, plan, model_map))
     return OracleReport(checked, tuple(problems))
+
+
+def _adapter_module(key: str, adapter: AdapterSpec) -> str | None:
+    """The module an adapter tensor of a LoRA or another method's layer belongs to (None for other tensors)."""
+    if ".lora_" in key:
+        return key[len(PREFIX) :].partition(".lora_")[0]
+    return next((m.module for m in adapter.method_modules for _, info in m.tensors if info.name == key), None)
 
 
 def _is_lora_layer(module: Any) -> bool:
@@ -284,6 +301,11 @@ def _destination(key: str, wrappers: Mapping[str, Any], params: Mapping[str, Any
     if rest.startswith("base_layer."):  # a saved base layer is loaded into the shared parameter itself
         param = rest.rpartition(".")[2]
         return module, param, getattr(base, param), True
+    if rest.startswith("ln_tuning_layers."):  # LN tuning: the trained copy of the norm replaces it
+        param = rest.rpartition(".")[2]
+        return module, param, getattr(base, param), False
+    if rest.partition(".")[0] in getattr(layer, "adapter_layer_names", ()) and not rest.startswith("lora_"):
+        return module, "weight", base.weight, False  # another method's tensor: it changes the layer's weight
     if "." not in rest and not rest.startswith("lora_"):  # a trained parameter of the layer (bias="all")
         return module, rest, getattr(base, rest), False
     param = "bias" if rest == "lora_B.bias" else str(getattr(layer, "parameter_name", None) or "weight")

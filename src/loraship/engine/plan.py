@@ -16,6 +16,7 @@ from loraship.engine.adapter import AdapterSpec, LoraModule, TokenUpdate
 from loraship.engine.conversions import ExpertPart
 from loraship.engine.layouts import Layout
 from loraship.engine.safetensors_io import TensorInfo, nbytes_of
+from loraship.methods.base import MethodModule, method_of
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,23 @@ class LoraStep:
 
 
 @dataclass(frozen=True)
+class MethodStep:
+    """Apply a module of a PEFT method other than LoRA (:mod:`loraship.methods`) to one of its parameters.
+
+    ``fan_in_fan_out``: the layer stores its weight (in, out) (transformers' Conv1D).
+    """
+
+    module: MethodModule
+    param: str = "weight"
+    fan_in_fan_out: bool = False
+
+    def describe(self) -> str:
+        method = method_of(self.module.method)
+        text = method.describe(self.module) if method is not None else self.module.method
+        return text if self.param == "weight" else f"{text} (bias)"
+
+
+@dataclass(frozen=True)
 class LoraBiasStep:
     """``lora_bias=True``: add ``scale · lora_B.bias`` to the module's bias."""
 
@@ -86,7 +104,7 @@ class ScalesStep:
     weight: str
 
 
-Step = ReplaceStep | LoraStep | LoraBiasStep | TokenRowsStep | ScalesStep
+Step = ReplaceStep | LoraStep | MethodStep | LoraBiasStep | TokenRowsStep | ScalesStep
 
 
 @dataclass(frozen=True)
@@ -141,6 +159,8 @@ class TensorPlan:
                     p = step.part
                     layout = f" expert {p.expert} of {p.fused} [{p.start}:{p.start + p.length}]"
                 parts.append(f"{kind}{layout} r={m.rank} scale={m.scale:g}")
+            elif isinstance(step, MethodStep):
+                parts.append(step.describe())
             elif isinstance(step, LoraBiasStep):
                 parts.append(f"+ lora bias scale={step.module.scale:g}")
             elif isinstance(step, ScalesStep):

@@ -11,7 +11,8 @@ each element the same way for a block as for the whole matrix. For each tensor s
 time it is seen, the blocked delta (as the workers compute it) is compared bit for bit with the
 whole product computed as PEFT does (main thread, the process's thread count); a shape that does
 not match is computed whole. Everything that is not a plain LoRA on a 2-D weight (DoRA, conv,
-embeddings, replacements) is computed whole on the main thread, as PEFT computes it.
+embeddings, replacements, the other PEFT methods) is computed whole on the main thread, as PEFT
+computes it.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from loraship.engine import quantized
-from loraship.engine.plan import LoraBiasStep, LoraStep, ReplaceStep, ScalesStep, TensorPlan, TokenRowsStep
+from loraship.engine.plan import LoraBiasStep, LoraStep, MethodStep, ReplaceStep, ScalesStep, TensorPlan, TokenRowsStep
 from loraship.engine.safetensors_io import TensorInfo, TensorReader, torch_dtype
 from loraship.engine.writer import Chunk, DataChunk
 from loraship.methods import lora as lora_math
+from loraship.methods.base import method_of
 
 #: Rows are read, merged and written in groups of about this many bytes.
 GROUP_BYTES = 16 << 20
@@ -254,6 +256,9 @@ def compute_tensor(
         elif isinstance(step, LoraStep):
             assert value is not None
             value = apply_lora(value, step, reader, factors)
+        elif isinstance(step, MethodStep):
+            assert value is not None
+            value = apply_method(value, step, reader)
         elif isinstance(step, LoraBiasStep):
             assert value is not None and step.module.bias is not None
             value = lora_math.merge_lora_bias(value, reader.read(step.module.bias), step.module.scale)
@@ -266,6 +271,17 @@ def compute_tensor(
         if scales is not None:
             scales[t.requantize.scales] = new_scales
     return value.contiguous()
+
+
+def apply_method(weight: torch.Tensor, step: MethodStep, reader: TensorReader) -> torch.Tensor:
+    """``weight`` with a module of another PEFT method applied (:mod:`loraship.methods`), as PEFT rounds it."""
+    method = method_of(step.module.method)
+    assert method is not None
+    tensors = {}
+    for role, info in step.module.tensors:
+        assert isinstance(info, TensorInfo)  # the adapter's headers, as the engine reads them
+        tensors[role] = reader.read(info)
+    return method.merge(step.module, step.param, weight, tensors, step.fan_in_fan_out)
 
 
 def apply_lora(

@@ -19,7 +19,7 @@ from importlib import resources
 from typing import Any
 
 from loraship import __version__
-from loraship.engine.adapter import AdapterSpec
+from loraship.engine.adapter import AdapterSpec, settings_summary
 
 # transformers' auto-model mappings, most specific task first, with the Hub's pipeline tag for each:
 # an architecture takes the first mapping that lists it (Gemma3ForConditionalGeneration is in the
@@ -109,7 +109,7 @@ def render_card(c: CardInputs) -> str:
         license=license_name,
         library_name="transformers",
         pipeline_tag=base_card.get("pipeline_tag") or pipeline_tag(c.config),
-        tags=_unique(["lora", "merge", "loraship", *c.tags]),
+        tags=_unique([c.spec.peft_type.lower().replace("_", "-"), "merge", "loraship", *c.tags]),
         language=languages or None,
         datasets=datasets or None,
         base_model_relation="finetune" if base_model else None,
@@ -133,6 +133,7 @@ def render_card(c: CardInputs) -> str:
         adapter_link=_link(c.adapter, c.adapter_is_hub, c.endpoint),
         base_sha=c.base_sha,
         adapter_sha=c.adapter_sha,
+        method=c.spec.method,
         lora_summary=lora_summary(c.spec),
         modules_summary=modules_summary(c.spec),
         dtype_summary=c.dtype,
@@ -174,25 +175,14 @@ def _task(config: Mapping[str, Any]) -> tuple[str, str, str] | None:
 
 
 def lora_summary(spec: AdapterSpec) -> str:
-    """``r = 16, alpha = 32, scale = 2 (rsLoRA)`` — patterns shown as ranges."""
-    modules = spec.lora_modules
-    ranks = sorted({m.rank for m in modules})
-    alphas = sorted({m.alpha for m in modules})
-    scales = sorted({m.scale for m in modules})
-    parts = [f"r = {_span(ranks)}", f"alpha = {_span(alphas)}", f"scale = {_span(scales)}"]
-    kinds = [k for k, on in (("rsLoRA", spec.use_rslora), ("DoRA", spec.use_dora)) if on]
-    extras = []
-    if spec.replacements:
-        extras.append(f"{len(spec.replacements)} trained full tensors (modules_to_save / saved layers)")
-    if spec.token_updates:
-        extras.append(f"{sum(len(u.indices) for u in spec.token_updates)} trainable token rows")
-    text = ", ".join(parts) + (f" ({', '.join(kinds)})" if kinds else "")
-    return text + ("; plus " + ", ".join(extras) if extras else "")
+    """``r = 16, alpha = 32, scale = 2 (rsLoRA)`` — patterns shown as ranges; each method its own settings."""
+    return settings_summary(spec)
 
 
 def modules_summary(spec: AdapterSpec) -> str:
     """``model.layers.*.self_attn.q_proj`` ×22, ... (layer numbers folded)."""
     names = [m.module + ("" if m.param == "weight" else f".{m.param}") for m in spec.lora_modules]
+    names += [m.module for m in spec.method_modules]
     names += [f"{r.module}.{r.param}" for r in spec.replacements]
     counts = Counter(re.sub(r"\.\d+\.", ".*.", n) for n in names)
     if not counts:

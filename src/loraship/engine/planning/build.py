@@ -15,12 +15,22 @@ from collections import Counter
 
 from loraship.engine import quantized
 from loraship.engine.heads import head_config
-from loraship.engine.plan import LoraBiasStep, LoraStep, MergePlan, ReplaceStep, Step, TensorPlan, TokenRowsStep
+from loraship.engine.plan import (
+    LoraBiasStep,
+    LoraStep,
+    MergePlan,
+    MethodStep,
+    ReplaceStep,
+    Step,
+    TensorPlan,
+    TokenRowsStep,
+)
 from loraship.engine.planning.checks import check_accounting, check_float, check_vocab
 from loraship.engine.planning.state import PlanState, Target
 from loraship.engine.quantized import dequantized
-from loraship.engine.safetensors_io import DTYPE_NAMES, FLOAT_CODES
+from loraship.engine.safetensors_io import DTYPE_NAMES, FLOAT_CODES, TensorInfo
 from loraship.errors import IncompatibleError, UnsupportedError
+from loraship.methods.base import method_of
 
 
 def build(state: PlanState, dtype: str | None) -> MergePlan:
@@ -70,9 +80,9 @@ def _tensor_plan(state: PlanState, target: Target, out_code: str | None, default
             f"The adapter saves {kinds[ReplaceStep]} different trained copies of `{target.name}`.",
             fix="Save the adapter again with PEFT; keep the tensor in modules_to_save only once.",
         )
-    if kinds[LoraStep] > 1:
+    if kinds[LoraStep] + kinds[MethodStep] > 1:
         raise IncompatibleError(
-            f"The adapter holds {kinds[LoraStep]} LoRAs for `{target.name}`.",
+            f"The adapter holds {kinds[LoraStep] + kinds[MethodStep]} changes of `{target.name}`.",
             fix="Save the adapter again with PEFT.",
         )
     source = target.source
@@ -101,6 +111,8 @@ def _tensor_plan(state: PlanState, target: Target, out_code: str | None, default
                 raise UnsupportedError(f"DoRA on expert parameters (`{target.name}`) is not supported.")
             check_float(state, target, source)
             resolved.append(LoraStep(step.module, layout))
+        elif isinstance(step, MethodStep):
+            resolved.append(_method_step(state, target, source, shape, step))
         elif isinstance(step, LoraBiasStep):
             bias = step.module.bias
             if source is not None and bias is not None and source.shape != bias.shape:
@@ -124,6 +136,23 @@ def _tensor_plan(state: PlanState, target: Target, out_code: str | None, default
     if resolved and _kept_in_float32(state, target.name, code):
         code = "F32"  # transformers loads it in float32 and PEFT merges it there: no rounding to half
     return TensorPlan(target.name, tuple(shape), code, source, tuple(resolved), target.note)
+
+
+def _method_step(
+    state: PlanState, target: Target, source: TensorInfo | None, shape: tuple[int, ...], step: MethodStep
+) -> MethodStep:
+    """A method's step, with the layer's layout, once its shapes fit the base tensor."""
+    method = method_of(step.module.method)
+    assert method is not None
+    fan_in_fan_out = step.param == "weight" and state.layouts.conv1d(step.module.module)
+    problem = method.shape_problem(step.module, step.param, shape, fan_in_fan_out)
+    if problem is not None:
+        raise IncompatibleError(
+            f"Shape mismatch for `{target.name}`: the base tensor is {list(shape)}, but {problem}.",
+            fix="Use the base model the adapter was trained on" + state.trained_on() + ".",
+        )
+    check_float(state, target, source)
+    return MethodStep(step.module, step.param, fan_in_fan_out)
 
 
 def _kept_in_float32(state: PlanState, name: str, code: str) -> bool:

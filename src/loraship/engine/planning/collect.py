@@ -1,10 +1,10 @@
 """Phase 1, collect: the adapter's tensors -> steps per model parameter or stored tensor. Pure.
 
 Input: a fresh :class:`~loraship.engine.planning.state.PlanState`. Output, in it: ``slots`` (steps
-per model parameter: trained copies, LoRAs, LoRA biases, trainable tokens), ``direct`` (a LoRA on a
-fused MoE expert parameter, one step per per-expert tensor the checkpoint stores) and the ignored
-tensors' ``accounting``. Refuses a LoRA bias with no base bias and an expert parameter loraship
-cannot reach.
+per model parameter: trained copies, LoRAs, LoRA biases, other methods' modules, trainable tokens),
+``direct`` (a LoRA on a fused MoE expert parameter, one step per per-expert tensor the checkpoint
+stores) and the ignored tensors' ``accounting``. Refuses a LoRA bias with no base bias and an expert
+parameter loraship cannot reach.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from collections.abc import Iterable
 from loraship.engine.adapter import LoraModule
 from loraship.engine.conversions import FusedParam
 from loraship.engine.layouts import place_fused
-from loraship.engine.plan import LoraBiasStep, LoraStep, ReplaceStep, Step, TokenRowsStep
+from loraship.engine.plan import LoraBiasStep, LoraStep, MethodStep, ReplaceStep, Step, TokenRowsStep
 from loraship.engine.planning.state import PlanState
 from loraship.errors import IncompatibleError, UnsupportedError
+from loraship.methods.base import method_of
 
-_ORDER = {ReplaceStep: 0, LoraStep: 1, LoraBiasStep: 2, TokenRowsStep: 3}
+_ORDER = {ReplaceStep: 0, LoraStep: 1, MethodStep: 1, LoraBiasStep: 2, TokenRowsStep: 3}
 
 
 def collect(state: PlanState) -> None:
@@ -45,6 +46,14 @@ def collect(state: PlanState) -> None:
                     + "; PEFT cannot merge this adapter into this base either.",
                 )
             _add(state, mod.module, "bias", LoraBiasStep(mod), [mod.bias.name])
+    for m in a.method_modules:
+        method = method_of(m.method)
+        assert method is not None
+        keys = [info.name for _, info in m.tensors]
+        # The weight last: an adapter tensor is accounted to the last tensor it lands in.
+        for param, required in reversed(method.params(m)):
+            if required or state.resolve(f"{m.module}.{param}") is not None:
+                _add(state, m.module, param, MethodStep(m, param), keys)
     for upd in a.token_updates:
         _add(state, upd.module, "weight", TokenRowsStep(upd), [upd.tensor.name])
     for key, why in a.ignored.items():
