@@ -275,6 +275,25 @@ def test_base_layers_beyond_checkpoint_refused_before_building(copies: tuple[Pat
     )
 
 
+@pytest.mark.timeout(60)
+def test_base_experts_beyond_checkpoint_refused_before_building(model_cache, tmp_path: Path, capsys) -> None:
+    """A MoE config naming 10**9 experts would have transformers build expert modules without end."""
+    from conftest import GPT_OSS
+
+    base = tmp_path / "base"
+    shutil.copytree(model_cache(GPT_OSS), base)
+    adapter = build_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    edit(base / "config.json", num_local_experts=10**9)
+    start = time.monotonic()
+    result = plan(capsys, base, adapter)
+    assert time.monotonic() - start < 30
+    assert result == (
+        1,
+        f"Error: `{base / 'config.json'}` sets `num_local_experts` to 1000000000, but its checkpoint's tensors can "
+        "hold 32 experts at most: config.json does not describe these weights.\n" + BASE_FIX,
+    )
+
+
 def test_target_modules_leaving_out_weights(copies: tuple[Path, Path], capsys) -> None:
     base, adapter = copies
     config = adapter / "adapter_config.json"

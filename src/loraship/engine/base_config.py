@@ -29,7 +29,7 @@ _SIZES = frozenset({
 _LAYERS = frozenset({
     "num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers",
 })  # fmt: skip
-#: Expert counts: a whole number from 0.
+#: Expert counts: a whole number from 0, and no more experts than the checkpoint's tensors can hold.
 _COUNTS = frozenset({"num_experts", "num_local_experts", "n_routed_experts", "n_shared_experts",
                      "num_experts_per_tok"})  # fmt: skip
 #: torch dtype names config.json may give (``dtype``, formerly ``torch_dtype``).
@@ -41,11 +41,13 @@ DTYPES = frozenset({
 #: Module list names whose next path segment is a layer number (``model.layers.3.``, ``h.3.``, ``block.3.``).
 _LAYER_LIST = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 _NUMBER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+_EXPERT = re.compile(r"(?:^|\.)experts?\.(\d+)(?:\.|$)")
 
 
 def check_base_config(config: Any, path: Path, tensor_names: Iterable[str] | None) -> None:
     """Refuse a base config.json that is not an object, has sizes or a dtype transformers cannot build
-    a model from, or more layers than the checkpoint's tensors (``tensor_names``; None: not read yet) are for.
+    a model from, or more layers or experts than the checkpoint's tensors (``tensor_names``, or a mapping of
+    names to headers with shapes; None: not read yet) are for.
 
     Raises:
         BaseModelError: Naming the file and the field.
@@ -56,7 +58,9 @@ def check_base_config(config: Any, path: Path, tensor_names: Iterable[str] | Non
             fix="Download the base model again.",
         )
     names = list(tensor_names) if tensor_names is not None else None
+    shapes = [tuple(getattr(v, "shape", ())) for v in tensor_names.values()] if isinstance(tensor_names, Mapping) else []
     layers: int | None = None
+    experts: int | None = None
     for field, key, value in _fields(config):
         if isinstance(value, float) and not math.isfinite(value):
             raise _bad(path, field, value, "a finite number")
@@ -78,6 +82,24 @@ def check_base_config(config: Any, path: Path, tensor_names: Iterable[str] | Non
                     + ": config.json does not describe these weights.",
                     fix="Download the base model again, or pass the base the adapter was trained on.",
                 )
+        elif key in _COUNTS and isinstance(value, int) and names is not None:
+            if experts is None:
+                experts = _experts_held(names, shapes)
+            if value > experts:
+                raise BaseModelError(
+                    f"`{path}` sets `{field}` to {value}, but its checkpoint's tensors can hold {experts} experts at "
+                    "most: config.json does not describe these weights.",
+                    fix="Download the base model again, or pass the base the adapter was trained on.",
+                )
+
+
+def _experts_held(names: list[str], shapes: list[tuple[int, ...]]) -> int:
+    """The most experts the checkpoint can be for: one past the largest expert number in a name
+    (``experts.N``), or any tensor's largest dimension (fused experts stack them on one), or the
+    tensor count; a generous bound, there to stop a config that would build modules without end."""
+    numbered = [int(m.group(1)) + 1 for n in names for m in _EXPERT.finditer(n)]
+    dims = [d for shape in shapes for d in shape]
+    return max([len(names), *numbered, *dims])
 
 
 def _layers_held(names: list[str]) -> int:
