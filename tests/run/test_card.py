@@ -80,6 +80,33 @@ def test_summaries() -> None:
     assert modules_summary(spec) == "`model.layers.*.self_attn.q_proj` ×2, `model.layers.*.self_attn.v_proj` ×2"
 
 
+@pytest.mark.parametrize(
+    ("config", "roles", "summary", "tag"),
+    [
+        ({"peft_type": "LOHA", "r": 4, "alpha": 8, "rank_pattern": {"v_proj": 2}},
+         {"hada_w1_a": (64, 4), "hada_w1_b": (4, 64), "hada_w2_a": (64, 4), "hada_w2_b": (4, 64)},
+         "r = 2–4, alpha = 8, scale = 2–4", "loha"),
+        ({"peft_type": "IA3", "feedforward_modules": ["down_proj"]}, {"ia3_l": (64, 1)},
+         "4 module(s) scaled on their outputs, 0 feed-forward on their inputs", "ia3"),
+    ],
+    ids=["loha", "ia3"],
+)  # fmt: skip
+def test_card_names_the_method(config: dict, roles: dict, summary: str, tag: str, tmp_path: Path) -> None:
+    tensors = {}
+    for layer in range(2):
+        for module in ("q_proj", "v_proj"):
+            name = f"{PREFIX}model.layers.{layer}.self_attn.{module}"
+            tensors.update({f"{name}.{role}": _info(f"{name}.{role}", shape) for role, shape in roles.items()})
+    spec = parse_adapter(config, tensors, folder=Path("/adapter"))
+    assert lora_summary(spec) == summary
+    assert modules_summary(spec) == "`model.layers.*.self_attn.q_proj` ×2, `model.layers.*.self_attn.v_proj` ×2"
+    card = render_card(replace(card_inputs(), spec=spec))
+    assert f"with the {spec.method} adapter [org/chat-lora]" in card
+    assert f"| {spec.method} | {summary} |" in card
+    (tmp_path / "README.md").write_text(card)
+    assert ModelCard.load(tmp_path / "README.md").data.to_dict()["tags"][0] == tag
+
+
 def test_peft_unfilled_card_is_left_out_and_a_filled_one_keeps_only_what_it_says(tmp_path: Path) -> None:
     from loraship import tiny
 
