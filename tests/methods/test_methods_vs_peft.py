@@ -97,6 +97,9 @@ CASES = [
         {"target_modules": ["c_attn", "c_fc"], "feedforward_modules": ["c_fc"], "fan_in_fan_out": True},
         GPT2,
     ),
+    Case(  # the trained biases of the adapted layers ride along as trained copies
+        "hra-bias-hra-only", "HRA", {"target_modules": ["q_proj", "v_proj"], "r": 2, "bias": "hra_only"}, QWEN2
+    ),
     Case("ln-tuning", "LN_TUNING", {"target_modules": ["input_layernorm", "norm"]}, LLAMA),
     Case(
         "trainable-tokens", "TRAINABLE_TOKENS", {"target_modules": ["embed_tokens"], "token_indices": [1, 5, 7]}, LLAMA
@@ -151,3 +154,28 @@ def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, t
     expected = peft_outputs(base, adapter, inputs, model_class=case.model_class)
     actual = plain_outputs(tmp_path / "merged", inputs, model_class=case.model_class)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+VERIFIED = [c for c in CASES if c.id in ("loha", "lokr-decompose-both", "ia3-bias", "ln-tuning", "trainable-tokens")]
+
+
+@pytest.mark.parametrize("case", VERIFIED, ids=lambda c: c.id)
+def test_verify_passes_a_correct_merge_and_fails_a_doubled_one(case: Case, model_cache, tmp_path: Path) -> None:
+    """``verify`` recomputes the method's change and runs PEFT's unmerged model: a merge applied twice
+    (merged into the merged model) fails both the weights and, where it changes outputs, the outputs."""
+    from loraship.check.verify import verify
+
+    base = model_cache(case.config, model_class=case.model_class)
+    adapter = _adapter(case, base, tmp_path / "adapter")
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    report = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 4})
+    assert report.passed, report.failed_checks
+    assert report.weights.exact == report.weights.changed > 0
+    assert next(c for c in report.checks if c.name.startswith("names and tying")).passed is True
+    merge(tmp_path / "merged", adapter, tmp_path / "twice", progress=False)
+    twice = verify(base, adapter, tmp_path / "twice", threshold_overrides={"generation_tokens": 4})
+    failed = {f"{c.level}: {c.name}" for c in twice.checks if c.passed is False}
+    if case.peft_type in ("LN_TUNING", "TRAINABLE_TOKENS"):  # replacing twice is replacing once
+        assert twice.passed, twice.failed_checks
+    else:
+        assert {"weights: changed tensors recomputed", "outputs: merge error / adapter effect"} <= failed

@@ -122,7 +122,7 @@ class Replacement:
         param: Parameter name (``weight``, ``bias``).
         tensor: The adapter tensor.
         origin: Why the adapter carries it: ``modules_to_save``, ``saved_base_layer`` (e.g. resized
-            embeddings), ``bias`` (``bias="all"`` / ``"lora_only"``), or ``ln_tuning`` (LN tuning's trained
+            embeddings), ``bias`` (``bias="all"`` / ``"lora_only"``, ``"hra_only"``...), or ``ln_tuning`` (LN tuning's trained
             norm, which PEFT's merge swaps in for the base's).
     """
 
@@ -403,7 +403,8 @@ _LORA_FIELDS: dict[str, tuple[str, Any]] = {
 _FIELD_TYPES: dict[str, tuple[str, Any]] = {
     "target_modules": ("a module name pattern or a list of names", lambda v: isinstance(v, str) or _is_names(v)),
     "modules_to_save": ("a list of module names", _is_names),
-    "bias": ('"none", "all" or "lora_only"', lambda v: v in ("none", "all", "lora_only")),
+    "bias": ('"none", "all" or "<method>_only" ("lora_only", "hra_only"...)', lambda v: isinstance(v, str) and (
+        v in ("none", "all") or (v.endswith("_only") and v[:-5].isalnum()))),
     "peft_type": ("a PEFT method name", lambda v: isinstance(v, str)),
     "task_type": ("a task name", lambda v: isinstance(v, str)),
     "base_model_name_or_path": ("a repo id or a path", lambda v: isinstance(v, str)),
@@ -587,7 +588,7 @@ def parse_adapter(
                     replacements.append(Replacement(owner, param, info, "modules_to_save"))
             elif _matches_module(module, modules_to_save):
                 replacements.append(Replacement(module, param, info, "modules_to_save"))
-            elif param == "bias" and bias_mode in ("all", "lora_only"):
+            elif param == "bias" and bias_mode != "none":  # "all", or "<method>_only" (lora_only, hra_only...)
                 replacements.append(Replacement(module, param, info, "bias"))
             elif ensure_tying and modules_to_save:
                 # PEFT also saves the trained copy of the module tied to one in modules_to_save; where it

@@ -1,0 +1,127 @@
+"""HRA against PEFT: each output tensor bit-identical to ``merge_and_unload()`` on CPU, on fp32, bf16 and
+fp16 bases (Linear and Conv2d layers, with and without Gram–Schmidt, odd r, a bf16 adapter); the merged
+folder loaded with plain transformers behaves as PEFT's unmerged model; and what loraship refuses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    LLAMA,
+    RESNET,
+    assert_changes_as_planned,
+    assert_same_tensors,
+    load_tensors,
+    peft_outputs,
+    peft_reference,
+    plain_outputs,
+)
+
+from loraship.engine.merge import merge
+from loraship.errors import AdapterError, IncompatibleError
+from loraship.methods.base import method_of
+from loraship.tiny import build_method_adapter
+
+ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    settings: dict[str, Any]
+    config: dict[str, Any]
+    model_class: str = "AutoModelForCausalLM"
+    adapter_dtype: str | None = None
+    inputs: str = "tokens"
+
+
+def _conv(id: str, settings: dict[str, Any]) -> Case:
+    """A case on a ResNet's 1x1 and 3x3 convolutions."""
+    return Case(id, settings, RESNET, model_class="AutoModelForImageClassification", inputs="pixels")
+
+
+CASES = [
+    Case("hra", {"target_modules": ATTN_MLP, "r": 4}, LLAMA),
+    Case("hra-gram-schmidt", {"target_modules": ATTN_MLP, "r": 4, "apply_GS": True}, LLAMA),
+    Case("hra-odd-r", {"target_modules": ATTN_MLP, "r": 3, "init_weights": False}, LLAMA),
+    Case(
+        "hra-gram-schmidt-odd-r", {"target_modules": ATTN_MLP, "r": 5, "apply_GS": True, "init_weights": False}, LLAMA
+    ),
+    Case("hra-adapter-bf16", {"target_modules": ["q_proj", "o_proj"], "r": 2}, LLAMA, adapter_dtype="bfloat16"),
+    _conv("hra-conv2d", {"target_modules": ["convolution"], "r": 2}),
+    _conv("hra-gram-schmidt-conv2d", {"target_modules": ["convolution"], "r": 4, "apply_GS": True}),
+]
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _inputs(kind: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    if kind == "pixels":
+        return {"pixel_values": torch.randn(1, 3, 16, 16, generator=g)}
+    return {"input_ids": torch.randint(0, 30, (1, 9), generator=g)}
+
+
+def _adapter(case: Case, base: Path, folder: Path) -> Path:
+    return build_method_adapter(
+        base, folder, "HRA", model_class=case.model_class, adapter_dtype=case.adapter_dtype, **case.settings
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
+    base = model_cache(case.config, model_class=case.model_class, dtype=dtype)
+    adapter = _adapter(case, base, tmp_path / "adapter")
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    reference = peft_reference(
+        base, adapter, tmp_path / "peft", model_class=case.model_class, dtype=getattr(torch, dtype)
+    )
+    ours = load_tensors(tmp_path / "merged")
+    untouched = frozenset(t.name for t in result.prepared.plan.tensors if not t.changed)
+    assert_same_tensors(ours, reference, upcast_ok=untouched)
+    assert_changes_as_planned(result.prepared.plan, ours, base)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, tmp_path: Path) -> None:
+    base = model_cache(case.config, model_class=case.model_class, dtype="float32")
+    adapter = _adapter(case, base, tmp_path / "adapter")
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    inputs = _inputs(case.inputs)
+    expected = peft_outputs(base, adapter, inputs, model_class=case.model_class)
+    actual = plain_outputs(tmp_path / "merged", inputs, model_class=case.model_class)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "HRA", target_modules=["q_proj"], r=4, apply_GS=True)
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    modules = result.prepared.adapter.method_modules
+    method = method_of("HRA")
+    assert method is not None and method.kind == "multiplicative"
+    assert {method.describe(m) for m in modules} == {"HRA 4 reflections (Gram-Schmidt)"}
+    assert method.summary(modules) == "r = 4 Householder reflections, Gram-Schmidt: yes"
+
+
+def test_refuses_a_base_of_other_width(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "HRA", target_modules=["q_proj"], r=2)
+    wider = model_cache({**LLAMA, "hidden_size": 32})
+    with pytest.raises(IncompatibleError, match=r"hra_u \[16, 2\] needs a weight with 16 input features"):
+        merge(wider, adapter, tmp_path / "merged", progress=False)
+
+
+def test_refuses_hra_u_that_does_not_match_r(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "HRA", target_modules=["q_proj"], r=2)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "r": 3}))
+    with pytest.raises(AdapterError, match=r"hra_u \[16, 2\], but with r = 3"):
+        merge(base, adapter, tmp_path / "merged", progress=False)
