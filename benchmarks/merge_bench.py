@@ -25,6 +25,11 @@ merged on its own. ``--model llama-fp8``: the Llama model above stored as block-
     python benchmarks/merge_bench.py --size 2        # 44 layers
     python benchmarks/merge_bench.py --skip-peft     # loraship and copy only
     python benchmarks/merge_bench.py --model qwen3-moe
+    python benchmarks/merge_bench.py --method loha   # LoHa r=16 on every linear layer (also ia3, oft)
+
+``--method``: the same Llama base with an adapter of another PEFT method on every linear layer: LoHa
+(r=16, alpha=32, additive, computed whole per tensor), IA3 (PEFT's Llama default targets, multiplicative)
+or OFT (blocks of 32, multiplicative). The default is LoRA.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ QWEN3_MOE_1B = {
     "tie_word_embeddings": False,
 }
 MODELS = ("llama", "qwen3-moe", "llama-fp8")
+METHODS = ("lora", "loha", "ia3", "oft")
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 PEFT_PATH = """
 import json, sys, torch
@@ -89,18 +96,35 @@ def _folder(size: int, kind: str) -> Path:
     return CACHE / (f"llama-1b-x{size}" if kind == "llama" else f"{kind}-x{size}")
 
 
-def cached(size: int, kind: str = "llama") -> tuple[Path, Path]:
+def cached(size: int, kind: str = "llama", method: str = "lora") -> tuple[Path, Path]:
     """The cached base and adapter folders for this size, generated (in a child process) if missing.
 
     Generating holds the whole model in memory; it runs in its own process so that the measured
     children, which inherit their parent's peak-RSS mark across exec, start from a small parent.
     """
     folder = _folder(size, kind)
-    base, adapter = folder / "base", folder / "adapter"
-    if not (adapter / "adapter_model.safetensors").is_file():
+    base, adapter = folder / "base", folder / ("adapter" if method == "lora" else f"adapter-{method}")
+    if not (folder / "adapter" / "adapter_model.safetensors").is_file():
         cmd = [sys.executable, __file__, "--generate", "--size", str(size), "--model", kind]
         subprocess.run(cmd, check=True)
+    if not (adapter / "adapter_model.safetensors").is_file():
+        cmd = [sys.executable, __file__, "--generate-adapter", "--size", str(size), "--model", kind, "--method", method]
+        subprocess.run(cmd, check=True)
     return base, adapter
+
+
+def generate_adapter(size: int, kind: str, method: str) -> None:
+    """An adapter of another PEFT method for the cached base, every trained tensor random."""
+    from loraship.tiny import build_method_adapter
+
+    settings: dict[str, dict[str, object]] = {
+        "loha": {"r": 16, "alpha": 32, "target_modules": LINEAR},
+        "ia3": {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]},
+        "oft": {"oft_block_size": 32, "target_modules": LINEAR},
+    }
+    folder = _folder(size, kind)
+    print(f"Generating the {method} adapter in {folder} (once) ...", flush=True)
+    build_method_adapter(folder / "base", folder / f"adapter-{method}", method.upper(), **settings[method])
 
 
 def generate(size: int, kind: str = "llama") -> None:
@@ -150,8 +174,8 @@ def run_measured(cmd: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024
 
 
-def bench(size: int, runs: int, skip_peft: bool, kind: str = "llama") -> dict[str, object]:
-    base, adapter = cached(size, kind)
+def bench(size: int, runs: int, skip_peft: bool, kind: str = "llama", method: str = "lora") -> dict[str, object]:
+    base, adapter = cached(size, kind, method)
     work = CACHE / "runs"
     loraship = str(Path(sys.executable).with_name("loraship"))
     commands: dict[str, list[str]] = {
@@ -198,7 +222,9 @@ def bench(size: int, runs: int, skip_peft: bool, kind: str = "llama") -> dict[st
             "qwen3-moe": f"random Qwen3-MoE bf16, {QWEN3_MOE_1B['num_hidden_layers'] * size} layers × "
             f"{QWEN3_MOE_1B['num_experts']} experts",
         }[kind]
-        + f", {base_bytes / 1e9:.2f} GB",
+        + f", {base_bytes / 1e9:.2f} GB"
+        + ("" if method == "lora" else f"; {method} adapter"),
+        "method": method,
         "largest_tensor_gb": largest / 1e9,
         "runs": runs,
         "medians": medians,
@@ -251,15 +277,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-peft", action="store_true", help="do not run the (slow, memory-hungry) PEFT path")
     parser.add_argument("--json", type=Path, help="write the result here (default: benchmarks/results/...)")
     parser.add_argument("--model", choices=MODELS, default="llama", help="what to merge (default: llama)")
+    parser.add_argument("--method", choices=METHODS, default="lora", help="the adapter's PEFT method (llama only)")
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--generate-adapter", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.generate:
         generate(args.size, args.model)
         return 0
-    result = bench(args.size, args.runs, args.skip_peft, args.model)
+    if args.generate_adapter:
+        generate_adapter(args.size, args.model, args.method)
+        return 0
+    if args.method != "lora" and args.model != "llama":
+        parser.error("--method runs on the Llama model only")
+    result = bench(args.size, args.runs, args.skip_peft, args.model, args.method)
     print()
     print(table(result))
-    suffix = "" if args.model == "llama" else f"_{args.model}"
+    suffix = ("" if args.model == "llama" else f"_{args.model}") + ("" if args.method == "lora" else f"_{args.method}")
     out = args.json or RESULTS / f"merge_bench{suffix}_x{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
