@@ -26,13 +26,13 @@ from conftest import (
 )
 
 from loraship.engine.merge import merge
-from loraship.errors import AdapterError, IncompatibleError
+from loraship.errors import AdapterError, IncompatibleError, UnsupportedError
 from loraship.methods.base import method_of
 from loraship.tiny import build_method_adapter
 
 ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
 #: The ResNet's 1x1 convolutions: PEFT's unmerged forward of a larger kernel (unfold, rotate, fold: overlapping
-#: patches summed) is not the merged convolution, so only these can be compared on outputs.
+#: patches summed) is no convolution's, PEFT's merged one included, so loraship refuses those.
 ONE_BY_ONE = r".*(layer\.[02]|shortcut)\.convolution"
 
 
@@ -48,7 +48,7 @@ class Case:
 
 
 def _conv(id: str, settings: dict[str, Any]) -> Case:
-    """A case on a ResNet's convolutions (7x7, 3x3 and 1x1)."""
+    """A case on a ResNet's 1x1 convolutions."""
     return Case(
         id, settings, RESNET, model_class="AutoModelForImageClassification", inputs="pixels", outputs_target=ONE_BY_ONE
     )
@@ -91,12 +91,12 @@ CASES = [
         adapter_dtype="bfloat16",
     ),
     Case("oft-embedding", {"target_modules": ["embed_tokens", "q_proj"], "oft_block_size": 4}, LLAMA),
-    _conv("oft-conv2d", {"target_modules": ["convolution"], "oft_block_size": 4}),
-    _conv(  # one block the whole input (147 for the 7x7 stem), solved exactly
+    _conv("oft-conv2d", {"target_modules": ONE_BY_ONE, "oft_block_size": 4}),
+    _conv(  # one block the whole input, solved exactly
         "oft-conv2d-r-exact",
-        {"target_modules": ["convolution"], "r": 1, "oft_block_size": 0, "use_cayley_neumann": False},
+        {"target_modules": ONE_BY_ONE, "r": 1, "oft_block_size": 0, "use_cayley_neumann": False},
     ),
-    _conv("oft-conv2d-block-share", {"target_modules": ["convolution"], "oft_block_size": 3, "block_share": True}),
+    _conv("oft-conv2d-block-share", {"target_modules": ONE_BY_ONE, "oft_block_size": 4, "block_share": True}),
 ]
 DTYPES = ["float32", "bfloat16", "float16"]
 
@@ -238,6 +238,25 @@ def test_refuses_a_field_of_the_wrong_type(model_cache, tmp_path: Path) -> None:
         merge(base, adapter, tmp_path / "merged", progress=False)
 
 
+def test_kxk_convolution_refused_as_peft_merges_it_wrongly(model_cache, tmp_path: Path) -> None:
+    """PEFT's merge of OFT on a 3x3 or 7x7 convolution changes the outputs about as much as the adapter does."""
+    base = model_cache(RESNET, model_class="AutoModelForImageClassification")
+    adapter = build_method_adapter(base, tmp_path / "adapter", "OFT", model_class="AutoModelForImageClassification",
+                                   target_modules=["convolution"], oft_block_size=3)  # fmt: skip
+    with pytest.raises(UnsupportedError) as e:
+        merge(base, adapter, tmp_path / "merged", progress=False)
+    assert (e.value.message, e.value.fix) == (
+        "`resnet.embedder.embedder.convolution.weight`: OFT on a 7x7 convolution is not merged: PEFT rotates the "
+        "unfolded input patches and folds them back, and no "
+        "convolution weight (PEFT's merged one included, which rotates the flattened kernel) behaves like that, so "
+        "the merged model would not behave like base + adapter (loraship merges OFT on 1x1 convolutions, Linear and "
+        "Embedding layers).",
+        "Keep this adapter unmerged (load it with PEFT on top of the base model), or train it without OFT on such "
+        "layers.",
+    )
+    assert not (tmp_path / "merged").exists()
+
+
 def test_shape_problems_in_words() -> None:
     """What PEFT's OFT does not adapt: Conv1D (weights stored (in, out)), non-square kernels, 3-D weights."""
     from loraship.methods.base import MethodModule
@@ -254,8 +273,7 @@ def test_shape_problems_in_words() -> None:
     assert isinstance(m, MethodModule)
     assert method.shape_problem(m, "weight", (48, 16), False) is None
     assert "Conv1D" in (method.shape_problem(m, "weight", (16, 48), True) or "")
-    assert "non-square 1x3 kernel" in (method.shape_problem(m, "weight", (4, 4, 1, 3), False) or "")
+    assert "OFT on a 1x3 convolution is not merged" in (method.shape_problem(m, "weight", (4, 4, 1, 3), False) or "")
     assert "3-D weight" in (method.shape_problem(m, "weight", (4, 4, 3), False) or "")
-    grouped = method.shape_problem(m, "weight", (16, 4, 2, 2), False)
-    assert grouped is None  # 4 * 2 * 2 = 16 inputs: fits
-    assert "grouped" in (method.shape_problem(m, "weight", (16, 2, 2, 2), False) or "")
+    assert method.shape_problem(m, "weight", (16, 16, 1, 1), False) is None
+    assert "grouped" in (method.shape_problem(m, "weight", (16, 8, 1, 1), False) or "")

@@ -122,8 +122,8 @@ class Replacement:
         param: Parameter name (``weight``, ``bias``).
         tensor: The adapter tensor.
         origin: Why the adapter carries it: ``modules_to_save``, ``saved_base_layer`` (e.g. resized
-            embeddings), ``bias`` (``bias="all"`` / ``"lora_only"``, ``"hra_only"``...), or ``ln_tuning`` (LN tuning's trained
-            norm, which PEFT's merge swaps in for the base's).
+            embeddings), ``bias`` (``bias="all"`` / ``"lora_only"``, ``"hra_only"``...), or ``ln_tuning``
+            (LN tuning's trained norm, which PEFT's merge swaps in for the base's).
     """
 
     module: str

@@ -58,7 +58,9 @@ def check_base_config(config: Any, path: Path, tensor_names: Iterable[str] | Non
             fix="Download the base model again.",
         )
     names = list(tensor_names) if tensor_names is not None else None
-    shapes = [tuple(getattr(v, "shape", ())) for v in tensor_names.values()] if isinstance(tensor_names, Mapping) else []
+    shapes = (
+        [tuple(getattr(v, "shape", ())) for v in tensor_names.values()] if isinstance(tensor_names, Mapping) else []
+    )
     layers: int | None = None
     experts: int | None = None
     for field, key, value in _fields(config):

@@ -40,6 +40,11 @@ class Saved(Protocol):
 Setting = bool | int | float | str
 
 
+class Unsupported(str):
+    """A :meth:`Method.shape_problem` answer for a layer the method is not merged on at all (a kind of
+    layer, not a size): the merge refuses it as unsupported rather than as a base that does not fit."""
+
+
 @dataclass(frozen=True)
 class MethodModule:
     """One module a PEFT method changes, without tensor data.
@@ -105,7 +110,8 @@ class Method:
 
     def shape_problem(self, m: MethodModule, param: str, shape: tuple[int, ...], fan_in_fan_out: bool) -> str | None:
         """Why ``m`` does not fit a base parameter of ``shape`` (None when it does), in words that name
-        the adapter's tensors. ``fan_in_fan_out``: the layer stores its weight (in, out) (a Conv1D)."""
+        the adapter's tensors; an :class:`Unsupported` phrase for a kind of layer the method is not merged
+        on. ``fan_in_fan_out``: the layer stores its weight (in, out) (a Conv1D)."""
         return None
 
     def merge(

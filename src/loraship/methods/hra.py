@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraship.errors import AdapterError
-from loraship.methods.base import Method, MethodModule, Saved, adapter_float, incomplete, span
+from loraship.methods.base import Method, MethodModule, Saved, Unsupported, adapter_float, incomplete, span
 
 if TYPE_CHECKING:
     import torch
@@ -58,7 +58,7 @@ class HRA(Method):
     def shape_problem(self, m: MethodModule, param: str, shape: tuple[int, ...], fan_in_fan_out: bool) -> str | None:
         u = m.shape("hra_u")
         if fan_in_fan_out:
-            return (
+            return Unsupported(
                 "HRA on a Conv1D layer (weights stored (in, out)) is not merged by loraship (PEFT's HRA adapts only "
                 "Linear and Conv2d layers)"
             )
@@ -68,7 +68,7 @@ class HRA(Method):
             return f"the adapter's hra_u {list(u)} needs a weight with {u[0]} input features"
         if len(shape) == 4:
             if shape[2] != shape[3]:
-                return (
+                return Unsupported(
                     f"HRA on a convolution with a non-square {shape[2]}x{shape[3]} kernel is not merged by loraship "
                     "(PEFT's HRA sizes hra_u for a square kernel)"
                 )
@@ -78,7 +78,9 @@ class HRA(Method):
                 f"the adapter's hra_u {list(u)} needs a convolution with in_channels x kernel x kernel = {u[0]} "
                 "(HRA does not support grouped convolutions)"
             )
-        return f"HRA on a {len(shape)}-D weight is not merged (PEFT's HRA adapts only Linear and Conv2d layers)"
+        return Unsupported(
+            f"HRA on a {len(shape)}-D weight is not merged (PEFT's HRA adapts only Linear and Conv2d layers)"
+        )
 
     def merge(
         self, m: MethodModule, param: str, weight: torch.Tensor, tensors: Mapping[str, torch.Tensor],

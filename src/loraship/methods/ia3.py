@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraship.methods.base import Method, MethodModule, Saved, incomplete
+from loraship.methods.base import Method, MethodModule, Saved, Unsupported, incomplete
 
 if TYPE_CHECKING:
     import torch
@@ -52,7 +52,7 @@ class IA3(Method):
         if param == "bias":
             fits = len(shape) == 1 and vector == (shape[0], 1)
         elif len(shape) != 2:
-            return (
+            return Unsupported(
                 f"IA3 on a {len(shape)}-D weight (a convolution) is not merged by loraship yet (it merges IA3 on "
                 "Linear and Conv1D layers)"
             )

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraship.errors import AdapterError
-from loraship.methods.base import Method, MethodModule, Saved, adapter_float, incomplete, span
+from loraship.methods.base import Method, MethodModule, Saved, Unsupported, adapter_float, incomplete, span
 
 if TYPE_CHECKING:
     import torch
@@ -116,21 +116,23 @@ class OFT(Method):
         role = _EMBEDDING if m.setting("embedding") else _LINEAR
         saved = m.shape(role)
         if fan_in_fan_out:
-            return (
+            return Unsupported(
                 "OFT on a Conv1D layer (weights stored (in, out)) is not merged by loraship (PEFT's OFT adapts only "
                 "Linear, Conv2d and Embedding layers)"
             )
         if len(shape) == 2:
             in_features, what = shape[1], ("embedding width" if m.setting("embedding") else "input features")
         elif len(shape) == 4 and not m.setting("embedding"):
-            if shape[2] != shape[3]:
-                return (
-                    f"OFT on a convolution with a non-square {shape[2]}x{shape[3]} kernel is not merged by loraship "
-                    "(PEFT's OFT sizes its blocks for a square kernel)"
+            if shape[2:] != (1, 1):
+                return Unsupported(
+                    f"OFT on a {shape[2]}x{shape[3]} convolution is not merged: PEFT rotates the unfolded input "
+                    "patches and folds them back, and no convolution weight (PEFT's merged one included, which "
+                    "rotates the flattened kernel) behaves like that, so the merged model would not behave like "
+                    "base + adapter (loraship merges OFT on 1x1 convolutions, Linear and Embedding layers)"
                 )
             in_features, what = shape[1] * shape[2] * shape[3], "in_channels x kernel x kernel"
         else:
-            return (
+            return Unsupported(
                 f"OFT on a {len(shape)}-D weight is not merged (PEFT's OFT adapts only Linear, Conv2d and Embedding "
                 "layers)"
             )

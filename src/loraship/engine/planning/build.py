@@ -30,7 +30,7 @@ from loraship.engine.planning.state import PlanState, Target
 from loraship.engine.quantized import dequantized
 from loraship.engine.safetensors_io import DTYPE_NAMES, FLOAT_CODES, TensorInfo
 from loraship.errors import IncompatibleError, UnsupportedError
-from loraship.methods.base import method_of
+from loraship.methods.base import Unsupported, method_of
 
 
 def build(state: PlanState, dtype: str | None) -> MergePlan:
@@ -146,6 +146,12 @@ def _method_step(
     assert method is not None
     fan_in_fan_out = step.param == "weight" and state.layouts.conv1d(step.module.module)
     problem = method.shape_problem(step.module, step.param, shape, fan_in_fan_out)
+    if isinstance(problem, Unsupported):
+        raise UnsupportedError(
+            f"`{target.name}`: {problem}.",
+            fix="Keep this adapter unmerged (load it with PEFT on top of the base model), or train it without "
+            f"{method.name} on such layers.",
+        )
     if problem is not None:
         raise IncompatibleError(
             f"Shape mismatch for `{target.name}`: the base tensor is {list(shape)}, but {problem}.",
