@@ -216,3 +216,12 @@ def test_exit_codes_are_the_cli_s() -> None:
     assert {"0", "1", "2", "70"} <= codes
     for path in (README, ROOT / "docs" / "exit-codes.md"):
         assert set(re.findall(r"^\| \*\*(\d+)\*\* \|", path.read_text(), re.M)) == codes, path.name
+
+
+def test_every_method_loraship_merges_has_a_row_in_merging_md() -> None:
+    """docs/merging.md's method table names each registered method, and no method that is not merged."""
+    from loraship.methods.base import registry
+
+    page = (ROOT / "docs" / "merging.md").read_text()
+    rows = set(re.findall(r"^\| [^|]+ \(`([A-Z_0-9]+)`\) \|", page, flags=re.M))
+    assert rows == set(registry()) | {"LN_TUNING", "TRAINABLE_TOKENS"}

@@ -164,14 +164,9 @@ def test_adapter_for_another_architecture(model_cache, tmp_path: Path, capsys) -
 @pytest.mark.parametrize(
     ("peft_type", "settings"),
     [
-        # PEFT's defaults: r=0 with oft_block_size=32 (once refused as "sets `r` to 0, but PEFT expects a whole
-        # number from 1").
-        ("OFT", {"target_modules": ["q_proj"], "oft_block_size": 8}),
-        # AdaLoRA after rank allocation: rank_pattern holds boolean masks (once "expects a mapping of names to ranks").
-        ("ADALORA", {"target_modules": ["q_proj"], "init_r": 4, "total_step": 10,
-                     "rank_pattern": {"model.layers.0.self_attn.q_proj": [True, False, True, True]}}),
+        ("VERA", {"target_modules": ["q_proj"], "r": 4}),
     ],
-    ids=["oft-defaults", "adalora-allocated"],
+    ids=["vera"],
 )  # fmt: skip
 def test_method_not_merged_yet_is_named(peft_type: str, settings: dict, llama: Path, tmp_path: Path, capsys) -> None:
     import json
@@ -190,8 +185,9 @@ def test_method_not_merged_yet_is_named(peft_type: str, settings: dict, llama: P
     code, err = run_merge(capsys, "--base", llama, "--adapter", tmp_path / "a", "--output", out)
     assert code == 1
     assert err == (
-        f"Error: `{config_path}` is an {peft_type} adapter: a method PEFT can merge, but loraship does not merge yet "
-        "(it merges LoRA (with rsLoRA, DoRA), IA3, LoHa, LoKr, LN tuning and trainable tokens).\n"
+        f"Error: `{config_path}` is a {peft_type} adapter: a method PEFT can merge, but loraship does not merge yet "
+        "(it merges LoRA (with rsLoRA, DoRA), AdaLoRA, FourierFT, HRA, IA3, LoHa, LoKr, OFT, LN tuning and trainable "
+        "tokens).\n"
         "Fix: Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload(), then check the "
         "result with `loraship verify`.\n"
     )

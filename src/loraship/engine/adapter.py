@@ -27,7 +27,7 @@ PICKLE_NAME = "adapter_model.bin"
 
 #: PEFT methods PEFT merges that loraship does not merge yet (issue: every PEFT method that merges).
 _MERGEABLE_ELSEWHERE = {
-    "ADALORA", "OFT", "BOFT", "VERA", "FOURIERFT", "HRA", "VBLORA", "BONE", "MISS", "RANDLORA", "SHIRA", "C3A",
+    "BOFT", "VERA", "VBLORA", "BONE", "MISS", "RANDLORA", "SHIRA", "C3A",
     "ROAD", "WAVEFT", "DELORA", "OSF", "GRALORA", "BEFT", "GLORA", "FROD", "HIRA", "PEANUT", "DEFT", "TINYLORA",
     "UNILORA", "SUPERTUNING", "PVERA", "PSOFT", "ADAMSS",
 }  # fmt: skip

@@ -86,6 +86,16 @@ def peft_model_on_meta(
             # LN tuning of an RMSNorm: PEFT warns of a layer type it does not list, and wraps it all the same.
             warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
             peft_model = get_peft_model(model, config)
+            if config.peft_type == "ADALORA" and config.rank_pattern is not None:
+                # As PeftModel.from_pretrained resizes (AdaLoraModel.resize_modules_by_rank_pattern), shapes
+                # only: meta tensors cannot be indexed by the masks, and there are no values to copy.
+                for key, mask in config.rank_pattern.items():
+                    layer = ".".join(key.split(".")[: -2 if "default" in key else -1])
+                    try:
+                        target = peft_model.base_model.model.get_submodule(layer)
+                        target.update_layer("default", sum(mask), config.lora_alpha, config=config)
+                    except AttributeError as e:
+                        raise ValueError(f"its rank_pattern names `{key}`, not an AdaLoRA layer: {e}") from e
     except NoMatchingPeftModuleError as e:
         raise AdapterError(
             f"`{where}` targets no module of {type(model).__name__}: {first_line(e)}",

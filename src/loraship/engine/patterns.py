@@ -61,6 +61,12 @@ def peft_patterns(config: Mapping[str, Any]) -> list[Pattern]:
         value = config.get(key)
         if isinstance(value, dict):
             out.extend(Pattern(f"the `{key}` key", str(k), rf"(.*\.)?({k})$", False) for k in value)
+    frequencies = config.get("n_frequency_pattern")  # FourierFT: re.match(rf".*\.{key}$", name)
+    if isinstance(frequencies, dict):
+        out.extend(Pattern("the `n_frequency_pattern` key", str(k), rf".*\.{k}$", False) for k in frequencies)
+    feedforward = config.get("feedforward_modules")  # IA3: re.fullmatch when a string
+    if isinstance(feedforward, str):
+        out.append(Pattern("`feedforward_modules`", feedforward, feedforward, True))
     tokens = config.get("trainable_token_indices")
     if isinstance(tokens, dict):
         out.extend(Pattern("the `trainable_token_indices` key", str(k), rf"(.*\.)?({k})$", False) for k in tokens)
