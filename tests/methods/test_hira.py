@@ -1,0 +1,176 @@
+"""HiRA against PEFT: each output tensor bit-identical to ``merge_and_unload()`` on CPU, on fp32, bf16 and fp16
+bases (Linear, Conv1D, Embedding and Conv2d layers, rank_pattern, a bf16 adapter); the merged folder loaded with
+plain transformers behaves as PEFT's unmerged model; ``verify`` passes the merge and fails a doubled one; and what
+loraship refuses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    GPT2,
+    LLAMA,
+    RESNET,
+    WAV2VEC2,
+    assert_changes_as_planned,
+    assert_same_tensors,
+    load_tensors,
+    peft_outputs,
+    peft_reference,
+    plain_outputs,
+)
+
+from loraship.engine.merge import merge
+from loraship.errors import IncompatibleError
+from loraship.methods.base import method_of
+from loraship.tiny import build_method_adapter
+
+ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    settings: dict[str, Any]
+    config: dict[str, Any]
+    model_class: str = "AutoModelForCausalLM"
+    adapter_dtype: str | None = None
+    inputs: str = "tokens"
+
+
+CASES = [
+    Case("hira", {"target_modules": ATTN_MLP, "r": 4}, LLAMA),
+    Case("hira-rank-pattern", {"target_modules": ATTN_MLP, "r": 4, "rank_pattern": {"up_proj": 2}}, LLAMA),
+    Case("hira-adapter-bf16", {"target_modules": ["q_proj", "o_proj"], "r": 2}, LLAMA, adapter_dtype="bfloat16"),
+    Case("hira-embedding", {"target_modules": ["embed_tokens", "k_proj"], "r": 3}, LLAMA),
+    Case("hira-conv1d-gpt2", {"target_modules": ["c_attn", "c_fc"], "r": 2, "fan_in_fan_out": True}, GPT2),
+    Case(  # the 7x7 stem, 1x1 and 3x3 convolutions
+        "hira-conv2d",
+        {"target_modules": ["convolution"], "r": 2},
+        RESNET,
+        model_class="AutoModelForImageClassification",
+        inputs="pixels",
+    ),
+    Case(  # Conv1d (3-D weights): PEFT's conv1d of the factors
+        "hira-conv1d-wav2vec2",
+        {"target_modules": r"feature_extractor\.conv_layers\.\d+\.conv", "r": 2},
+        WAV2VEC2,
+        model_class="AutoModel",
+        inputs="audio",
+    ),
+]
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _inputs(kind: str) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    if kind == "pixels":
+        return {"pixel_values": torch.randn(1, 3, 16, 16, generator=g)}
+    if kind == "audio":
+        return {"input_values": torch.randn(1, 64, generator=g)}
+    return {"input_ids": torch.randint(0, 30, (1, 9), generator=g)}
+
+
+def _adapter(case: Case, base: Path, folder: Path) -> Path:
+    return build_method_adapter(
+        base, folder, "HIRA", model_class=case.model_class, adapter_dtype=case.adapter_dtype, **case.settings
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
+    base = model_cache(case.config, model_class=case.model_class, dtype=dtype)
+    adapter = _adapter(case, base, tmp_path / "adapter")
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    reference = peft_reference(
+        base, adapter, tmp_path / "peft", model_class=case.model_class, dtype=getattr(torch, dtype)
+    )
+    ours = load_tensors(tmp_path / "merged")
+    untouched = frozenset(t.name for t in result.prepared.plan.tensors if not t.changed)
+    assert_same_tensors(ours, reference, upcast_ok=untouched)
+    assert_changes_as_planned(result.prepared.plan, ours, base)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, tmp_path: Path) -> None:
+    base = model_cache(case.config, model_class=case.model_class, dtype="float32")
+    adapter = _adapter(case, base, tmp_path / "adapter")
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    inputs = _inputs(case.inputs)
+    expected = peft_outputs(base, adapter, inputs, model_class=case.model_class)
+    actual = plain_outputs(tmp_path / "merged", inputs, model_class=case.model_class)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_verify_passes_a_correct_merge_and_fails_a_doubled_one(model_cache, tmp_path: Path) -> None:
+    from loraship.check.verify import verify
+
+    case = CASES[0]
+    base = model_cache(case.config)
+    adapter = _adapter(case, base, tmp_path / "adapter")
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    report = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 4})
+    assert report.passed, report.failed_checks
+    assert report.weights.exact == report.weights.changed > 0
+    merge(tmp_path / "merged", adapter, tmp_path / "twice", progress=False)
+    twice = verify(base, adapter, tmp_path / "twice", threshold_overrides={"generation_tokens": 4})
+    failed = {f"{c.level}: {c.name}" for c in twice.checks if c.passed is False}
+    assert {"weights: changed tensors recomputed", "outputs: merge error / adapter effect"} <= failed
+
+
+def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "HIRA", target_modules=["q_proj", "embed_tokens"], r=4)
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    modules = result.prepared.adapter.method_modules
+    method = method_of("HIRA")
+    assert method is not None and method.kind == "multiplicative"
+    assert {method.describe(m) for m in modules} == {"HiRA r=4", "HiRA (embedding) r=4"}
+    assert method.summary(modules) == "r = 4, W ⊙ (B @ A) added"
+
+
+def test_refuses_a_base_of_other_width(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "HIRA", target_modules=["q_proj"], r=2)
+    wider = model_cache({**LLAMA, "hidden_size": 32})
+    with pytest.raises(
+        IncompatibleError,
+        match=r"the adapter's hira_A \[2, 16\] and hira_B \[16, 2\] need a \[16, 16\] weight",
+    ):
+        merge(wider, adapter, tmp_path / "merged", progress=False)
+
+
+def test_shape_problems_in_words() -> None:
+    """What loraship does not merge (Conv3d: 5-D weights) and bases that do not fit, in words."""
+    method = method_of("HIRA")
+    assert method is not None
+
+    @dataclass(frozen=True)
+    class Info:
+        name: str
+        shape: tuple[int, ...]
+
+    conv3d = method.module("c", {"hira_A": Info("a", (2, 4, 1, 1, 3)), "hira_B": Info("b", (8, 2, 1, 1, 1))}, {},
+                           Path("a"))  # fmt: skip
+    assert method.shape_problem(conv3d, "weight", (8, 4, 1, 1, 3), False) == (
+        "HiRA on a 5-D weight is not merged by loraship (it merges HiRA on Linear, Conv1D, Embedding, Conv1d and "
+        "Conv2d layers)"
+    )
+    conv = method.module("c", {"hira_A": Info("a", (2, 4, 3, 3)), "hira_B": Info("b", (8, 2, 1, 1))}, {}, Path("a"))
+    assert method.shape_problem(conv, "weight", (8, 4, 3, 3), False) is None
+    assert method.shape_problem(conv, "weight", (8, 2, 3, 3), False) == (
+        "the adapter's hira_A [2, 4, 3, 3] and hira_B [8, 2, 1, 1] need a [8, 4, 3, 3] weight (HiRA does not support "
+        "grouped convolutions)"
+    )
+    assert method.shape_problem(conv, "weight", (8, 4), False) == (
+        "the adapter's hira_A [2, 4, 3, 3] is a 2-D convolution's, not a 2-D weight's"
+    )
+    linear = method.module("q", {"hira_A": Info("a", (2, 16)), "hira_B": Info("b", (24, 2))}, {}, Path("a"))
+    assert method.shape_problem(linear, "weight", (24, 16), False) is None
+    assert method.shape_problem(linear, "weight", (16, 24), True) is None
