@@ -18,7 +18,7 @@ from typing import Any, Literal
 from loraship.engine.patterns import check_patterns
 from loraship.engine.safetensors_io import TensorInfo, read_header
 from loraship.errors import AdapterError, UnsupportedError, first_line
-from loraship.methods.base import MethodModule, method_of, pattern_key, registry
+from loraship.methods.base import MethodModule, method_of, pattern_key, registry, shared_role
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -528,7 +528,11 @@ def parse_adapter(
         UnsupportedError: The config asks for something loraship does not merge.
     """
     check_method(config, folder)
-    not_peft = [k for k in tensors if not k.startswith(PREFIX)]
+    peft_type = str(config.get("peft_type") or "LORA").upper()
+    method = method_of(peft_type)
+    # Tensors the method keeps once for the whole model (base_model.vera_A): every module of it gets them.
+    shared = {k: info for k, info in tensors.items() if method is not None and shared_role(method, k)}
+    not_peft = [k for k in tensors if not k.startswith(PREFIX) and k not in shared]
     if not_peft:
         raise AdapterError(
             f"`{folder}` does not look like a PEFT LoRA adapter: {len(not_peft)} tensor name(s) do not "
@@ -547,8 +551,6 @@ def parse_adapter(
     target_parameters = list(config.get("target_parameters") or [])
     ensure_tying = bool(config.get("ensure_weight_tying"))
 
-    peft_type = str(config.get("peft_type") or "LORA").upper()
-    method = method_of(peft_type)
     suffixes = _LORA_SUFFIXES if peft_type == "LORA" else _OTHER_SUFFIXES.get(peft_type, ())
     method_parts: dict[str, dict[str, TensorInfo]] = {}
     parts: dict[str, dict[str, TensorInfo]] = {}
@@ -557,6 +559,8 @@ def parse_adapter(
     ignored: dict[str, str] = {}
     unexplained: list[str] = []
     for key, info in tensors.items():
+        if key in shared:
+            continue
         name = key[len(PREFIX) :]
         role = _method_role(method, name)
         if method is not None and role is not None:
@@ -618,7 +622,9 @@ def parse_adapter(
         )  # fmt: skip
     _check_layers(config, lora_modules, folder)
     method_modules = (
-        tuple(method.module(m, roles, config, folder) for m, roles in method_parts.items()) if method else ()
+        tuple(method.module(m, {**roles, **shared}, config, folder) for m, roles in method_parts.items())
+        if method
+        else ()
     )
     token_updates = [_token_update(module, info, config, folder) for module, info in token_tensors]
     return AdapterSpec(

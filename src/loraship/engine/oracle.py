@@ -150,6 +150,11 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
         landed = plan.accounting.get(key, "")
         if landed.startswith("(ignored"):
             continue
+        if not key.startswith(PREFIX):  # kept once for the whole model (VeRA's base_model.vera_A), read by each module
+            checked += 1
+            if key not in _model_level_tensors(peft_model):
+                problems.append(f"`{key}`: PEFT keeps no such tensor for the whole model")
+            continue
         saved = _per_expert_tensor(key, model_map)
         if saved is not None:  # saved under transformers v4 names: the tensor its module names, as it is stored
             checked += 1
@@ -208,6 +213,13 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
     return OracleReport(checked, tuple(problems))
 
 
+def _model_level_tensors(peft_model: Any) -> set[str]:
+    """The saved names of the tensors PEFT keeps once for the whole model (not in a module of it)."""
+    from peft import get_peft_model_state_dict
+
+    return {k for k in get_peft_model_state_dict(peft_model) if not k.startswith(PREFIX)}
+
+
 def _adapter_module(key: str, adapter: AdapterSpec) -> str | None:
     """The module an adapter tensor of a LoRA or another method's layer belongs to (None for other tensors)."""
     if ".lora_" in key:
@@ -222,11 +234,12 @@ def _is_lora_layer(module: Any) -> bool:
 
 
 def _per_expert_tensor(key: str, model_map: ModelMap) -> str | None:
-    """For a LoRA tensor of a per-expert layer (an adapter saved under transformers v4), the
-    per-expert checkpoint tensor its module names, when transformers fuses that tensor on load."""
+    """For a LoRA tensor an adapter saved under transformers v4 names, the checkpoint tensor its module names,
+    when transformers fuses that tensor (per-expert layers) or renames it (Mixtral's router) on load."""
     module = key[len(PREFIX) :].partition(".lora_")[0]
     name = f"{module}.weight"
-    return name if ".lora_" in key and name in model_map.fused_sources else None
+    v4 = name in model_map.fused_sources or name in model_map.renamed_sources
+    return name if ".lora_" in key and v4 else None
 
 
 def _fused_problems(key: str, fused: FusedParam, landed: str, tensors: Mapping[str, TensorPlan]) -> list[str]:

@@ -87,6 +87,9 @@ class Method:
         name: The name users know (``LoHa``).
         kind: ``additive`` (a delta independent of W), ``multiplicative`` (needs W).
         roles: The tensor names PEFT saves per module (``<module>.<role>``).
+        shared: The tensors PEFT saves once for the whole model (VeRA's projections), as
+            ``base_model.<name>`` or, for a list of them, ``base_model.<name>.<i>``. Every module's
+            ``tensors`` holds each one the adapter has, under its saved name (``base_model.vera_A``).
         fields: adapter_config.json fields this method reads: field -> (what PEFT expects, check).
     """
 
@@ -94,6 +97,7 @@ class Method:
     name: ClassVar[str]
     kind: ClassVar[str] = "additive"
     roles: ClassVar[tuple[str, ...]]
+    shared: ClassVar[tuple[str, ...]] = ()
     fields: ClassVar[dict[str, tuple[str, Callable[[Any], bool]]]] = {}
 
     def module(self, name: str, tensors: Mapping[str, Saved], config: Mapping[str, Any], folder: Path) -> MethodModule:
@@ -103,6 +107,11 @@ class Method:
             AdapterError: Tensors are missing or do not fit together.
         """
         raise NotImplementedError
+
+    def with_layers(self, m: MethodModule, layers: tuple[tuple[int, int], ...]) -> MethodModule:
+        """``m`` told the ``(out, in)`` features of every layer the adapter's modules change (in the base), for
+        a method whose shared tensors PEFT sizes to the largest of them; called before :meth:`shape_problem`."""
+        return m
 
     def params(self, m: MethodModule) -> tuple[tuple[str, bool], ...]:
         """The base parameters ``m`` changes, each with whether the base must have it."""
@@ -161,6 +170,18 @@ def incomplete(folder: Path, module: str, have: frozenset[str] | set[str], metho
         f"`{folder}`: the {method} module `{module}` has only " + ", ".join(sorted(have)) + ", not all the tensors "
         f"{method} saves for a module.",
         fix="The adapter file is incomplete: save it again with PEFT.",
+    )
+
+
+#: How PEFT names a tensor it saves once for the whole model (:attr:`Method.shared`).
+SHARED_PREFIX = "base_model."
+
+
+def shared_role(method: Method, key: str) -> bool:
+    """Whether the adapter tensor ``key`` is one of ``method``'s shared tensors (``base_model.vera_A``)."""
+    name = key.removeprefix(SHARED_PREFIX)
+    return key.startswith(SHARED_PREFIX) and any(
+        name == s or (name.startswith(s + ".") and name[len(s) + 1 :].isdigit()) for s in method.shared
     )
 
 

@@ -39,8 +39,9 @@ def build(state: PlanState, dtype: str | None) -> MergePlan:
     default_float = out_code or _main_float_dtype(state)
     order = {name: i for i, name in enumerate(state.base.tensors)}
     plans: dict[str, TensorPlan] = {}
+    layers = _method_layers(state)
     for name, target in state.targets.items():
-        plans[name] = _tensor_plan(state, target, out_code, default_float)
+        plans[name] = _tensor_plan(state, target, out_code, default_float, layers)
     tensors: list[TensorPlan] = []
     for name, info in state.base.tensors.items():
         if name in plans:
@@ -72,7 +73,27 @@ def build(state: PlanState, dtype: str | None) -> MergePlan:
     )
 
 
-def _tensor_plan(state: PlanState, target: Target, out_code: str | None, default_float: str) -> TensorPlan:
+def _method_layers(state: PlanState) -> dict[str, tuple[tuple[int, int], ...]]:
+    """PEFT type -> the ``(out, in)`` features of every base weight its modules change (:meth:`Method.with_layers`)."""
+    found: dict[str, list[tuple[int, int]]] = {}
+    for target in state.targets.values():
+        for _, step, _ in target.steps:
+            shape = target.source.shape if target.source is not None else ()
+            if isinstance(step, MethodStep) and step.param == "weight" and len(shape) >= 2:
+                fan_in_fan_out = state.layouts.conv1d(step.module.module)
+                found.setdefault(step.module.method, []).append(
+                    (shape[1], shape[0]) if fan_in_fan_out else (shape[0], shape[1])
+                )
+    return {method: tuple(sizes) for method, sizes in found.items()}
+
+
+def _tensor_plan(
+    state: PlanState,
+    target: Target,
+    out_code: str | None,
+    default_float: str,
+    layers: dict[str, tuple[tuple[int, int], ...]],
+) -> TensorPlan:
     steps = [s for _, s, _ in sorted(target.steps, key=lambda s: s[0])]
     kinds = Counter(type(s) for s in steps)
     if kinds[ReplaceStep] > 1:
@@ -112,7 +133,7 @@ def _tensor_plan(state: PlanState, target: Target, out_code: str | None, default
             check_float(state, target, source)
             resolved.append(LoraStep(step.module, layout))
         elif isinstance(step, MethodStep):
-            resolved.append(_method_step(state, target, source, shape, step))
+            resolved.append(_method_step(state, target, source, shape, step, layers.get(step.module.method, ())))
         elif isinstance(step, LoraBiasStep):
             bias = step.module.bias
             if source is not None and bias is not None and source.shape != bias.shape:
@@ -139,13 +160,19 @@ def _tensor_plan(state: PlanState, target: Target, out_code: str | None, default
 
 
 def _method_step(
-    state: PlanState, target: Target, source: TensorInfo | None, shape: tuple[int, ...], step: MethodStep
+    state: PlanState,
+    target: Target,
+    source: TensorInfo | None,
+    shape: tuple[int, ...],
+    step: MethodStep,
+    layers: tuple[tuple[int, int], ...],
 ) -> MethodStep:
     """A method's step, with the layer's layout, once its shapes fit the base tensor."""
     method = method_of(step.module.method)
     assert method is not None
-    fan_in_fan_out = step.param == "weight" and state.layouts.conv1d(step.module.module)
-    problem = method.shape_problem(step.module, step.param, shape, fan_in_fan_out)
+    module = method.with_layers(step.module, layers)
+    fan_in_fan_out = step.param == "weight" and state.layouts.conv1d(module.module)
+    problem = method.shape_problem(module, step.param, shape, fan_in_fan_out)
     if isinstance(problem, Unsupported):
         raise UnsupportedError(
             f"`{target.name}`: {problem}.",
@@ -158,7 +185,7 @@ def _method_step(
             fix="Use the base model the adapter was trained on" + state.trained_on() + ".",
         )
     check_float(state, target, source)
-    return MethodStep(step.module, step.param, fan_in_fan_out)
+    return MethodStep(module, step.param, fan_in_fan_out)
 
 
 def _kept_in_float32(state: PlanState, name: str, code: str) -> bool:
