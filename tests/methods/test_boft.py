@@ -4,10 +4,11 @@ and several, as PEFT builds with its CUDA extension, here stood in for by ``torc
 a bf16 adapter); the merged folder loaded with plain transformers behaves as PEFT's unmerged model; ``verify``;
 and what loraship refuses.
 
-loraship refuses BOFT for now: its check of every plan against PEFT's layers on the meta device cannot build
-PEFT's BOFT permutations there (``perm2mat`` indexes with meta tensors). Every test but the one of that refusal
-runs with the change that check needs stood in for (:func:`_plan_check_builds_boft`: PEFT's permutations built on
-the CPU, then moved to the meta device; on the CPU, as in every reference here, nothing changes).
+loraship does not register BOFT yet: its check of every plan against PEFT's layers on the meta device cannot
+build PEFT's BOFT permutations there (``perm2mat`` indexes with meta tensors). Every test but the one of that
+refusal registers it, with the change that check needs stood in for (:func:`_plan_check_builds_boft`: PEFT's
+permutations built on the CPU, then moved to the meta device; on the CPU, as in every reference here, nothing
+changes).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from conftest import (
 
 from loraship.engine.merge import merge
 from loraship.errors import AdapterError, IncompatibleError, UnsupportedError
-from loraship.methods.base import method_of
+from loraship.methods.base import method_of, registry
 from loraship.tiny import build_method_adapter
 
 ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -117,19 +118,22 @@ def _plan_check_builds_boft(request: pytest.FixtureRequest, monkeypatch: pytest.
     monkeypatch.setattr(layer.BOFTLayer, "block_butterfly_perm", block_butterfly_perm)
     monkeypatch.setattr(layer.BOFTLayer, "perm2mat", perm2mat)
     monkeypatch.setattr(boft, "PLAN_CHECK_BUILDS_BOFT", True)
+    monkeypatch.setitem(registry(), "BOFT", boft.BOFT())
 
 
 def test_refused_until_the_plan_check_builds_boft(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "BOFT", target_modules=["q_proj"], boft_block_size=4)
+    assert method_of("BOFT") is None
     with pytest.raises(UnsupportedError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
-    assert (e.value.message, e.value.fix) == (
-        f"`{adapter}` is a BOFT adapter, which loraship does not merge yet: it checks every merge plan against "
-        "PEFT's own layers built on PyTorch's meta device, and PEFT cannot build BOFT's butterfly permutations "
-        "there.",
-        "Merge it with PEFT (PeftModel.from_pretrained(base, adapter).merge_and_unload(), then save_pretrained()), "
-        "and check the result with `loraship verify`.",
+    assert e.value.message.startswith(
+        f"`{adapter / 'adapter_config.json'}` is a BOFT adapter: a method PEFT can merge, but loraship does not "
+        "merge yet (it merges "
+    )
+    assert e.value.fix == (
+        "Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload(), then check the "
+        "result with `loraship verify`."
     )
     assert not (tmp_path / "merged").exists()
 

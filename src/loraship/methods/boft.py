@@ -24,11 +24,11 @@ is ``((mm(B, Wᵀ.to(fp32)))ᵀ * s).contiguous().to(W.dtype)`` (a convolution's
 and ``s`` transposed to ``(out, 1)`` first): one fp32 product, rounded once. Biases are left alone (PEFT's
 forward scales the output before the bias). ``boft_dropout`` is training only.
 
-Not merged yet: every merge is checked against PEFT's own layers built on the meta device
-(:mod:`loraship.engine.oracle`), and PEFT's ``BOFTLayer.perm2mat`` cannot run there (it indexes with meta
-tensors), so :meth:`BOFT.module` refuses every BOFT adapter until that check builds BOFT's permutations off the
-meta device; then :data:`PLAN_CHECK_BUILDS_BOFT` turns the merge on (its tests run it so, with that change stood in
-for, bit-identical to PEFT).
+Not registered yet (``METHOD`` is None, so loraship refuses BOFT as a method it does not merge): every merge is
+checked against PEFT's own layers built on the meta device (:mod:`loraship.engine.oracle`), and PEFT's
+``BOFTLayer.perm2mat`` cannot run there (it indexes with meta tensors). Once that check builds BOFT's permutations
+off the meta device, :data:`PLAN_CHECK_BUILDS_BOFT` registers the merge (its tests register it, with that change
+stood in for, and find it bit-identical to PEFT).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraship.errors import AdapterError, UnsupportedError
+from loraship.errors import AdapterError
 from loraship.methods.base import Method, MethodModule, Saved, Unsupported, _is_number, adapter_float, incomplete, span
 
 if TYPE_CHECKING:
@@ -72,14 +72,6 @@ class BOFT(Method):
     fields = _FIELDS
 
     def module(self, name: str, tensors: Mapping[str, Saved], config: Mapping[str, Any], folder: Path) -> MethodModule:
-        if not PLAN_CHECK_BUILDS_BOFT:
-            raise UnsupportedError(
-                f"`{folder}` is a BOFT adapter, which loraship does not merge yet: it checks every merge plan against "
-                "PEFT's own layers built on PyTorch's meta device, and PEFT cannot build BOFT's butterfly "
-                "permutations there.",
-                fix="Merge it with PEFT (PeftModel.from_pretrained(base, adapter).merge_and_unload(), then "
-                "save_pretrained()), and check the result with `loraship verify`.",
-            )
         if set(tensors) != {"boft_R", "boft_s"}:
             raise incomplete(folder, name, set(tensors), self.name)
         block_size, block_num = int(config.get("boft_block_size", 4)), int(config.get("boft_block_num", 0))
@@ -284,4 +276,4 @@ def _butterfly(boft_R: torch.Tensor) -> torch.Tensor:
     return butterfly_oft_mat
 
 
-METHOD = BOFT()
+METHOD = BOFT() if PLAN_CHECK_BUILDS_BOFT else None
