@@ -327,8 +327,10 @@ def _destination(key: str, wrappers: Mapping[str, Any], params: Mapping[str, Any
     if rest.startswith("ln_tuning_layers."):  # LN tuning: the trained copy of the norm replaces it
         param = rest.rpartition(".")[2]
         return module, param, getattr(base, param), False
-    if rest.partition(".")[0] in getattr(layer, "adapter_layer_names", ()) and not rest.startswith("lora_"):
-        return module, "weight", base.weight, False  # another method's tensor: it changes the layer's weight
+    own = (*getattr(layer, "adapter_layer_names", ()), *getattr(layer, "other_param_names", ()))
+    if rest.partition(".")[0] in own and not rest.startswith("lora_"):
+        # another method's tensor (or its layer's copy of a shared one, RandLoRA's): it changes the layer's weight
+        return module, "weight", base.weight, False
     if "." not in rest and not rest.startswith("lora_"):  # a trained parameter of the layer (bias="all")
         return module, rest, getattr(base, rest), False
     param = "bias" if rest == "lora_B.bias" else str(getattr(layer, "parameter_name", None) or "weight")
