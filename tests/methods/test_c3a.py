@@ -1,0 +1,169 @@
+"""C3A against PEFT: each output tensor bit-identical to ``merge_and_unload()`` on CPU, on fp32, bf16 and fp16
+bases (block sizes, a ``block_size_pattern``, PEFT's random initialisations, attention biases left alone, a bf16
+adapter); the merged folder loaded with plain transformers behaves as PEFT's unmerged model; ``verify``; and what
+loraship refuses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    LLAMA,
+    QWEN2,
+    assert_changes_as_planned,
+    assert_same_tensors,
+    load_tensors,
+    peft_outputs,
+    peft_reference,
+    plain_outputs,
+)
+
+from loraship.engine.merge import merge
+from loraship.errors import IncompatibleError
+from loraship.methods.base import method_of
+from loraship.tiny import build_method_adapter
+
+ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    settings: dict[str, Any]
+    config: dict[str, Any]
+    adapter_dtype: str | None = None
+
+
+CASES = [
+    Case("c3a-block-4", {"target_modules": ATTN_MLP, "block_size": 4, "init_weights": False}, LLAMA),
+    Case("c3a-block-8", {"target_modules": ATTN, "block_size": 8, "init_weights": "gaussian"}, LLAMA),
+    Case(
+        "c3a-block-size-pattern",
+        {
+            "target_modules": ATTN_MLP,
+            "block_size": 4,
+            "block_size_pattern": {"q_proj": 2, "down_proj": 8},
+            "init_weights": "kaiming_uniform",
+        },
+        LLAMA,
+    ),
+    Case("c3a-zero-init", {"target_modules": ["q_proj", "o_proj"], "block_size": 16}, LLAMA),
+    Case("c3a-bias", {"target_modules": ATTN, "block_size": 4, "init_weights": "xavier_uniform"}, QWEN2),
+    Case(
+        "c3a-adapter-bf16",
+        {"target_modules": ["q_proj", "o_proj"], "block_size": 4, "init_weights": False},
+        LLAMA,
+        adapter_dtype="bfloat16",
+    ),
+]
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.randint(0, 30, (1, 9), generator=torch.Generator().manual_seed(0))}
+
+
+def _adapter(case: Case, base: Path, folder: Path) -> Path:
+    return build_method_adapter(base, folder, "C3A", adapter_dtype=case.adapter_dtype, **case.settings)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
+    base = model_cache(case.config, dtype=dtype)
+    adapter = _adapter(case, base, tmp_path / "adapter")
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    reference = peft_reference(base, adapter, tmp_path / "peft", dtype=getattr(torch, dtype))
+    ours = load_tensors(tmp_path / "merged")
+    untouched = frozenset(t.name for t in result.prepared.plan.tensors if not t.changed)
+    assert_same_tensors(ours, reference, upcast_ok=untouched)
+    assert_changes_as_planned(result.prepared.plan, ours, base)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, tmp_path: Path) -> None:
+    base = model_cache(case.config, dtype="float32")
+    adapter = _adapter(case, base, tmp_path / "adapter")
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    expected = peft_outputs(base, adapter, _inputs())
+    torch.testing.assert_close(plain_outputs(tmp_path / "merged", _inputs()), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_verify_passes_a_correct_merge_and_fails_a_doubled_one(model_cache, tmp_path: Path) -> None:
+    from loraship.check.verify import verify
+
+    base = model_cache(LLAMA)
+    adapter = _adapter(CASES[0], base, tmp_path / "adapter")
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    report = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 4})
+    assert report.passed, report.failed_checks
+    assert report.weights.exact == report.weights.changed > 0
+    merge(tmp_path / "merged", adapter, tmp_path / "twice", progress=False)
+    twice = verify(base, adapter, tmp_path / "twice", threshold_overrides={"generation_tokens": 4})
+    failed = {f"{c.level}: {c.name}" for c in twice.checks if c.passed is False}
+    assert {"weights: changed tensors recomputed", "outputs: merge error / adapter effect"} <= failed
+
+
+def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "C3A", target_modules=["q_proj", "o_proj"],
+                                   block_size=4, block_size_pattern={"o_proj": 8})  # fmt: skip
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    modules = result.prepared.adapter.method_modules
+    method = method_of("C3A")
+    assert method is not None and method.kind == "additive"
+    assert {method.describe(m) for m in modules} == {"C3A blocks of 4", "C3A blocks of 8"}
+    assert method.summary(modules) == "block_size = 4–8"
+
+
+def test_refuses_a_base_of_other_width(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "C3A", target_modules=["q_proj"], block_size=4)
+    wider = model_cache({**LLAMA, "hidden_size": 32})
+    with pytest.raises(IncompatibleError) as e:
+        merge(wider, adapter, tmp_path / "merged", progress=False)
+    assert e.value.message == (
+        "Shape mismatch for `model.layers.0.self_attn.q_proj.weight`: the base tensor is [32, 32], but the adapter's "
+        "c3a_kernel [4, 4, 4] is not the [8, 8, 4] PEFT makes with blocks of 4."
+    )
+
+
+def test_refuses_a_block_size_that_does_not_divide(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "C3A", target_modules=["q_proj"], block_size=4)
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "block_size_pattern": {"q_proj": 6}}))
+    with pytest.raises(IncompatibleError) as e:
+        merge(base, adapter, tmp_path / "merged", progress=False)
+    assert e.value.message == (
+        "Shape mismatch for `model.layers.0.self_attn.q_proj.weight`: the base tensor is [16, 16], but its "
+        "block_size_pattern['q_proj'] = 6 does not divide the layer's 16 output and 16 input features, as PEFT's "
+        "C3A needs."
+    )
+
+
+def test_shape_problems_in_words() -> None:
+    """What PEFT's C3A does not adapt: Conv1D (weights stored (in, out)) and convolutions."""
+    method = method_of("C3A")
+    assert method is not None
+
+    @dataclass(frozen=True)
+    class Info:
+        name: str
+        shape: tuple[int, ...]
+
+    m = method.module("q", {"c3a_kernel": Info("k", (4, 2, 4))}, {"block_size": 4}, Path("a"))
+    assert method.shape_problem(m, "weight", (16, 8), False) is None
+    assert method.shape_problem(m, "weight", (8, 16), True) == (
+        "C3A on a Conv1D layer (weights stored (in, out)) is not merged (PEFT's C3A adapts only Linear layers)"
+    )
+    assert method.shape_problem(m, "weight", (16, 8, 1, 1), False) == (
+        "C3A on a 4-D weight is not merged (PEFT's C3A adapts only Linear layers)"
+    )
