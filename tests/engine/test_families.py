@@ -199,6 +199,12 @@ FAMILIES = [
            {"target_parameters": ["mlp.experts.down_proj"], "target_modules": ["q_proj"]}, experts_changed=4),
     Family("qwen3-vl-moe-experts-stored-transposed", QWEN3_VL_MOE, "Qwen3VLMoeForConditionalGeneration",
            {"target_parameters": EXPERTS, "target_modules": ["q_proj"]}, experts_changed=2),
+    # PEFT's own default on a fused MoE: "all-linear" saves the experts and the router as bare parameter names
+    # (target_parameters ["gate_up_proj", "down_proj", "gate.weight"]), nested on one module, with gate_up's r
+    # and alpha doubled in rank_pattern/alpha_pattern under the wrapped parameter's name
+    *(Family(f"{config['model_type']}-all-linear-bare-parameter-names", config, "AutoModelForCausalLM",
+             {"target_modules": "all-linear"}, experts_changed=changed)
+      for config, changed in ((QWEN3_MOE, 12), (MIXTRAL, 12), (OLMOE, 12), (DEEPSEEK_V3, 12), (GLM4_MOE, 12))),
     Family("switch-transformers-moe-per-expert-linear", SWITCH, "SwitchTransformersForConditionalGeneration",
            {"target_modules": ["wi", "wo", "classifier", "q"]}, inputs="seq2seq",
            experts_changed=32),

@@ -688,8 +688,9 @@ def _lora_module(
         while pattern_name.endswith(".base_layer"):
             pattern_name = pattern_name[: -len(".base_layer")]
             depth += 1
+        own = _own_parameters(pattern_name, target_parameters, param_order, folder)
         matching = list(dict.fromkeys(
-            p.rpartition(".")[2] for p in target_parameters if _matches_parameter(pattern_name, p)))  # fmt: skip
+            p.rpartition(".")[2] for p in target_parameters if _matches_parameter(pattern_name, p, own)))  # fmt: skip
         if len(matching) > 1:
             matching = _registration_order(matching, pattern_name, param_order, folder)
         if matching:
@@ -702,8 +703,10 @@ def _lora_module(
             wrapped = True
         else:
             pattern_name = module
-    r_key = pattern_key(rank_pattern, pattern_name)
-    alpha_key = pattern_key(alpha_pattern, pattern_name)
+    # PEFT looks a wrapped parameter's rank and alpha up by `<module>.<param>` (its current_key).
+    key_name = f"{pattern_name}.{param}" if wrapped else pattern_name
+    r_key = pattern_key(rank_pattern, key_name)
+    alpha_key = pattern_key(alpha_pattern, key_name)
     alpha = float(alpha_pattern[alpha_key]) if alpha_key is not None else lora_alpha
     configured_rank = int(rank_pattern[r_key]) if r_key is not None else config_r
     experts: int | None = None
@@ -783,9 +786,37 @@ def _registration_order(
     return sorted(names, key=order.index)
 
 
-def _matches_parameter(module: str, target: str) -> bool:
-    owner = target.rpartition(".")[0]
-    return bool(owner) and (module == owner or module.endswith("." + owner))
+def _own_parameters(
+    module: str, targets: Sequence[str], param_order: Callable[[str], Sequence[str]] | None, folder: Path
+) -> frozenset[str] | None:
+    """The parameters ``module`` itself registers, where a bare target needs them (None otherwise).
+
+    A target without a dot (``gate_up_proj``, as PEFT's ``all-linear`` saves the experts of a fused MoE) names
+    a parameter of whichever module has one by that name, so which modules it wraps depends on the model.
+
+    Raises:
+        UnsupportedError: A target is bare and the model could not be built to read its parameters.
+    """
+    bare = sorted(t for t in targets if "." not in t)
+    if not bare:
+        return None
+    if param_order is None:
+        raise UnsupportedError(
+            f"`{folder}` targets parameters by their bare name ({', '.join(bare)}); which modules own them depends on "
+            "the model, and loraship could not build the model to read it.",
+            fix="Merge with PEFT (merge_and_unload) and check the result with `loraship verify`.",
+        )
+    return frozenset(param_order(module))
+
+
+def _matches_parameter(module: str, target: str, own: frozenset[str] | None = None) -> bool:
+    """PEFT's matching of ``target_parameters``: ``<module>.<param>`` is the target or ends with ``.<target>``,
+    for a parameter the module registers itself (checked where ``own`` is known)."""
+    param = target.rpartition(".")[2]
+    if own is not None and param not in own:
+        return False
+    key = f"{module}.{param}"
+    return key == target or key.endswith("." + target)
 
 
 def _check_layers(config: Mapping[str, Any], modules: Sequence[LoraModule], folder: Path) -> None:
