@@ -129,3 +129,37 @@ def test_a_conversion_loraship_cannot_invert_is_refused(tmp_path: Path) -> None:
         "Merge this adapter with PEFT (PeftModel.from_pretrained(base, adapter).merge_and_unload(), then "
         "save_pretrained()), and check the result with `loraship verify`."
     )
+
+
+def test_transformers_v4_mixtral_router_lora_merges_and_verify_says_peft_drops_it(tmp_path: Path) -> None:
+    """A v4 Mixtral adapter with a LoRA on the router (``block_sparse_moe.gate``, an nn.Linear in v4) beside the
+    per-expert LoRAs: transformers v5 loads the router as ``mlp.gate.weight``, and PEFT drops its LoRA on load.
+    loraship merges it into the tensor it names; ``verify`` checks the weights and says why the outputs cannot be
+    compared with PEFT."""
+    base = build_model(tmp_path / "base", MIXTRAL)
+    adapter = _v4_adapter(base, tmp_path / "adapter", "mixtral", rslora=False)
+    tensors = load_tensors(adapter)
+    g = torch.Generator().manual_seed(5)
+    router = "base_model.model.model.layers.0.block_sparse_moe.gate"
+    tensors[f"{router}.lora_A.weight"] = torch.randn(4, MIXTRAL["hidden_size"], generator=g)
+    tensors[f"{router}.lora_B.weight"] = torch.randn(MIXTRAL["num_local_experts"], 4, generator=g)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "target_modules": [*config["target_modules"],
+                                                                                         "gate"]}))  # fmt: skip
+
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    key = "model.layers.0.block_sparse_moe.gate.weight"
+    w = load_tensors(base)[key]
+    expected = w + (tensors[f"{router}.lora_B.weight"] @ tensors[f"{router}.lora_A.weight"]) * 2.0  # alpha 8 / r 4
+    assert torch.equal(bits(load_tensors(tmp_path / "merged")[key]), bits(expected))
+
+    report = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 4})
+    assert report.passed, report.failed_checks
+    assert report.weights.exact == report.weights.changed == 13
+    outputs = [(c.name, c.passed, c.measured) for c in report.checks if c.level == "outputs"]
+    assert outputs == [(
+        "reference (PEFT, unmerged)", None,
+        f"not valid: PEFT does not load `{router}.lora_A.weight` (nor 1 more adapter tensor(s)) from the adapter "
+        "file as saved, so its unmerged model leaves that part of the adapter out",
+    )]  # fmt: skip

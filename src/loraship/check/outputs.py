@@ -233,6 +233,44 @@ def compare(
                         offloaded=max_memory is not None)  # fmt: skip
 
 
+def peft_load_problem(model: Any, adapter: Path, *, skip: frozenset[str] = frozenset()) -> str | None:
+    """How PEFT's loaded adapter differs from the adapter file (None when it holds every tensor as saved).
+
+    PEFT loads an adapter's tensors through the model's own checkpoint renames, and may miss some: Inkling 2's
+    ``k_sconv.weight_proj`` LoRA is left at its initial values, a transformers v4 Mixtral adapter's LoRA of the
+    router (``block_sparse_moe.gate``, now ``mlp.gate``) is dropped. Its unmerged model is then not base + adapter.
+    ``skip``: tensors PEFT converts on load (per-expert LoRAs of a v4 adapter), checked on their own.
+    """
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    path = adapter / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    loaded = get_peft_model_state_dict(model)
+    missing: list[str] = []
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 - a safetensors file, not a dict
+            if key in skip:
+                continue
+            got = loaded.get(key)
+            if got is None or got.device.type == "meta":
+                if got is None and ".lora_" in key:
+                    missing.append(key)
+                continue
+            want = f.get_tensor(key)
+            if got.shape != want.shape or not torch.allclose(got.float().cpu(), want.float(), rtol=1e-2, atol=1e-3):
+                missing.append(key)
+    if not missing:
+        return None
+    return (
+        f"PEFT does not load `{missing[0]}`"
+        + (f" (nor {len(missing) - 1} more adapter tensor(s))" if len(missing) > 1 else "")
+        + " from the adapter file as saved, so its unmerged model leaves that part of the adapter out"
+    )
+
+
 def _compare(
     cls: Any,
     base: Path,
@@ -287,6 +325,14 @@ def _compare(
             none = OutputStats(0, 0.0, 0.0)
             return OutputReport(cls.__name__, run_device, run_dtype, "none", 0, none, none, True, thresholds=limits,
                                 reference_problem=problem)  # fmt: skip
+    converted = frozenset(t.name for lora in per_expert for t in (lora.a, lora.b))  # checked above
+    problem = None if offloaded else peft_load_problem(reference, adapter, skip=converted)
+    if problem is not None:
+        del reference
+        _free()
+        none = OutputStats(0, 0.0, 0.0)
+        return OutputReport(cls.__name__, run_device, run_dtype, "none", 0, none, none, True, thresholds=limits,
+                            reference_problem=problem)  # fmt: skip
     inputs, description = _inputs(reference, merged, config, prompts, trust_remote_code=trust_remote_code)
     if config.get("is_encoder_decoder"):
         inputs = [_with_decoder_inputs(item, reference.config) for item in inputs]

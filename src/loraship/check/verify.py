@@ -147,9 +147,9 @@ def verify(
             )
         if output_report.reference_problem is not None:
             notes.append(
-                "PEFT's unmerged model is not base + adapter here (it converts this transformers-v4 adapter wrongly), "
+                "PEFT's unmerged model is not base + adapter here (it loads this adapter wrongly), "
                 "so the outputs were not compared; the weights were checked bit for bit against the adapter's own math "
-                "(each expert's W + scale·B·A)."
+                "(W + scale·B·A of each tensor it names)."
             )
     names = labels or (str(base), str(adapter), str(merged))
     return VerifyReport(*names, checks=tuple(checks), weights=weights, outputs=output_report, notes=tuple(notes))

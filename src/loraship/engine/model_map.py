@@ -75,6 +75,12 @@ class ModelMap:
         return tuple(p.rpartition(".")[2] for p in self.params if p.rpartition(".")[0] == owner) if owner else ()
 
     @property
+    def renamed_sources(self) -> frozenset[str]:
+        """Checkpoint tensors transformers loads under another name (Mixtral's ``block_sparse_moe.gate.weight``
+        into ``mlp.gate.weight``): the names a transformers v4 adapter still uses."""
+        return frozenset(saved for param, saved in self.stored.items() if saved != param and saved not in self.stored)
+
+    @property
     def fused_sources(self) -> frozenset[str]:
         """Checkpoint tensors transformers fuses into some parameter (per-expert tensors)."""
         return frozenset(k for f in self.fused.values() for keys in f.sources for k in keys)

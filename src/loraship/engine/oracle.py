@@ -328,8 +328,10 @@ def _destination(key: str, wrappers: Mapping[str, Any], params: Mapping[str, Any
         param = rest.rpartition(".")[2]
         return module, param, getattr(base, param), False
     own = (*getattr(layer, "adapter_layer_names", ()), *getattr(layer, "other_param_names", ()))
-    if rest.partition(".")[0] in own and not rest.startswith("lora_"):
-        # another method's tensor (or its layer's copy of a shared one, RandLoRA's): it changes the layer's weight
+    first = rest.partition(".")[0]
+    if (first in own or any(first.startswith(n + "_") for n in own)) and not rest.startswith("lora_"):
+        # another method's tensor (or its layer's copy of a shared one, RandLoRA's; or a saved form of it, VB-LoRA's
+        # <logits>_topk_indices): it changes the layer's weight
         return module, "weight", base.weight, False
     if "." not in rest and not rest.startswith("lora_"):  # a trained parameter of the layer (bias="all")
         return module, rest, getattr(base, rest), False

@@ -61,6 +61,7 @@ class PlanState:
     resolver: NameResolver = field(init=False)
     model_type: str = field(init=False)
     fused_sources: frozenset[str] = field(init=False)
+    renamed_sources: frozenset[str] = field(init=False)  # checkpoint names transformers loads under another name
     scales: dict[str, TensorInfo] = field(init=False)  # FP8 weight -> its scale, dequantized on the way
     layouts: Layouts = field(init=False)
 
@@ -69,6 +70,7 @@ class PlanState:
         self.resolver = NameResolver(self.base.tensors)
         self.model_type = str(self.config.get("model_type", ""))
         self.fused_sources = model.fused_sources if model is not None else frozenset()
+        self.renamed_sources = model.renamed_sources if model is not None else frozenset()
         self.scales = quantized.scale_pairs(self.base, self.config)
         self.layouts = Layouts(
             self.model_type, self.adapter.fan_in_fan_out,
@@ -82,6 +84,8 @@ class PlanState:
             if found is None and param in self.fused_sources:  # a transformers v4 adapter: per-expert LoRAs
                 self.per_expert.append(param)
                 return param
+            if found is None and param in self.renamed_sources:  # a transformers v4 adapter: its names are the
+                return param  # checkpoint's, which transformers renames on load (Mixtral's block_sparse_moe.gate)
             return found
         module, _, name = param.rpartition(".")
         return self.resolver.resolve(module, name)
