@@ -15,6 +15,7 @@ import torch
 from conftest import (
     GPT2,
     LLAMA,
+    LLAMA_TIED,
     RESNET,
     WAV2VEC2,
     assert_changes_as_planned,
@@ -106,6 +107,23 @@ def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, t
     expected = peft_outputs(base, adapter, inputs, model_class=case.model_class)
     actual = plain_outputs(tmp_path / "merged", inputs, model_class=case.model_class)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tied_embedding_is_changed_on_its_own(dtype: str, model_cache, tmp_path: Path) -> None:
+    """HiRA on a tied input embedding: PEFT's unmerged model changes only the lookups, so the merged model stores the
+    changed embedding (PEFT's merged bits) apart from the output embedding (the base's), as base + adapter behaves."""
+    base = model_cache(LLAMA_TIED, dtype=dtype)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "HIRA", target_modules=["embed_tokens"], r=2)
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    reference = peft_reference(base, adapter, tmp_path / "peft", dtype=getattr(torch, dtype))
+    ours, before = load_tensors(tmp_path / "merged"), load_tensors(base)
+    assert_same_tensors({"e": ours["model.embed_tokens.weight"]}, {"e": reference["model.embed_tokens.weight"]})
+    assert_same_tensors({"e": ours["lm_head.weight"]}, {"e": before["model.embed_tokens.weight"]})
+    if dtype == "float32":
+        inputs = _inputs("tokens")
+        expected = peft_outputs(base, adapter, inputs)
+        torch.testing.assert_close(plain_outputs(tmp_path / "merged", inputs), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_verify_passes_a_correct_merge_and_fails_a_doubled_one(model_cache, tmp_path: Path) -> None:
