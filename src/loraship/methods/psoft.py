@@ -19,8 +19,10 @@ adapter in fp32). The delta ``(B @ (R - I) @ A) * scale``, rounded to W's dtype 
 layers only; the bias is left alone.
 
 Measured: bit-identical to PEFT on fp32, bf16 and fp16 bases when both run with the same torch build and thread
-count. MKL's SVD (and so PEFT's own merge) rounds differently with another thread count; loraship computes it on the
-thread that merges (torch's default threads, as a PEFT run gets by default); ``loraship verify`` shows any difference.
+count. MKL's SVD (and so PEFT's own merge) rounds differently with another thread count: with r = 16 on a 256 x 96
+weight, 1 thread against 2 changes 99.7 % of the merged fp32 elements (by up to 7e-5) and 0.6 % of the bf16 ones (by
+one unit in the last place). loraship computes it on the thread that merges (torch's default threads, as a PEFT run
+gets by default); ``loraship verify`` shows any difference.
 """
 
 from __future__ import annotations
