@@ -115,7 +115,7 @@ def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
     result = merge(base, adapter, tmp_path / "merged", progress=False)
     modules = result.prepared.adapter.method_modules
     method = method_of("MISS")
-    assert method is not None and method.kind == "additive"
+    assert method is not None and method.kind == "multiplicative"
     assert {method.describe(m) for m in modules} == {"MiSS mini r=4, mini_r=2"}
     assert method.summary(modules) == "mini, r = 4"
 

@@ -34,7 +34,7 @@ stood in for, and find it bit-identical to PEFT).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import cache
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -230,7 +230,7 @@ def _block_butterfly_perm(n: int, b: int, r: int, n_butterfly_factor: int) -> to
     return indices
 
 
-@cache
+@lru_cache(maxsize=4)
 def _permutations(in_features: int, block_num: int, block_size: int, factors: int) -> torch.Tensor:
     """``boft_P``: the ``(factors, in, in)`` fp32 permutation matrices PEFT rebuilds on load (``perm2mat``)."""
     import torch

@@ -52,6 +52,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
 class MiSS(Method):
     peft_type = "MISS"
     name = "MiSS"
+    kind = "multiplicative"  # bat's change is built from W (balance and mini add a block independent of it)
     roles = ("miss_block",)
     fields = _FIELDS
 
