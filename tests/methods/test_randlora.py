@@ -185,7 +185,7 @@ def test_shape_problems_in_words() -> None:
 
     tensors = {"randlora_lambda": Info("l", (4, 4)), "randlora_gamma": Info("g", (4, 16))}
     m = method.module("h.0.attn.c_attn", tensors, {"r": 4, "save_projection": False}, Path("a"))
-    m = method.with_layers(m, ((48, 16), (64, 16)))
+    m = method.with_layers(m, (("h.0.attn.c_attn", 48, 16), ("h.0.mlp.c_fc", 64, 16)))
     assert method.shape_problem(m, "weight", (16, 48), True) is None  # Conv1D: (in, out)
     conv = method.shape_problem(m, "weight", (48, 16, 1, 1), False)
     assert isinstance(conv, Unsupported)

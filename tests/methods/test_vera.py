@@ -254,7 +254,7 @@ def test_shape_problems_in_words() -> None:
 
     tensors = {"vera_lambda_b": Info("b", (48,)), "vera_lambda_d": Info("d", (4,))}
     m = method.module("h.0.attn.c_attn", tensors, {"r": 4, "save_projection": False}, Path("a"))
-    m = method.with_layers(m, ((48, 16), (64, 16)))
+    m = method.with_layers(m, (("h.0.attn.c_attn", 48, 16), ("h.0.mlp.c_fc", 64, 16)))
     assert method.shape_problem(m, "weight", (16, 48), True) is None  # Conv1D: (in, out)
     assert method.shape_problem(m, "weight", (48, 16), False) is None
     conv = method.shape_problem(m, "weight", (48, 16, 1, 1), False)

@@ -108,9 +108,10 @@ class Method:
         """
         raise NotImplementedError
 
-    def with_layers(self, m: MethodModule, layers: tuple[tuple[int, int], ...]) -> MethodModule:
-        """``m`` told the ``(out, in)`` features of every layer the adapter's modules change (in the base), for
-        a method whose shared tensors PEFT sizes to the largest of them; called before :meth:`shape_problem`."""
+    def with_layers(self, m: MethodModule, layers: tuple[tuple[str, int, int], ...]) -> MethodModule:
+        """``m`` told every layer the adapter's modules of this method change, as ``(module, out features, in
+        features)`` in the base, in the model's order of modules: for a method whose shared tensors PEFT sizes to
+        the largest layer, or that numbers its layers; called before :meth:`shape_problem`."""
         return m
 
     def params(self, m: MethodModule) -> tuple[tuple[str, bool], ...]:

@@ -109,10 +109,10 @@ class RandLoRA(Method):
         )
         return MethodModule(self.peft_type, name, tuple(sorted(tensors.items())), settings)
 
-    def with_layers(self, m: MethodModule, layers: tuple[tuple[int, int], ...]) -> MethodModule:
+    def with_layers(self, m: MethodModule, layers: tuple[tuple[str, int, int], ...]) -> MethodModule:
         if not layers:
             return m
-        largest = (("max_out", max(o for o, _ in layers)), ("max_in", max(i for _, i in layers)))
+        largest = (("max_out", max(o for _, o, _ in layers)), ("max_in", max(i for _, _, i in layers)))
         kept = tuple((k, v) for k, v in m.settings if k not in ("max_out", "max_in"))
         return MethodModule(m.method, m.module, m.tensors, kept + largest)
 

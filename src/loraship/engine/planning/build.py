@@ -73,18 +73,21 @@ def build(state: PlanState, dtype: str | None) -> MergePlan:
     )
 
 
-def _method_layers(state: PlanState) -> dict[str, tuple[tuple[int, int], ...]]:
-    """PEFT type -> the ``(out, in)`` features of every base weight its modules change (:meth:`Method.with_layers`)."""
-    found: dict[str, list[tuple[int, int]]] = {}
+def _method_layers(state: PlanState) -> dict[str, tuple[tuple[str, int, int], ...]]:
+    """PEFT type -> ``(module, out, in)`` of every base weight its modules change, in the model's order of modules
+    (the base checkpoint's where the model class is unknown) (:meth:`Method.with_layers`)."""
+    found: dict[str, list[tuple[int, tuple[str, int, int]]]] = {}
+    params = {name: i for i, name in enumerate(state.model.params)} if state.model is not None else {}
+    stored = {name: i for i, name in enumerate(state.base.tensors)}
     for target in state.targets.values():
         for _, step, _ in target.steps:
             shape = target.source.shape if target.source is not None else ()
             if isinstance(step, MethodStep) and step.param == "weight" and len(shape) >= 2:
-                fan_in_fan_out = state.layouts.conv1d(step.module.module)
-                found.setdefault(step.module.method, []).append(
-                    (shape[1], shape[0]) if fan_in_fan_out else (shape[0], shape[1])
-                )
-    return {method: tuple(sizes) for method, sizes in found.items()}
+                module = step.module.module
+                out_features, in_features = (shape[1], shape[0]) if state.layouts.conv1d(module) else shape[:2]
+                order = params.get(f"{module}.weight", len(params) + stored.get(target.name, 0))
+                found.setdefault(step.module.method, []).append((order, (module, out_features, in_features)))
+    return {method: tuple(layer for _, layer in sorted(layers)) for method, layers in found.items()}
 
 
 def _tensor_plan(
@@ -92,7 +95,7 @@ def _tensor_plan(
     target: Target,
     out_code: str | None,
     default_float: str,
-    layers: dict[str, tuple[tuple[int, int], ...]],
+    layers: dict[str, tuple[tuple[str, int, int], ...]],
 ) -> TensorPlan:
     steps = [s for _, s, _ in sorted(target.steps, key=lambda s: s[0])]
     kinds = Counter(type(s) for s in steps)
@@ -165,7 +168,7 @@ def _method_step(
     source: TensorInfo | None,
     shape: tuple[int, ...],
     step: MethodStep,
-    layers: tuple[tuple[int, int], ...],
+    layers: tuple[tuple[str, int, int], ...],
 ) -> MethodStep:
     """A method's step, with the layer's layout, once its shapes fit the base tensor."""
     method = method_of(step.module.method)

@@ -1,0 +1,179 @@
+"""TinyLoRA against PEFT: each output tensor bit-identical to ``merge_and_unload()`` on CPU, on fp32, bf16 and fp16
+bases (layers of different sizes over two decoder layers, so each layer's number in the model's order picks its
+projection seed and its group of v; weight tying; projections saved or drawn from ``projection_seed``; GPT-2's Conv1D;
+an embedding; a bf16 adapter); the merged folder loaded with plain transformers behaves as PEFT's unmerged model;
+verify passes a correct merge and fails a doubled one; and what loraship refuses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    GPT2,
+    LLAMA,
+    assert_changes_as_planned,
+    assert_same_tensors,
+    load_tensors,
+    peft_outputs,
+    peft_reference,
+    plain_outputs,
+)
+
+from loraship.engine.merge import merge
+from loraship.errors import AdapterError, IncompatibleError
+from loraship.methods.base import Unsupported, method_of
+from loraship.tiny import build_method_adapter
+
+ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
+DRAWN = {"save_projection": False, "projection_seed": 5}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    settings: dict[str, Any]
+    config: dict[str, Any]
+    adapter_dtype: str | None = None
+
+
+CASES = [
+    Case("tinylora-saved", {"target_modules": ATTN_MLP, "r": 2}, LLAMA),
+    Case("tinylora-drawn", {"target_modules": ATTN_MLP, "r": 3, "u": 16, **DRAWN}, LLAMA),
+    Case("tinylora-tied-groups", {"target_modules": ATTN_MLP, "r": 2, "u": 8, "weight_tying": 0.5, **DRAWN}, LLAMA),
+    Case("tinylora-one-group", {"target_modules": ATTN_MLP, "r": 4, "u": 8, "weight_tying": 1.0}, LLAMA),
+    Case("tinylora-embedding", {"target_modules": ["embed_tokens", "o_proj"], "r": 2, "u": 8, **DRAWN}, LLAMA),
+    Case("tinylora-gpt2", {"target_modules": ["c_attn", "c_fc", "c_proj"], "r": 2, "u": 8}, GPT2),
+    Case("tinylora-gpt2-drawn", {"target_modules": ["c_attn", "c_proj"], "r": 3, "u": 8, **DRAWN}, GPT2),
+    Case("tinylora-adapter-bf16", {"target_modules": ATTN_MLP, "r": 2, "u": 8}, LLAMA, adapter_dtype="bfloat16"),
+]
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, 30, (1, 9), generator=g)}
+
+
+def _adapter(case: Case, base: Path, folder: Path) -> Path:
+    return build_method_adapter(base, folder, "TINYLORA", adapter_dtype=case.adapter_dtype, **case.settings)
+
+
+def _edit_config(adapter: Path, **changes: Any) -> None:
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
+    base = model_cache(case.config, dtype=dtype)
+    adapter = _adapter(case, base, tmp_path / "adapter")
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    reference = peft_reference(base, adapter, tmp_path / "peft", dtype=getattr(torch, dtype))
+    ours = load_tensors(tmp_path / "merged")
+    untouched = frozenset(t.name for t in result.prepared.plan.tensors if not t.changed)
+    assert_same_tensors(ours, reference, upcast_ok=untouched)
+    assert_changes_as_planned(result.prepared.plan, ours, base)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, tmp_path: Path) -> None:
+    base = model_cache(case.config, dtype="float32")
+    adapter = _adapter(case, base, tmp_path / "adapter")
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    expected = peft_outputs(base, adapter, _inputs())
+    actual = plain_outputs(tmp_path / "merged", _inputs())
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_verify_passes_a_correct_merge_and_fails_a_doubled_one(model_cache, tmp_path: Path) -> None:
+    from loraship.check.verify import verify
+
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "TINYLORA", target_modules=["q_proj", "down_proj"], r=2,
+                                   u=8, **DRAWN)  # fmt: skip
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    report = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 4})
+    assert report.passed, report.failed_checks
+    assert report.weights.exact == report.weights.changed == 4
+    merge(tmp_path / "merged", adapter, tmp_path / "twice", progress=False)
+    twice = verify(base, adapter, tmp_path / "twice", threshold_overrides={"generation_tokens": 4})
+    failed = {f"{c.level}: {c.name}" for c in twice.checks if c.passed is False}
+    assert {"weights: changed tensors recomputed", "outputs: merge error / adapter effect"} <= failed
+
+
+def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "TINYLORA", target_modules=["q_proj"], r=2, u=8,
+                                   **DRAWN)  # fmt: skip
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    modules = result.prepared.adapter.method_modules
+    method = method_of("TINYLORA")
+    assert method is not None
+    assert {method.describe(m) for m in modules} == {"TinyLoRA r=2 u=8, projection from seed 5+layer"}
+    assert method.summary(modules) == "r = 2, u = 8, weight_tying = 0, tinylora_v vectors = 2"
+
+
+def test_refuses_vectors_the_weight_tying_does_not_make(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "TINYLORA", target_modules=["q_proj"], r=2, u=8)
+    _edit_config(adapter, weight_tying=1.0)
+    with pytest.raises(IncompatibleError) as e:
+        merge(base, adapter, tmp_path / "merged", progress=False)
+    assert str(e.value).splitlines()[0] == (
+        "Shape mismatch for `model.layers.0.self_attn.q_proj.weight`: the base tensor is [16, 16], but the adapter "
+        "saves 2 tinylora_v vectors, while its weight_tying = 1 over the 2 layers it changes in this base makes PEFT "
+        "build 1."
+    )
+
+
+def test_refuses_a_rank_the_factors_do_not_have(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "TINYLORA", target_modules=["q_proj"], r=2, u=8)
+    _edit_config(adapter, r=3)
+    with pytest.raises(IncompatibleError) as e:
+        merge(base, adapter, tmp_path / "merged", progress=False)
+    assert str(e.value).splitlines()[0] == (
+        "Shape mismatch for `model.layers.0.self_attn.q_proj.weight`: the base tensor is [16, 16], but the adapter's "
+        "tinylora_A is [2, 16], while PEFT builds it [3, 16] for a layer of 16 outputs and 16 inputs (r = 3, u = 8)."
+    )
+
+
+def test_refuses_a_saved_projection_the_config_says_is_drawn(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "TINYLORA", target_modules=["q_proj"], r=2, u=8)
+    _edit_config(adapter, save_projection=False)
+    with pytest.raises(AdapterError) as e:
+        merge(base, adapter, tmp_path / "merged", progress=False)
+    assert str(e.value).splitlines()[0] == (
+        f"`{adapter}` sets `save_projection` to false, but the TinyLoRA module `model.layers.0.self_attn.q_proj` "
+        "holds tinylora_P: PEFT would ignore it and draw the projection again from `projection_seed`, so which one the "
+        "adapter was trained with is unclear."
+    )
+
+
+def test_shape_problems_in_words() -> None:
+    method = method_of("TINYLORA")
+    assert method is not None
+
+    @dataclass(frozen=True)
+    class Info:
+        name: str
+        shape: tuple[int, ...]
+
+    tensors = {"tinylora_A": Info("a", (2, 16)), "tinylora_B": Info("b", (48, 2)),
+               "base_model.tinylora_v.0": Info("v", (8,))}  # fmt: skip
+    m = method.module("h.0.attn.c_attn", tensors, {"r": 2, "u": 8, "save_projection": False}, Path("a"))
+    m = method.with_layers(m, (("h.0.attn.c_attn", 48, 16),))
+    assert method.shape_problem(m, "weight", (16, 48), True) is None  # Conv1D: (in, out)
+    conv = method.shape_problem(m, "weight", (48, 16, 1, 1), False)
+    assert isinstance(conv, Unsupported)
+    assert conv == (
+        "TinyLoRA on a 4-D weight is not merged (PEFT's TinyLoRA adapts only Linear, Conv1D and Embedding layers)"
+    )
