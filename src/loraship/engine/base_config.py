@@ -131,6 +131,9 @@ def _fields(config: Mapping[str, Any], prefix: str = "", depth: int = 0) -> Iter
 
 
 def _whole(value: Any, low: int) -> bool:
+    """A whole number from ``low``; ``1200.0`` counts (transformers' own MusicFlamingo config writes it so)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 

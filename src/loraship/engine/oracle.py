@@ -368,10 +368,17 @@ def _expected_keys(base_dir: Path, plan: MergePlan, model_map: ModelMap) -> list
         return [f"the merged model's class cannot be built: {e}"]
     to_model = key_renamer(merged)
     provided = {to_model(t.name).removesuffix("#converted") for t in plan.tensors}
+    # The base's own class loads the base without these either (a sinusoidal table it computes, a head it ties
+    # at load): the merged checkpoint is then no worse than the base. Only what the base stores must be kept.
+    same_class = class_name == model_map.model_class
     missing = []
     for group in [*tied_groups(merged), *((n,) for n, _ in merged.named_parameters())]:
-        if not provided & set(group):
-            missing.append(group[0])
+        tied = {m for n in group for m in model_map.group_of(n)} if same_class else set(group)  # ties made at load
+        if provided & tied:
+            continue
+        if same_class and not any(n in model_map.stored or n in model_map.fused for n in group):
+            continue
+        missing.append(group[0])
     missing = list(dict.fromkeys(missing))
     if not missing:
         return []
