@@ -1,0 +1,202 @@
+"""WaveFT against PEFT: each output tensor bit-identical to ``merge_and_unload()`` on CPU, on fp32, bf16 and fp16
+bases (wavelet families of every kind PEFT has filters for, without the IDWT, proportional_parameters,
+n_frequency_pattern, GPT-2's Conv1D, a bf16 adapter); the merged folder loaded with plain transformers behaves as
+PEFT's unmerged model; verify passes a correct merge and fails a doubled one; and what loraship refuses.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    GPT2,
+    LLAMA,
+    assert_changes_as_planned,
+    assert_same_tensors,
+    load_tensors,
+    peft_outputs,
+    peft_reference,
+    plain_outputs,
+)
+
+from loraship.engine.merge import merge
+from loraship.errors import IncompatibleError, UnsupportedError
+from loraship.methods.base import Unsupported, method_of
+from loraship.tiny import build_method_adapter
+
+ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    settings: dict[str, Any]
+    config: dict[str, Any]
+    adapter_dtype: str | None = None
+
+
+CASES = [
+    Case("waveft-db1", {"target_modules": ATTN_MLP, "n_frequency": 60}, LLAMA),
+    Case("waveft-db4", {"target_modules": ATTN_MLP, "n_frequency": 50, "wavelet_family": "db4"}, LLAMA),
+    Case(
+        "waveft-sym5-seed",
+        {"target_modules": ATTN_MLP, "n_frequency": 40, "wavelet_family": "sym5", "random_loc_seed": 3},
+        LLAMA,
+    ),
+    Case(
+        "waveft-coif2-scaling",
+        {"target_modules": ATTN_MLP, "n_frequency": 70, "wavelet_family": "coif2", "scaling": 3.5},
+        LLAMA,
+    ),
+    Case("waveft-no-idwt", {"target_modules": ATTN_MLP, "n_frequency": 30, "use_idwt": False}, LLAMA),
+    Case(
+        "waveft-proportional",
+        {"target_modules": ATTN_MLP, "n_frequency": 30, "proportional_parameters": True, "wavelet_family": "db3"},
+        LLAMA,
+    ),
+    Case(
+        "waveft-pattern",
+        {
+            "target_modules": ATTN_MLP,
+            "n_frequency": 20,
+            "wavelet_family": "sym2",
+            "n_frequency_pattern": {"v_proj": 10, "model.layers.1.mlp.down_proj": 200},
+        },
+        LLAMA,
+    ),
+    Case("waveft-gpt2", {"target_modules": ["c_attn", "c_fc"], "n_frequency": 100, "wavelet_family": "db2"}, GPT2),
+    Case(
+        "waveft-adapter-bf16",
+        {"target_modules": ATTN_MLP, "n_frequency": 60, "wavelet_family": "coif1"},
+        LLAMA,
+        adapter_dtype="bfloat16",
+    ),
+]
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, 30, (1, 9), generator=g)}
+
+
+def _adapter(case: Case, base: Path, folder: Path) -> Path:
+    return build_method_adapter(base, folder, "WAVEFT", adapter_dtype=case.adapter_dtype, **case.settings)
+
+
+def _edit_config(adapter: Path, **changes: Any) -> None:
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
+    base = model_cache(case.config, dtype=dtype)
+    adapter = _adapter(case, base, tmp_path / "adapter")
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    reference = peft_reference(base, adapter, tmp_path / "peft", dtype=getattr(torch, dtype))
+    ours = load_tensors(tmp_path / "merged")
+    untouched = frozenset(t.name for t in result.prepared.plan.tensors if not t.changed)
+    assert_same_tensors(ours, reference, upcast_ok=untouched)
+    assert_changes_as_planned(result.prepared.plan, ours, base)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, tmp_path: Path) -> None:
+    base = model_cache(case.config, dtype="float32")
+    adapter = _adapter(case, base, tmp_path / "adapter")
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    expected = peft_outputs(base, adapter, _inputs())
+    actual = plain_outputs(tmp_path / "merged", _inputs())
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_verify_passes_a_correct_merge_and_fails_a_doubled_one(model_cache, tmp_path: Path) -> None:
+    from loraship.check.verify import verify
+
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "WAVEFT", target_modules=["q_proj", "down_proj"],
+                                   n_frequency=80, wavelet_family="db3")  # fmt: skip
+    merge(base, adapter, tmp_path / "merged", progress=False)
+    report = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 4})
+    assert report.passed, report.failed_checks
+    assert report.weights.exact == report.weights.changed == 4
+    merge(tmp_path / "merged", adapter, tmp_path / "twice", progress=False)
+    twice = verify(base, adapter, tmp_path / "twice", threshold_overrides={"generation_tokens": 4})
+    failed = {f"{c.level}: {c.name}" for c in twice.checks if c.passed is False}
+    assert {"weights: changed tensors recomputed", "outputs: merge error / adapter effect"} <= failed
+
+
+def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    settings = {"n_frequency": 80, "wavelet_family": "db3", "n_frequency_pattern": {"down_proj": 90}}
+    adapter = build_method_adapter(base, tmp_path / "adapter", "WAVEFT", target_modules=["q_proj", "down_proj"],
+                                   **settings)  # fmt: skip
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    modules = result.prepared.adapter.method_modules
+    method = method_of("WAVEFT")
+    assert method is not None
+    assert {method.describe(m) for m in modules} == {
+        "WaveFT 80 coefficients, db3 IDWT, scaling 25",
+        "WaveFT 90 coefficients, db3 IDWT, scaling 25",
+    }
+    assert method.summary(modules) == "n_frequency = 80–90, scaling = 25, wavelet_family = db3"
+
+
+def test_refuses_a_family_peft_has_no_filters_for(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "WAVEFT", target_modules=["q_proj"], n_frequency=40,
+                                   wavelet_family="db11")  # fmt: skip
+    with pytest.raises(UnsupportedError) as e:
+        merge(base, adapter, tmp_path / "merged", progress=False)
+    assert str(e.value).splitlines()[0] == (
+        "`model.layers.0.self_attn.q_proj.weight`: WaveFT with wavelet_family 'db11' is not merged: PEFT 0.21's WaveFT "
+        "accepts that family in its config but has no filters for it, so its own merge (and forward pass) fails."
+    )
+
+
+def test_refuses_a_spectrum_the_config_does_not_make(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "WAVEFT", target_modules=["q_proj"], n_frequency=40)
+    _edit_config(adapter, n_frequency_pattern={"q_proj": 50})
+    with pytest.raises(IncompatibleError) as e:
+        merge(base, adapter, tmp_path / "merged", progress=False)
+    assert str(e.value).splitlines()[0] == (
+        "Shape mismatch for `model.layers.0.self_attn.q_proj.weight`: the base tensor is [16, 16], but the adapter's "
+        "waveft_spectrum has 40 coefficients, while its n_frequency_pattern['q_proj'] makes PEFT build 50 for this "
+        "layer."
+    )
+
+
+def test_refuses_a_base_with_fewer_places_than_coefficients(model_cache, tmp_path: Path) -> None:
+    base = model_cache(LLAMA)
+    adapter = build_method_adapter(base, tmp_path / "adapter", "WAVEFT", target_modules=["q_proj"], n_frequency=100)
+    narrower = model_cache({**LLAMA, "hidden_size": 8})
+    with pytest.raises(IncompatibleError) as e:
+        merge(narrower, adapter, tmp_path / "merged", progress=False)
+    assert str(e.value).splitlines()[0] == (
+        "Shape mismatch for `model.layers.0.self_attn.q_proj.weight`: the base tensor is [8, 8], but the adapter's "
+        "waveft_spectrum has 100 coefficients, more than the 8 x 8 = 64 places of a weight of 8 outputs and 8 inputs."
+    )
+
+
+def test_shape_problems_in_words() -> None:
+    method = method_of("WAVEFT")
+    assert method is not None
+
+    @dataclass(frozen=True)
+    class Info:
+        name: str
+        shape: tuple[int, ...]
+
+    m = method.module("h.0.attn.c_attn", {"waveft_spectrum": Info("s", (30,))}, {"n_frequency": 30}, Path("a"))
+    assert method.shape_problem(m, "weight", (16, 48), True) is None  # Conv1D: (in, out)
+    conv = method.shape_problem(m, "weight", (48, 16, 1, 1), False)
+    assert isinstance(conv, Unsupported)
+    assert conv == "WaveFT on a 4-D weight is not merged (PEFT's WaveFT adapts only Linear and Conv1D layers)"
