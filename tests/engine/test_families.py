@@ -301,3 +301,33 @@ def _check_family(family: Family, dtype: str, tmp: Path) -> None:
     names = next(c for c in report.checks if c.name == "names and tying (transformers + PEFT)")
     assert names.passed is True, names.measured
     assert result.prepared.names is not None and result.prepared.names.agrees
+
+
+@pytest.mark.parametrize(
+    ("config", "pretraining_class", "head"),
+    [(ROBERTA, "RobertaForMaskedLM", "lm_head."), ({**ROBERTA, "model_type": "bert"}, "BertForPreTraining", "cls.")],
+    ids=["roberta-masked-lm", "bert-pretraining"],
+)
+def test_classifier_on_a_pretraining_checkpoint_holds_the_classifiers_tensors(
+    config: dict[str, Any], pretraining_class: str, head: str, tmp_path: Path
+) -> None:
+    """A sequence-classification adapter trained on a pretraining checkpoint: the merged folder holds exactly the
+    tensors of the class the adapter was trained as (PEFT's saved merge), without the base's pretraining head, and
+    the plan names what it leaves out."""
+    base = build_model(tmp_path / "base", config, model_class=pretraining_class)
+    model_class = "AutoModelForSequenceClassification"
+    adapter = build_adapter(base, tmp_path / "adapter", model_class=model_class, target_modules=["query", "value"],
+                            task_type="SEQ_CLS")  # fmt: skip
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    ours = load_tensors(tmp_path / "merged")
+    theirs = peft_reference(base, adapter, tmp_path / "peft", model_class=model_class)
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(bits(ours[n]), bits(theirs[n])) for n in ours)
+    dropped = sorted(n for n in load_tensors(base) if n.startswith(head))
+    assert dropped and not set(dropped) & set(ours)
+    note = next(n for n in result.prepared.plan.notes if "does not load" in n)
+    assert note.startswith(f"{len(dropped)} base tensor(s) that ")
+    assert note.endswith(
+        "the base's own head) are left out of the merged folder, as PEFT's saved merge leaves them out."
+    )
+    assert verify(base, adapter, tmp_path / "merged", outputs=False).passed

@@ -21,11 +21,7 @@ import pytest
 from sweep import TASKS, Outcome, model_types, run
 
 #: Refusals that are right, each with why: PEFT cannot merge it right and loraship cannot be correct.
-REFUSED: dict[str, str] = {
-    "causal-lm:camembert": "CamembertForCausalLM loads `lm_head.decoder.weight` that a RobertaModel-style checkpoint "
-    "does not store: the causal LM's head would be random, PEFT's saved merge included",
-    "causal-lm:xlm-roberta": "as camembert (XLMRobertaForCausalLM on an encoder checkpoint without its LM head)",
-}
+REFUSED: dict[str, str] = {}
 #: Cases that were refused or wrong once, each with the outcome it must keep: the MoE families PEFT's default
 #: all-linear saves as bare parameter names, and the families whose checkpoint layout the names did not follow.
 PINNED: dict[str, str] = {
@@ -74,6 +70,8 @@ def test_sampled_architecture(task: str, model_type: str, tmp_path: Path) -> Non
 def test_pinned_architecture(case: str, tmp_path: Path) -> None:
     task, _, model_type = case.partition(":")
     outcome = run(model_type, task, tmp_path)
+    if outcome.kind in ("no-model", "no-peft"):  # another transformers release: says nothing of loraship
+        pytest.skip(f"{outcome.kind}: {outcome.detail}")
     assert (outcome.kind, outcome.id) == (PINNED[case], case), outcome.detail
 
 

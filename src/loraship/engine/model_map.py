@@ -50,6 +50,7 @@ class ModelMap:
         input_embedding: Module name of the input embedding.
         output_embedding: Module name of the output embedding, if any.
         transposed_experts: Expert modules whose 3-D parameters are stored (experts, in, out).
+        loaded: What the class loads from a checkpoint: its parameters and persistent buffers.
     """
 
     model_class: str
@@ -65,6 +66,7 @@ class ModelMap:
     input_embedding: str | None = None
     output_embedding: str | None = None
     transposed_experts: frozenset[str] = frozenset()
+    loaded: frozenset[str] = frozenset()
 
     def param_order(self, module: str) -> tuple[str, ...]:
         """The short names of ``module``'s own parameters in registration order (PEFT nests wrappers
@@ -73,6 +75,16 @@ class ModelMap:
         owner = module if module in owners else next(
             (o for o in sorted(owners) if o.endswith("." + module) or module.endswith("." + o)), None)  # fmt: skip
         return tuple(p.rpartition(".")[2] for p in self.params if p.rpartition(".")[0] == owner) if owner else ()
+
+    def unloaded(self, names: Iterable[str]) -> list[str]:
+        """The checkpoint tensors among ``names`` this class does not load (another head's: unexpected keys)."""
+        if not self.loaded:
+            return []
+        by_key: dict[str, set[str]] = {}
+        for param, key in self.stored.items():
+            by_key.setdefault(key, set()).add(param)
+        fused = self.fused_sources
+        return [n for n in names if n in by_key and n not in fused and not by_key[n] & self.loaded]
 
     @property
     def renamed_sources(self) -> frozenset[str]:
@@ -195,6 +207,7 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
         input_embedding=in_name,
         output_embedding=out_name,
         transposed_experts=frozenset(n for n, m in model.named_modules() if getattr(m, "is_transposed", False)),
+        loaded=frozenset(model.state_dict(keep_vars=True)),
     )
 
 

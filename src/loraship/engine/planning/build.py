@@ -63,6 +63,8 @@ def build(state: PlanState, dtype: str | None) -> MergePlan:
         config_updates.update(updates)
         if head_note:
             state.notes.append(head_note)
+        if state.model is not None and updates.get("architectures") == [state.model.model_class]:
+            tensors = _without_other_heads(state, tensors)
     check_accounting(state)
     return MergePlan(
         tensors=tuple(tensors),
@@ -71,6 +73,23 @@ def build(state: PlanState, dtype: str | None) -> MergePlan:
         notes=tuple(state.notes),
         adapter=state.adapter,
     )
+
+
+def _without_other_heads(state: PlanState, tensors: list[TensorPlan]) -> list[TensorPlan]:
+    """The output without the base's tensors the adapter's class does not load (a pretraining head, ``cls.*`` of
+    a BERT masked-LM checkpoint under a classifier): the merged folder holds that class's tensors, as PEFT's saved
+    merge does, instead of unexpected keys."""
+    assert state.model is not None
+    unchanged = [t.name for t in tensors if t.source is not None and not t.steps]
+    dropped = set(state.model.unloaded(unchanged))
+    if not dropped:
+        return tensors
+    shown = ", ".join(f"`{n}`" for n in sorted(dropped)[:4]) + (" ..." if len(dropped) > 4 else "")
+    state.notes.append(
+        f"{len(dropped)} base tensor(s) that {state.model.model_class} does not load ({shown}: the base's own head) "
+        "are left out of the merged folder, as PEFT's saved merge leaves them out."
+    )
+    return [t for t in tensors if t.name not in dropped]
 
 
 def _method_layers(state: PlanState) -> dict[str, tuple[tuple[str, int, int], ...]]:
