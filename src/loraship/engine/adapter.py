@@ -472,7 +472,15 @@ def check_method(config: Mapping[str, Any], where: Path | str) -> None:
             f"`{where}` is {_a(peft_type)} adapter: {_NOT_MERGEABLE[peft_type]}.",
             fix="Ship it as an adapter (load it with PEFT on top of the base model) instead of merging it.",
         )
-    if peft_type in _REPLACING or method_of(peft_type) is not None:
+    found = method_of(peft_type)
+    why = found.refusal(config) if found is not None else None
+    if found is not None and why:
+        raise UnsupportedError(
+            f"`{where}` is {_a(peft_type)} adapter that loraship does not merge: {why}.",
+            fix="Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload(), then check "
+            "the result with `loraship verify`.",
+        )
+    if peft_type in _REPLACING or found is not None:
         return
     if peft_type != "LORA":
         known = "a method PEFT can merge, but" if peft_type in _MERGEABLE_ELSEWHERE else "a method"

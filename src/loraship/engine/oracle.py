@@ -55,7 +55,7 @@ def peft_model_on_meta(
 
     Raises:
         AdapterError: PEFT refuses the adapter's configuration.
-        ModelMapError: The class cannot be built.
+        ModelMapError: The class cannot be built, or PEFT's layers cannot be built on the meta device.
     """
     import torch
     from peft import PeftConfig, get_peft_model
@@ -101,6 +101,10 @@ def peft_model_on_meta(
             f"`{where}` targets no module of {type(model).__name__}: {first_line(e)}",
             fix="Restore adapter_config.json as PEFT saved it with these weights (target_modules, "
             "layers_to_transform, layers_pattern).",
+        ) from e
+    except NotImplementedError as e:  # PEFT's layers run an op with no meta kernel (UniLoRA's bincount)
+        raise ModelMapError(
+            f"PEFT's {config.peft_type} layers cannot be built on the meta device ({first_line(e)[:120]})"
         ) from e
     except (ValueError, TypeError) as e:  # a targeted module PEFT cannot wrap, an option it refuses
         text = " ".join(str(e).split())

@@ -108,6 +108,11 @@ class Method:
         """
         raise NotImplementedError
 
+    def refusal(self, config: Mapping[str, Any]) -> str | None:
+        """Why loraship does not merge an adapter of this method with ``config`` at all (None when it does), read
+        before any tensor: a setting under which the merge cannot be PEFT's."""
+        return None
+
     def with_layers(self, m: MethodModule, layers: tuple[tuple[str, int, int], ...]) -> MethodModule:
         """``m`` told every layer the adapter's modules of this method change, as ``(module, out features, in
         features)`` in the base, in the model's order of modules: for a method whose shared tensors PEFT sizes to
