@@ -155,13 +155,17 @@ class RandLoRA(Method):
         if m.setting("save_projection"):
             return adapter_float(tensors[_A]), adapter_float(tensors[_B])
         shape_a, shape_b = self._base_shapes(m)
-        if m.setting("variant") == "dense":
-            a, b = _dense_bases(shape_a, shape_b, m.setting("seed"))
-        else:
-            low = min(m.setting("max_out"), m.setting("max_in"))
-            sparsity = math.sqrt(low) if m.setting("variant") == "very_sparse" else 3
-            a, b = _sparse_bases(shape_a, shape_b, m.setting("seed"), sparsity)
-        return a.to(dtype).float(), b.to(dtype).float()
+        key = (shape_a, shape_b, m.setting("seed"), m.setting("variant"), dtype)
+        if key not in _LAST:  # every layer shares them: drawn once
+            if m.setting("variant") == "dense":
+                a, b = _dense_bases(shape_a, shape_b, m.setting("seed"))
+            else:
+                low = min(m.setting("max_out"), m.setting("max_in"))
+                sparsity = math.sqrt(low) if m.setting("variant") == "very_sparse" else 3
+                a, b = _sparse_bases(shape_a, shape_b, m.setting("seed"), sparsity)
+            _LAST.clear()
+            _LAST[key] = a.to(dtype).float(), b.to(dtype).float()
+        return _LAST[key]
 
     def merge(
         self, m: MethodModule, param: str, weight: torch.Tensor, tensors: Mapping[str, torch.Tensor],
@@ -195,6 +199,10 @@ class RandLoRA(Method):
             f"{field} = {span([m.setting(key) for m in modules])}"
             for field, key in (("r", "r"), ("randlora_alpha", "alpha"), ("projection_prng_key", "seed"))
         )
+
+
+#: The bases last drawn: (A's shape, B's shape, seed, variant, layer dtype) -> (A, B). Read only.
+_LAST: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _half() -> torch.dtype:

@@ -166,9 +166,13 @@ class VeRA(Method):
         import torch
 
         shape_a, shape_b = self._projection_shapes(m)
-        generator = torch.Generator(device="cpu").manual_seed(m.setting("seed"))
-        drawn = kaiming_uniform(shape_a, generator), kaiming_uniform(shape_b, generator)
-        return drawn[0].to(dtype).float(), drawn[1].to(dtype).float()
+        key = (shape_a, shape_b, m.setting("seed"), dtype)
+        if key not in _LAST:  # every layer shares them: drawn once
+            generator = torch.Generator(device="cpu").manual_seed(m.setting("seed"))
+            drawn = kaiming_uniform(shape_a, generator), kaiming_uniform(shape_b, generator)
+            _LAST.clear()
+            _LAST[key] = drawn[0].to(dtype).float(), drawn[1].to(dtype).float()
+        return _LAST[key]
 
     def merge(
         self, m: MethodModule, param: str, weight: torch.Tensor, tensors: Mapping[str, torch.Tensor],
@@ -200,6 +204,10 @@ class VeRA(Method):
             f"{span([m.setting('seed') for m in modules])}, save_projection = "
             + "/".join("true" if s else "false" for s in sorted(save))
         )
+
+
+#: The projections last drawn: (A's shape, B's shape, seed, layer dtype) -> (A, B). Read only.
+_LAST: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
