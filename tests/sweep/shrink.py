@@ -121,6 +121,8 @@ def shrink(values: dict[str, Any]) -> dict[str, Any]:
     if isinstance(out.get("rope_parameters"), dict) and "mrope_section" in out["rope_parameters"]:
         out["rope_parameters"] = {**out["rope_parameters"], "mrope_section": _mrope(out)}
     out.pop("quantization_config", None)
+    if "num_layers_per_stack" in out:  # derived from num_hidden_layers when the config is built (HRM)
+        out["num_layers_per_stack"], out["num_hidden_layers"] = None, 1
     for key in ("torch_dtype", "dtype"):
         if key in out:
             out[key] = "float32"

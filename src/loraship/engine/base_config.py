@@ -77,7 +77,9 @@ def check_base_config(config: Any, path: Path, tensor_names: Iterable[str] | Non
         elif key in _LAYERS and isinstance(value, int) and names is not None:
             if layers is None:
                 layers = _layers_held(names)
-            if value > layers:
+            # A model may run its stored layers more than once (HRM's cycles over one stack): refuse only counts no
+            # reuse explains, which also bounds what building the model on the meta device takes.
+            if value > max(_REUSE * layers, len(names)):
                 raise BaseModelError(
                     f"`{path}` sets `{field}` to {value}, but its checkpoint holds tensors for "
                     + (f"{layers} layer{'s' if layers != 1 else ''} at most" if layers else "no numbered layer")
@@ -102,6 +104,10 @@ def _experts_held(names: list[str], shapes: list[tuple[int, ...]]) -> int:
     numbered = [int(m.group(1)) + 1 for n in names for m in _EXPERT.finditer(n)]
     dims = [d for shape in shapes for d in shape]
     return max([len(names), *numbered, *dims])
+
+
+#: How many times a model may apply its stored layers (HRM: 2 cycles x (3 + 1)).
+_REUSE = 16
 
 
 def _layers_held(names: list[str]) -> int:

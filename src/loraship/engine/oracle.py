@@ -372,15 +372,16 @@ def _expected_keys(base_dir: Path, plan: MergePlan, model_map: ModelMap) -> list
         return [f"the merged model's class cannot be built: {e}"]
     to_model = key_renamer(merged)
     provided = {to_model(t.name).removesuffix("#converted") for t in plan.tensors}
-    # The base's own class loads the base without these either (a sinusoidal table it computes, a head it ties
-    # at load): the merged checkpoint is then no worse than the base. Only what the base stores must be kept.
+    # The base's own class computes some parameters instead of loading them (Marian's sinusoidal positions, not
+    # trainable), and ties some at load (a head to the embeddings): the base stores neither, nor need the merge.
     same_class = class_name == model_map.model_class
+    computed = {n for n, p in merged.named_parameters() if not p.requires_grad}
     missing = []
     for group in [*tied_groups(merged), *((n,) for n, _ in merged.named_parameters())]:
         tied = {m for n in group for m in model_map.group_of(n)} if same_class else set(group)  # ties made at load
         if provided & tied:
             continue
-        if same_class and not any(n in model_map.stored or n in model_map.fused for n in group):
+        if same_class and set(group) <= computed and not any(n in model_map.stored for n in group):
             continue
         missing.append(group[0])
     missing = list(dict.fromkeys(missing))
