@@ -54,15 +54,19 @@ def model_types(task: str) -> list[str]:
     return sorted(getattr(modeling_auto, TASKS[task][0]))
 
 
-def run(model_type: str, task: str, tmp: Path) -> Outcome:
-    """One case, classified (never raises, except on a bug of this harness)."""
+def run(model_type: str, task: str, tmp: Path, *, dtype: str = "float32") -> Outcome:
+    """One case, classified (never raises, except on a bug of this harness).
+
+    ``dtype``: the base's; in half precision the outputs are not compared (rounding), only the bits with PEFT's
+    merge: ``exact``, or ``wrong`` where they differ.
+    """
     try:
-        return _run(model_type, task, tmp)
+        return _run(model_type, task, tmp, dtype)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(model_type: str, task: str, tmp: Path) -> Outcome:
+def _run(model_type: str, task: str, tmp: Path, dtype: str) -> Outcome:
     import transformers
     from peft import LoraConfig, PeftModel, get_peft_model
     from shrink import tiny_config
@@ -84,7 +88,8 @@ def _run(model_type: str, task: str, tmp: Path) -> Outcome:
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-        model.save_pretrained(str(tmp / "base"))
+        model.to(getattr(torch, dtype)).save_pretrained(str(tmp / "base"))
+        model.float()
         inputs = _inputs(model, config, task)
         with torch.no_grad():
             untouched = _logits(model.eval()(**inputs))
@@ -111,6 +116,8 @@ def _run(model_type: str, task: str, tmp: Path) -> Outcome:
             reference = _logits(peft_model.eval()(**inputs))
         del model, peft_model
         model = cls.from_pretrained(str(tmp / "base"), dtype=torch.float32)
+        if dtype != "float32":  # PEFT's merge on the base as stored
+            model = cls.from_pretrained(str(tmp / "base"), dtype=getattr(torch, dtype))
         unmerged = PeftModel.from_pretrained(model, str(tmp / "adapter")).eval()
         unmerged.merge_and_unload().save_pretrained(str(tmp / "peft"))
         del model, unmerged
@@ -124,6 +131,9 @@ def _run(model_type: str, task: str, tmp: Path) -> Outcome:
     except Exception as e:  # the harness classifies it
         return outcome("crash", "".join(traceback.format_exception_only(e)).strip())
 
+    if dtype != "float32":
+        same = _same_bits(tmp / "merged", tmp / "peft")
+        return outcome("exact" if same else "wrong", "" if same else f"not bit-identical to PEFT's merge in {dtype}")
     effect = (reference - untouched).abs().max().item()
     try:
         merged = _logits(cls.from_pretrained(str(tmp / "merged"), dtype=torch.float32).eval()(**inputs))

@@ -33,6 +33,13 @@ PINNED: dict[str, str] = {
     # merge is off, loraship's is base + adapter as trained
     "causal-lm:inkling2_text": "correct",
     "seq2seq-lm:marian": "exact",  # sinusoidal positions the checkpoint never stores
+    # parameters transformers cuts from one stored tensor (HRM's gate_up_proj and gqkv_proj, Qianfan-OCR's vision
+    # qkv: Chunk) or joins of several (MiniMax-M3-VL's shared experts' gate_proj + up_proj: Concatenate)
+    "causal-lm:hrm_text": "exact",
+    "image-text-to-text:qianfan_ocr": "exact",
+    "image-text-to-text:minimax_m3_vl": "exact",
+    # PEFT's reload of the adapter leaves the vision tower's LoRA out; loraship merges base + adapter as trained
+    "image-text-to-text:unlimited_ocr": "correct",
     "seq2seq-lm:musicflamingo": "exact",  # a size written as 1200.0 in transformers' own config
 }  # fmt: skip
 #: Model types of each task per default run.
@@ -73,6 +80,17 @@ def test_pinned_architecture(case: str, tmp_path: Path) -> None:
     if outcome.kind in ("no-model", "no-peft"):  # another transformers release: says nothing of loraship
         pytest.skip(f"{outcome.kind}: {outcome.detail}")
     assert (outcome.kind, outcome.id) == (PINNED[case], case), outcome.detail
+
+
+@pytest.mark.parametrize("case", ["causal-lm:hrm_text", "image-text-to-text:minimax_m3_vl", "causal-lm:qwen3_moe"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_pinned_architecture_in_half_precision(case: str, dtype: str, tmp_path: Path) -> None:
+    """Cut, joined and fused parameters round as PEFT's merge does on a half-precision base: bit for bit."""
+    task, _, model_type = case.partition(":")
+    outcome = run(model_type, task, tmp_path, dtype=dtype)
+    if outcome.kind in ("no-model", "no-peft"):
+        pytest.skip(f"{outcome.kind}: {outcome.detail}")
+    assert outcome.kind == "exact", outcome.detail
 
 
 @pytest.mark.sweep

@@ -108,6 +108,32 @@ class FusedParam:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """How a plain (expert-free) parameter and a stored tensor overlap along one dimension, where transformers
+    cuts one stored tensor into several parameters on load (``Chunk``: HRM's ``gate_up_proj`` into ``gate_proj``
+    and ``up_proj``, a vision tower's ``qkv`` into ``q_proj``, ``k_proj``, ``v_proj``) or joins several stored
+    tensors into one parameter (``Concatenate``: MiniMax-M3-VL's shared experts' ``gate_proj`` and ``up_proj``
+    into ``gate_up_proj``). A LoRA on the parameter then changes rows ``[start, start + length)`` of the stored
+    tensor (``into``) or the stored tensor takes those rows of the LoRA's delta (not ``into``).
+
+    Attributes:
+        param: The model parameter the LoRA is on.
+        shape: Its shape (the LoRA delta's).
+        dim: The dimension of the cut.
+        start: First index of the overlap along ``dim`` (in the stored tensor when ``into``, else in the delta).
+        length: Its size along ``dim``.
+        into: The delta fills part of the stored tensor (a split); otherwise the stored tensor is part of the delta.
+    """
+
+    param: str
+    shape: tuple[int, ...]
+    dim: int
+    start: int
+    length: int
+    into: bool
+
+
+@dataclass(frozen=True)
 class ConversionRules:
     """transformers' checkpoint-key renamings and converters for one model class, as
     ``from_pretrained`` applies them, and the model's parameter shapes (meta device)."""
@@ -185,6 +211,53 @@ def fused_params(rules: ConversionRules, names: Iterable[str]) -> dict[str, Fuse
             )
         fused[target] = FusedParam(target, parts, sources, concat, refusal, transpose)
     return fused
+
+
+def pieces(rules: ConversionRules, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[tuple[str, Piece], ...]]:
+    """Model parameter -> the stored tensors it overlaps and how (:class:`Piece`), for the converters that cut
+    one stored tensor into equal parts (``Chunk``) or join 2-D stored tensors (``Concatenate``), no experts
+    involved. ``shapes``: the checkpoint's tensor shapes."""
+    from transformers.core_model_loading import Chunk, Concatenate
+
+    joined: dict[str, dict[int, list[str]]] = {}
+    converter_of: dict[str, Any] = {}
+    out: dict[str, tuple[tuple[str, Piece], ...]] = {}
+    for key, shape in shapes.items():
+        target, pattern = rules.rename(key)
+        if pattern is None:
+            continue
+        converter = next(c for c in rules.converters if pattern in c.source_patterns)
+        ops, sources, targets = list(converter.operations), list(converter.source_patterns), converter.target_patterns
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        if len(ops) == 1 and isinstance(ops[0], Chunk) and len(sources) == 1 and len(targets) > 1:
+            stem = target[: -len(targets[0])] if target.endswith(targets[0]) else None
+            names = [stem + t for t in targets] if stem is not None else []
+            if not names or any(n not in rules.shapes for n in names) or not 0 <= ops[0].dim < len(shape):
+                continue
+            dim, start = ops[0].dim, 0
+            for name in names:
+                length = rules.shapes[name][dim]
+                out[name] = ((key, Piece(name, tuple(rules.shapes[name]), dim, start, length, True)),)
+                start += length
+            if start != shape[dim]:
+                for name in names:
+                    del out[name]
+        elif len(ops) == 1 and isinstance(ops[0], Concatenate) and len(sources) > 1 and len(targets) == 1:
+            joined.setdefault(target, {}).setdefault(sources.index(pattern), []).append(key)
+            converter_of[target] = converter
+    for target, by_pattern in joined.items():
+        dim = converter_of[target].operations[0].dim
+        keys = [by_pattern.get(i, []) for i in range(len(converter_of[target].source_patterns))]
+        if target not in rules.shapes or any(len(k) != 1 for k in keys) or len(rules.shapes[target]) != 2:
+            continue
+        whole, start, placed = tuple(rules.shapes[target]), 0, []
+        for (key,) in keys:
+            length = shapes[key][dim] if dim < len(shapes[key]) else 0
+            placed.append((key, Piece(target, whole, dim, start, length, False)))
+            start += length
+        if start == whole[dim]:
+            out[target] = tuple(placed)
+    return out
 
 
 def _describe_op(op: Any) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loraship.engine.conversions import ConversionRules, FusedParam, fused_params
+from loraship.engine.conversions import ConversionRules, FusedParam, Piece, fused_params, pieces
 
 #: PEFT task types and the transformers Auto class PeftModel uses for each (PEFT's own mapping).
 TASK_AUTO_CLASSES = {
@@ -51,6 +51,7 @@ class ModelMap:
         output_embedding: Module name of the output embedding, if any.
         transposed_experts: Expert modules whose 3-D parameters are stored (experts, in, out).
         loaded: What the class loads from a checkpoint: its parameters and persistent buffers.
+        pieces: Parameter name -> the stored tensors transformers cuts it from or joins it of (:class:`Piece`).
     """
 
     model_class: str
@@ -67,6 +68,7 @@ class ModelMap:
     output_embedding: str | None = None
     transposed_experts: frozenset[str] = frozenset()
     loaded: frozenset[str] = frozenset()
+    pieces: Mapping[str, tuple[tuple[str, Piece], ...]] = field(default_factory=dict)
 
     def param_order(self, module: str) -> tuple[str, ...]:
         """The short names of ``module``'s own parameters in registration order (PEFT nests wrappers
@@ -169,6 +171,10 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
     class_name = model_class_name(config, adapter_config)
     model = build_meta_model(folder, class_name)
     names = list(checkpoint_names)
+    shapes = (
+        {k: tuple(getattr(v, "shape", ())) for k, v in checkpoint_names.items()}
+        if isinstance(checkpoint_names, Mapping) else {}
+    )  # fmt: skip
     params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     rules = ConversionRules.of(model)
     to_model = key_renamer(model, rules)
@@ -191,6 +197,7 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
         p: stored[p] if model_of.get(stored.get(p, "")) == p else _checkpoint_name(p, to_model, model_of)
         for p in params
     }
+    cut = pieces(rules, shapes)
     untied, by_config = _untied(folder, class_name, model, groups)
     in_name, out_name = _embeddings(model)
     return ModelMap(
@@ -199,7 +206,7 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
         params=tuple(params),
         stored=stored,
         saved_as=saved_as,
-        fused=fused_params(rules, names),
+        fused={k: v for k, v in fused_params(rules, names).items() if k not in cut},
         groups=groups,
         untied_groups=untied,
         untie_by_config=by_config,
@@ -208,6 +215,7 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
         output_embedding=out_name,
         transposed_experts=frozenset(n for n, m in model.named_modules() if getattr(m, "is_transposed", False)),
         loaded=frozenset(model.state_dict(keep_vars=True)),
+        pieces=cut,
     )
 
 

@@ -187,6 +187,10 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
         if fused is not None:  # fused by transformers on load: the delta lands in every per-expert tensor
             problems.extend(_fused_problems(key, fused, landed, tensors))
             continue
+        cut = model_map.pieces.get(own)
+        if cut is not None:  # cut from or joined of stored tensors on load: the delta reaches each of them
+            problems.extend(_piece_problems(key, own, cut, tensors))
+            continue
         if landed not in expected:
             where = f"`{landed}`" if landed else "nowhere"
             problems.append(
@@ -244,6 +248,21 @@ def _per_expert_tensor(key: str, model_map: ModelMap) -> str | None:
     name = f"{module}.weight"
     v4 = name in model_map.fused_sources or name in model_map.renamed_sources
     return name if ".lora_" in key and v4 else None
+
+
+def _piece_problems(
+    key: str, own: str, cut: tuple[tuple[str, Any], ...], tensors: Mapping[str, TensorPlan]
+) -> list[str]:
+    """A LoRA on a parameter transformers cuts from (or joins of) stored tensors must reach each of them."""
+    missing = [
+        stored for stored, _ in cut
+        if not any(isinstance(s, LoraStep) and s.piece is not None and key in (s.module.a.name, s.module.b.name)
+                   for s in (tensors[stored].steps if stored in tensors else ()))
+    ]  # fmt: skip
+    if missing:
+        return [f"`{key}` changes `{own}`, built on load from {', '.join(f'`{k}`' for k, _ in cut)}; the plan "
+                f"leaves `{missing[0]}` out"]  # fmt: skip
+    return []
 
 
 def _fused_problems(key: str, fused: FusedParam, landed: str, tensors: Mapping[str, TensorPlan]) -> list[str]:
@@ -372,6 +391,8 @@ def _expected_keys(base_dir: Path, plan: MergePlan, model_map: ModelMap) -> list
         return [f"the merged model's class cannot be built: {e}"]
     to_model = key_renamer(merged)
     provided = {to_model(t.name).removesuffix("#converted") for t in plan.tensors}
+    names = {t.name for t in plan.tensors}
+    provided |= {p for p, cut in model_map.pieces.items() if all(k in names for k, _ in cut)}
     # The base's own class computes some parameters instead of loading them (Marian's sinusoidal positions, not
     # trainable), and ties some at load (a head to the embeddings): the base stores neither, nor need the merge.
     same_class = class_name == model_map.model_class

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraship.engine.adapter import AdapterSpec, LoraModule, TokenUpdate
-from loraship.engine.conversions import ExpertPart
+from loraship.engine.conversions import ExpertPart, Piece
 from loraship.engine.layouts import Layout
 from loraship.engine.safetensors_io import TensorInfo, nbytes_of
 from loraship.methods.base import MethodModule, method_of
@@ -55,11 +55,14 @@ class LoraStep:
 
     ``part``: the tensor is one expert's part of a parameter transformers fuses on load; the delta
     is that expert's slice of the fused parameter's delta, cut to the part.
+    ``piece``: the LoRA's parameter and the tensor overlap (transformers cuts or joins them on load): the
+    delta fills rows of the tensor, or the tensor takes rows of the delta.
     """
 
     module: LoraModule
     layout: Layout
     part: ExpertPart | None = None
+    piece: Piece | None = None
 
     @property
     def dora(self) -> bool:
@@ -102,6 +105,12 @@ class ScalesStep:
     """The block scales of ``weight``, requantized: computed with that weight, written after it."""
 
     weight: str
+
+
+def describe_piece(p: Piece) -> str:
+    """``of self_attn.q_proj into [0:32]`` or ``of mlp.gate_up_proj [0:24]``."""
+    short = ".".join(p.param.removesuffix(".weight").split(".")[-2:])
+    return f"of {short} {'into ' if p.into else ''}[{p.start}:{p.start + p.length}]"
 
 
 Step = ReplaceStep | LoraStep | MethodStep | LoraBiasStep | TokenRowsStep | ScalesStep
@@ -158,6 +167,8 @@ class TensorPlan:
                 if step.part is not None:
                     p = step.part
                     layout = f" expert {p.expert} of {p.fused} [{p.start}:{p.start + p.length}]"
+                elif step.piece is not None:
+                    layout = " " + describe_piece(step.piece)
                 parts.append(f"{kind}{layout} r={m.rank} scale={m.scale:g}")
             elif isinstance(step, MethodStep):
                 parts.append(step.describe())

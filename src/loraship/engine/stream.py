@@ -109,7 +109,8 @@ class TensorStreamer:
             if not t.steps:  # a dtype change only: elementwise, any blocks will do
                 yield from self._groups(t, source, bounds)
                 return
-            if isinstance(step, LoraStep) and step.layout in ("linear", "conv1d") and not step.dora:
+            plain = isinstance(step, LoraStep) and step.part is None and step.piece is None and not step.dora
+            if isinstance(step, LoraStep) and plain and step.layout in ("linear", "conv1d"):
                 blocked = self._lora_work(t, source, step, bounds)
                 if blocked is not None:
                     yield from blocked
@@ -294,6 +295,12 @@ def apply_lora(
     else:
         a, b = reader.read(m.a), reader.read(m.b)
     magnitude = reader.read(m.magnitude) if m.magnitude is not None else None
+    if step.piece is not None:  # transformers cuts or joins this tensor on load: the rows the LoRA covers
+        piece, delta = step.piece, lora_math.linear_delta(a, b, m.scale)
+        if piece.into:
+            lora_math.merge_add(weight.narrow(piece.dim, piece.start, piece.length), delta)
+            return weight
+        return lora_math.merge_add(weight, delta.narrow(piece.dim, piece.start, piece.length))
     if step.layout in ("linear", "conv1d"):
         fifo = step.layout == "conv1d"
         delta = lora_math.linear_delta(a, b, m.scale, fan_in_fan_out=fifo)

@@ -12,6 +12,7 @@ that do not fit.
 from __future__ import annotations
 
 from collections import Counter
+from itertools import pairwise
 
 from loraship.engine import quantized
 from loraship.engine.heads import head_config
@@ -75,6 +76,13 @@ def build(state: PlanState, dtype: str | None) -> MergePlan:
     )
 
 
+def _disjoint(steps: list[Step]) -> bool:
+    """Whether the LoRA pieces filling one stored tensor cover distinct rows (a split's parts, once each)."""
+    spans = sorted((s.piece.start, s.piece.start + s.piece.length) for s in steps
+                   if isinstance(s, LoraStep) and s.piece is not None)  # fmt: skip
+    return all(a[1] <= b[0] for a, b in pairwise(spans))
+
+
 def _without_other_heads(state: PlanState, tensors: list[TensorPlan]) -> list[TensorPlan]:
     """The output without the base's tensors the adapter's class does not load (a pretraining head, ``cls.*`` of
     a BERT masked-LM checkpoint under a classifier): the merged folder holds that class's tensors, as PEFT's saved
@@ -92,10 +100,15 @@ def _without_other_heads(state: PlanState, tensors: list[TensorPlan]) -> list[Te
     return [t for t in tensors if t.name not in dropped]
 
 
-def _method_layers(state: PlanState) -> dict[str, tuple[tuple[str, int, int], ...]]:
+#: A method's layers for :meth:`Method.with_layers`: ``(module, out, in)`` each, and whether in the model's order.
+Layers = tuple[tuple[tuple[str, int, int], ...], bool]
+
+
+def _method_layers(state: PlanState) -> dict[str, Layers]:
     """PEFT type -> ``(module, out, in)`` of every base weight its modules change, in the model's order of modules
-    (the base checkpoint's where the model class is unknown) (:meth:`Method.with_layers`)."""
+    (the base checkpoint's where the model class is unknown), and whether that order is the model's."""
     found: dict[str, list[tuple[int, tuple[str, int, int]]]] = {}
+    unordered: set[str] = set()
     params = {name: i for i, name in enumerate(state.model.params)} if state.model is not None else {}
     stored = {name: i for i, name in enumerate(state.base.tensors)}
     for target in state.targets.values():
@@ -105,8 +118,13 @@ def _method_layers(state: PlanState) -> dict[str, tuple[tuple[str, int, int], ..
                 module = step.module.module
                 out_features, in_features = (shape[1], shape[0]) if state.layouts.conv1d(module) else shape[:2]
                 order = params.get(f"{module}.weight", len(params) + stored.get(target.name, 0))
+                if f"{module}.weight" not in params:
+                    unordered.add(step.module.method)
                 found.setdefault(step.module.method, []).append((order, (module, out_features, in_features)))
-    return {method: tuple(layer for _, layer in sorted(layers)) for method, layers in found.items()}
+    return {
+        method: (tuple(layer for _, layer in sorted(layers)), method not in unordered)
+        for method, layers in found.items()
+    }
 
 
 def _tensor_plan(
@@ -114,7 +132,7 @@ def _tensor_plan(
     target: Target,
     out_code: str | None,
     default_float: str,
-    layers: dict[str, tuple[tuple[str, int, int], ...]],
+    layers: dict[str, Layers],
 ) -> TensorPlan:
     steps = [s for _, s, _ in sorted(target.steps, key=lambda s: s[0])]
     kinds = Counter(type(s) for s in steps)
@@ -123,7 +141,8 @@ def _tensor_plan(
             f"The adapter saves {kinds[ReplaceStep]} different trained copies of `{target.name}`.",
             fix="Save the adapter again with PEFT; keep the tensor in modules_to_save only once.",
         )
-    if kinds[LoraStep] + kinds[MethodStep] > 1:
+    filling = sum(1 for s in steps if isinstance(s, LoraStep) and s.piece is not None and s.piece.into)
+    if kinds[LoraStep] + kinds[MethodStep] - filling + min(filling, 1) > 1 or (filling and not _disjoint(steps)):
         raise IncompatibleError(
             f"The adapter holds {kinds[LoraStep] + kinds[MethodStep]} changes of `{target.name}`.",
             fix="Save the adapter again with PEFT.",
@@ -145,7 +164,7 @@ def _tensor_plan(
         raise AssertionError(target.name)
     resolved: list[Step] = []
     for step in steps:
-        if isinstance(step, LoraStep) and step.part is not None:  # laid out with its fused parameter
+        if isinstance(step, LoraStep) and (step.part is not None or step.piece is not None):  # laid out already
             check_float(state, target, source)
             resolved.append(step)
         elif isinstance(step, LoraStep):
@@ -155,7 +174,9 @@ def _tensor_plan(
             check_float(state, target, source)
             resolved.append(LoraStep(step.module, layout))
         elif isinstance(step, MethodStep):
-            resolved.append(_method_step(state, target, source, shape, step, layers.get(step.module.method, ())))
+            resolved.append(
+                _method_step(state, target, source, shape, step, layers.get(step.module.method, ((), True)))
+            )
         elif isinstance(step, LoraBiasStep):
             bias = step.module.bias
             if source is not None and bias is not None and source.shape != bias.shape:
@@ -187,12 +208,12 @@ def _method_step(
     source: TensorInfo | None,
     shape: tuple[int, ...],
     step: MethodStep,
-    layers: tuple[tuple[str, int, int], ...],
+    layers: Layers,
 ) -> MethodStep:
     """A method's step, with the layer's layout, once its shapes fit the base tensor."""
     method = method_of(step.module.method)
     assert method is not None
-    module = method.with_layers(step.module, layers)
+    module = method.with_layers(step.module, layers[0], ordered=layers[1])
     fan_in_fan_out = step.param == "weight" and state.layouts.conv1d(module.module)
     problem = method.shape_problem(module, step.param, shape, fan_in_fan_out)
     if isinstance(problem, Unsupported):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from loraship.engine.adapter import LoraModule
-from loraship.engine.conversions import FusedParam
+from loraship.engine.conversions import FusedParam, Piece
 from loraship.engine.layouts import place_fused
 from loraship.engine.plan import LoraBiasStep, LoraStep, MethodStep, ReplaceStep, Step, TokenRowsStep
 from loraship.engine.planning.state import PlanState
@@ -32,6 +32,10 @@ def collect(state: PlanState) -> None:
         if mod.wraps_parameter and fused is not None:
             _add_fused(state, mod, fused, keys)
             continue
+        cut = state.model.pieces.get(f"{mod.module}.{mod.param}") if state.model is not None else None
+        if cut is not None and not mod.wraps_parameter:
+            _add_pieces(state, mod, cut, keys)
+            continue
         if mod.wraps_parameter and state.resolve(f"{mod.module}.{mod.param}") is None:
             _refuse_converted_parameter(state, mod)
         _add(state, mod.module, mod.param, LoraStep(mod, "linear"), keys)
@@ -46,6 +50,7 @@ def collect(state: PlanState) -> None:
                     + "; PEFT cannot merge this adapter into this base either.",
                 )
             _add(state, mod.module, "bias", LoraBiasStep(mod), [mod.bias.name])
+    lacking: list[tuple[str, str, str, str]] = []  # a parameter a method needs that the layer lacks in the base
     for m in a.method_modules:
         method = method_of(m.method)
         assert method is not None
@@ -54,6 +59,11 @@ def collect(state: PlanState) -> None:
         for param, required in reversed(method.params(m)):
             if required or state.resolve(f"{m.module}.{param}") is not None:
                 _add(state, m.module, param, MethodStep(m, param), keys)
+            weight = state.resolve(f"{m.module}.weight") if required and param != "weight" else None
+            if weight is not None and state.resolve(f"{m.module}.{param}") is None:
+                lacking.append((method.name, m.module, param, weight))
+    if lacking:
+        _refuse_lacking(state, lacking)
     for upd in a.token_updates:
         _add(state, upd.module, "weight", TokenRowsStep(upd), [upd.tensor.name])
     for key, why in a.ignored.items():
@@ -77,6 +87,46 @@ def _add_fused(state: PlanState, mod: LoraModule, fused: FusedParam, keys: list[
             f"({fused.describe()}): each expert's slice of the LoRA delta is merged into the tensors the "
             "checkpoint stores, in their layout."
         )
+
+
+def _add_pieces(state: PlanState, mod: LoraModule, cut: tuple[tuple[str, Piece], ...], keys: list[str]) -> None:
+    """A LoRA on a parameter transformers cuts from (or joins of) stored tensors: one step on each of them."""
+    param = cut[0][1].param
+    if mod.layer != "linear" or mod.magnitude is not None or mod.bias is not None:
+        kind = "DoRA" if mod.magnitude is not None else ("a LoRA bias" if mod.bias is not None else "an embedding LoRA")
+        raise UnsupportedError(
+            f"The adapter has {kind} on `{param}`, which transformers builds on load from "
+            + ", ".join(f"`{k}`" for k, _ in cut)
+            + ": loraship merges only plain LoRA through that conversion.",
+            fix="Merge this adapter with PEFT (PeftModel.from_pretrained(base, adapter).merge_and_unload(), then "
+            "save_pretrained()), and check the result with `loraship verify`.",
+        )
+    made = (mod.b.shape[0], mod.a.shape[1]) if mod.a.shape and mod.b.shape else ()
+    if made != cut[0][1].shape:
+        state.layouts.shape_error(f"`{param}`", cut[0][1].shape, f"lora_B {list(mod.b.shape)} @ lora_A "
+                                  f"{list(mod.a.shape)}", made)  # fmt: skip
+    for key, piece in cut:
+        state.direct.setdefault(key, []).append((_ORDER[LoraStep], LoraStep(mod, "linear", piece=piece), keys[0], keys))
+    state.note_once(
+        f"transformers builds some parameters on load by cutting or joining stored tensors (`{_any_layer(param)}` "
+        f"from {', '.join(f'`{_any_layer(k)}`' for k, _ in cut)}): each LoRA delta is merged into the rows of the "
+        "stored tensors it covers, in their layout."
+    )
+
+
+def _refuse_lacking(state: PlanState, lacking: list[tuple[str, str, str, str]]) -> None:
+    """A method's module changes a parameter (BEFT's bias) the base layer does not have: nothing to merge it into."""
+    name, module, param, weight = lacking[0]
+    more = f" (and of {len(lacking) - 1} more layer(s))" if len(lacking) > 1 else ""
+    raise IncompatibleError(
+        f"The {name} adapter changes the {param} of `{module}`{more}, but that layer has no {param} in the base model "
+        f"`{state.base_label}` (only `{weight}`): there is nothing to merge the change into, and PEFT cannot merge "
+        "it either.",
+        fix="If this is not the base the adapter was trained on"
+        + state.trained_on()
+        + f", use that one; otherwise ship the adapter unmerged (PEFT runs it so), or train it again without "
+        f"targeting layers that have no {param}.",
+    )
 
 
 def _refuse_converted_parameter(state: PlanState, mod: LoraModule) -> None:
