@@ -113,10 +113,13 @@ class Method:
         before any tensor: a setting under which the merge cannot be PEFT's."""
         return None
 
-    def with_layers(self, m: MethodModule, layers: tuple[tuple[str, int, int], ...]) -> MethodModule:
+    def with_layers(
+        self, m: MethodModule, layers: tuple[tuple[str, int, int], ...], *, ordered: bool = True
+    ) -> MethodModule:
         """``m`` told every layer the adapter's modules of this method change, as ``(module, out features, in
-        features)`` in the base, in the model's order of modules: for a method whose shared tensors PEFT sizes to
-        the largest layer, or that numbers its layers; called before :meth:`shape_problem`."""
+        features)`` in the base, in the model's order of modules (``ordered``; else in the checkpoint's order, the
+        model class could not be built): for a method whose shared tensors PEFT sizes to the largest layer, or that
+        numbers its layers; called before :meth:`shape_problem`."""
         return m
 
     def params(self, m: MethodModule) -> tuple[tuple[str, bool], ...]:

@@ -109,7 +109,9 @@ class RandLoRA(Method):
         )
         return MethodModule(self.peft_type, name, tuple(sorted(tensors.items())), settings)
 
-    def with_layers(self, m: MethodModule, layers: tuple[tuple[str, int, int], ...]) -> MethodModule:
+    def with_layers(
+        self, m: MethodModule, layers: tuple[tuple[str, int, int], ...], *, ordered: bool = True
+    ) -> MethodModule:
         if not layers:
             return m
         largest = (("max_out", max(o for _, o, _ in layers)), ("max_in", max(i for _, _, i in layers)))

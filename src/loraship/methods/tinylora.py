@@ -87,7 +87,9 @@ class TinyLoRA(Method):
         )
         return MethodModule(self.peft_type, name, tuple(sorted(tensors.items())), settings)
 
-    def with_layers(self, m: MethodModule, layers: tuple[tuple[str, int, int], ...]) -> MethodModule:
+    def with_layers(
+        self, m: MethodModule, layers: tuple[tuple[str, int, int], ...], *, ordered: bool = True
+    ) -> MethodModule:
         """The layer's index among the targeted layers (the model's order) and the group of v it uses."""
         names = [name for name, _, _ in layers]
         if m.module not in names:
@@ -96,8 +98,8 @@ class TinyLoRA(Method):
         groups = max(1, round(count * (1.0 - m.setting("weight_tying"))))
         size = max(1, count // groups)
         group = min(index // size, groups - 1)
-        kept = tuple((k, v) for k, v in m.settings if k not in ("index", "group", "groups", "layers"))
-        found = (("index", index), ("group", group), ("groups", groups), ("layers", count))
+        kept = tuple((k, v) for k, v in m.settings if k not in ("index", "group", "groups", "layers", "ordered"))
+        found = (("index", index), ("group", group), ("groups", groups), ("layers", count), ("ordered", ordered))
         return MethodModule(m.method, m.module, m.tensors, kept + found)
 
     def shape_problem(self, m: MethodModule, param: str, shape: tuple[int, ...], fan_in_fan_out: bool) -> str | None:
@@ -105,6 +107,13 @@ class TinyLoRA(Method):
             return Unsupported(
                 f"TinyLoRA on a {len(shape)}-D weight is not merged (PEFT's TinyLoRA adapts only Linear, Conv1D and "
                 "Embedding layers)"
+            )
+        if not m.setting("ordered", True) and (m.setting("groups", 1) > 1 or not m.setting("save_projection")):
+            return Unsupported(
+                "TinyLoRA is not merged here: which tinylora_v vector"
+                + ("" if m.setting("save_projection") else " and projection seed")
+                + " a layer gets follows its number in the model's order of modules, and loraship could not build "
+                "the model class to read that order"
             )
         out_features, in_features = (shape[1], shape[0]) if fan_in_fan_out else shape
         r = min(m.setting("r"), out_features, in_features)

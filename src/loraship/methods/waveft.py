@@ -98,7 +98,9 @@ class WaveFT(Method):
         )
         return MethodModule(self.peft_type, name, tuple(tensors.items()), settings)
 
-    def with_layers(self, m: MethodModule, layers: tuple[tuple[str, int, int], ...]) -> MethodModule:
+    def with_layers(
+        self, m: MethodModule, layers: tuple[tuple[str, int, int], ...], *, ordered: bool = True
+    ) -> MethodModule:
         """``_calculate_proportional_parameters``: each layer's share of ``n_frequency`` times the layer count."""
         if m.setting("n_from") != "proportional_parameters" or not layers:
             return m
