@@ -177,3 +177,15 @@ def test_shape_problems_in_words() -> None:
     assert conv == (
         "TinyLoRA on a 4-D weight is not merged (PEFT's TinyLoRA adapts only Linear, Conv1D and Embedding layers)"
     )
+    # the model class could not be built: the checkpoint's order of layers may not be the model's
+    unordered = method.with_layers(m, (("h.0.attn.c_attn", 48, 16),), ordered=False)
+    refused = method.shape_problem(unordered, "weight", (16, 48), True)
+    assert isinstance(refused, Unsupported)
+    assert refused == (
+        "TinyLoRA is not merged here: which tinylora_v vector and projection seed a layer gets follows its number in "
+        "the model's order of modules, and loraship could not build the model class to read that order"
+    )
+    saved = method.module("h.0.attn.c_attn", {**tensors, "tinylora_P": Info("p", (8, 2, 2))}, {"r": 2, "u": 8},
+                          Path("a"))  # fmt: skip
+    one_group = method.with_layers(saved, (("h.0.attn.c_attn", 48, 16),), ordered=False)
+    assert method.shape_problem(one_group, "weight", (16, 48), True) is None  # one v, saved projections: no order
