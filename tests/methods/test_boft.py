@@ -4,11 +4,9 @@ and several, as PEFT builds with its CUDA extension, here stood in for by ``torc
 a bf16 adapter); the merged folder loaded with plain transformers behaves as PEFT's unmerged model; ``verify``;
 and what loraship refuses.
 
-loraship does not register BOFT yet: its check of every plan against PEFT's layers on the meta device cannot
-build PEFT's BOFT permutations there (``perm2mat`` indexes with meta tensors). Every test but the one of that
-refusal registers it, with the change that check needs stood in for (:func:`_plan_check_builds_boft`: PEFT's
-permutations built on the CPU, then moved to the meta device; on the CPU, as in every reference here, nothing
-changes).
+Every merge is checked against PEFT's own BOFT layers built on the meta device (their permutations, which PEFT
+builds by indexing, are made there by the check's stand-ins for PEFT's ``block_butterfly_perm`` and ``perm2mat``,
+in place only while it builds): the tests run that check as merges do.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from conftest import (
 
 from loraship.engine.merge import merge
 from loraship.errors import AdapterError, IncompatibleError, UnsupportedError
-from loraship.methods.base import method_of, registry
+from loraship.methods.base import method_of
 from loraship.tiny import build_method_adapter
 
 ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -95,47 +93,22 @@ CASES = [
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
-@pytest.fixture(autouse=True)
-def _plan_check_builds_boft(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    if request.function.__name__ == "test_refused_until_the_plan_check_builds_boft":
-        return
+def test_plan_check_builds_peft_boft_layers_on_meta(model_cache, extension, tmp_path: Path) -> None:
+    """The check against PEFT's layers on the meta device builds BOFT's (permutations included, several butterfly
+    factors too) and places every adapter tensor; PEFT's own layer methods are left as they were."""
     import peft.tuners.boft.layer as layer
 
-    from loraship.methods import boft
-
-    perm, to_matrix = layer.BOFTLayer.block_butterfly_perm, layer.BOFTLayer.perm2mat
-
-    def block_butterfly_perm(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        with torch.device("cpu"):
-            return perm(self, *args, **kwargs)
-
-    def perm2mat(self: Any, indices: torch.Tensor) -> torch.Tensor:
-        meta = torch.empty(0).device.type == "meta"
-        with torch.device("cpu"):
-            matrix = to_matrix(self, indices)
-        return matrix.to("meta") if meta else matrix
-
-    monkeypatch.setattr(layer.BOFTLayer, "block_butterfly_perm", block_butterfly_perm)
-    monkeypatch.setattr(layer.BOFTLayer, "perm2mat", perm2mat)
-    monkeypatch.setattr(boft, "PLAN_CHECK_BUILDS_BOFT", True)
-    monkeypatch.setitem(registry(), "BOFT", boft.BOFT())
-
-
-def test_refused_until_the_plan_check_builds_boft(model_cache, tmp_path: Path) -> None:
+    own = (layer.BOFTLayer.block_butterfly_perm, layer.BOFTLayer.perm2mat)
+    extension(True)
     base = model_cache(LLAMA)
-    adapter = build_method_adapter(base, tmp_path / "adapter", "BOFT", target_modules=["q_proj"], boft_block_size=4)
-    assert method_of("BOFT") is None
-    with pytest.raises(UnsupportedError) as e:
-        merge(base, adapter, tmp_path / "merged", progress=False)
-    assert e.value.message.startswith(
-        f"`{adapter / 'adapter_config.json'}` is a BOFT adapter: a method PEFT can merge, but loraship does not "
-        "merge yet (it merges "
+    adapter = build_method_adapter(
+        base, tmp_path / "adapter", "BOFT", target_modules=ATTN_MLP, boft_block_size=2, boft_n_butterfly_factor=2
     )
-    assert e.value.fix == (
-        "Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload(), then check the "
-        "result with `loraship verify`."
-    )
-    assert not (tmp_path / "merged").exists()
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    names = result.prepared.names
+    assert names is not None and names.skipped is None and names.agrees
+    assert names.checked == len(result.prepared.adapter.tensors) > 0
+    assert (layer.BOFTLayer.block_butterfly_perm, layer.BOFTLayer.perm2mat) == own
 
 
 class _FakeFbd:

@@ -3,10 +3,9 @@ bases (PEFT's default random mask, with and without a seed, other ``r``, attenti
 adapter); the merged folder loaded with plain transformers behaves as PEFT's unmerged model; ``verify``; and what
 loraship refuses.
 
-loraship does not register SHiRA yet: its check of every plan against PEFT's layers on the meta device cannot build
-PEFT's SHiRA layers there (``torch.where`` of the mask). Every test but the one of that refusal registers it, with
-the change that check needs stood in for (:func:`_plan_check_builds_shira`: on the meta device, a mask of the right
-count built on the CPU; the positions do not matter there, only the shapes; off it nothing changes).
+Every merge is checked against PEFT's own SHiRA layers built on the meta device (where ``torch.where`` of the mask
+cannot run, the check gives each layer ``r x (in + out)`` meta places, only while it builds): the tests run that
+check as merges do.
 """
 
 from __future__ import annotations
@@ -29,47 +28,26 @@ from conftest import (
 )
 
 from loraship.engine.merge import merge
-from loraship.errors import IncompatibleError, UnsupportedError
-from loraship.methods.base import method_of, registry
+from loraship.errors import IncompatibleError
+from loraship.methods.base import method_of
 from loraship.tiny import build_method_adapter
 
 ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _plan_check_builds_shira(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    if request.function.__name__ == "test_refused_until_the_plan_check_builds_shira":
-        return
+def test_plan_check_builds_peft_shira_layers_on_meta(model_cache, tmp_path: Path) -> None:
+    """The check against PEFT's layers on the meta device builds SHiRA's (no mask to take places from there) and
+    places every adapter tensor; PEFT's own ``update_layer`` is left as it was."""
     import peft.tuners.shira.layer as layer
 
-    from loraship.methods import shira
-
-    update_layer = layer.ShiraLayer.update_layer
-
-    def meta_safe(self: Any, adapter_name: str, mask: Any, r: int, *args: Any, **kwargs: Any) -> Any:
-        if mask is None or mask.device.type != "meta":
-            return update_layer(self, adapter_name, mask, r, *args, **kwargs)
-        with torch.device("cpu"):
-            cpu_mask = torch.zeros(mask.shape)
-            cpu_mask.view(-1)[: r * (self.in_features + self.out_features)] = 1.0
-            return update_layer(self, adapter_name, cpu_mask, r, *args, **kwargs)
-
-    monkeypatch.setattr(layer.ShiraLayer, "update_layer", meta_safe)
-    monkeypatch.setattr(shira, "PLAN_CHECK_BUILDS_SHIRA", True)
-    monkeypatch.setitem(registry(), "SHIRA", shira.SHiRA())
-
-
-def test_refused_until_the_plan_check_builds_shira(model_cache, tmp_path: Path) -> None:
+    own = layer.ShiraLayer.update_layer
     base = model_cache(LLAMA)
-    adapter = build_method_adapter(base, tmp_path / "adapter", "SHIRA", target_modules=["q_proj"], r=1)
-    assert method_of("SHIRA") is None
-    with pytest.raises(UnsupportedError) as e:
-        merge(base, adapter, tmp_path / "merged", progress=False)
-    assert e.value.message.startswith(
-        f"`{adapter / 'adapter_config.json'}` is a SHIRA adapter: a method PEFT can merge, but loraship does not "
-        "merge yet (it merges "
-    )
-    assert not (tmp_path / "merged").exists()
+    adapter = build_method_adapter(base, tmp_path / "adapter", "SHIRA", target_modules=ATTN_MLP, r=2)
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    names = result.prepared.names
+    assert names is not None and names.skipped is None and names.agrees
+    assert names.checked == len(result.prepared.adapter.tensors) > 0
+    assert layer.ShiraLayer.update_layer is own
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ asks transformers which tensors the merged model's class expects. The plan must 
 
 from __future__ import annotations
 
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +84,7 @@ def peft_model_on_meta(
     where = adapter.folder / "adapter_config.json"
     check_patterns(adapter.config, [n for n, _ in model.named_modules()], where=where)
     try:
-        with torch.device("meta"), warnings.catch_warnings():
+        with torch.device("meta"), _meta_safe_layers(), warnings.catch_warnings():
             # LN tuning of an RMSNorm: PEFT warns of a layer type it does not list, and wraps it all the same.
             warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
             peft_model = get_peft_model(model, config)
@@ -113,6 +115,55 @@ def peft_model_on_meta(
             fix="PEFT cannot load this adapter either: save it again with a configuration PEFT accepts.",
         ) from e
     return params, peft_model
+
+
+_PATCHING = threading.Lock()
+
+
+@contextmanager
+def _meta_safe_layers() -> Iterator[None]:
+    """While PEFT's layers are built on the meta device, the few layer methods that compute data there (index
+    tensors, which have no meta kernels) run on the CPU, or give a meta tensor of the shape they would make: the
+    check needs the layers' shapes, not their values. Elsewhere (the CPU, another thread) they run unchanged.
+
+    BOFT: ``block_butterfly_perm`` (PEFT's check of the blocks included) runs on the CPU; ``perm2mat`` (an
+    ``(n, n)`` matrix filled one index at a time) gives its shape. SHiRA: ``update_layer`` takes the places of the
+    mask's ones (``torch.where``), ``r x (in + out)`` of them; they are meta places of that count.
+    """
+    import torch
+    from peft.tuners.boft.layer import BOFTLayer
+    from peft.tuners.shira.layer import ShiraLayer
+
+    def on_meta() -> bool:
+        return bool(torch.get_default_device().type == "meta")
+
+    perm, to_matrix, update = BOFTLayer.block_butterfly_perm, BOFTLayer.perm2mat, ShiraLayer.update_layer
+
+    def block_butterfly_perm(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not on_meta():
+            return perm(self, *args, **kwargs)
+        with torch.device("cpu"):
+            return perm(self, *args, **kwargs)
+
+    def perm2mat(self: Any, indices: Any) -> Any:
+        return torch.empty((len(indices), len(indices))) if on_meta() else to_matrix(self, indices)
+
+    def update_layer(self: Any, adapter_name: str, mask: Any, r: int, *args: Any, **kwargs: Any) -> Any:
+        if mask is None or mask.device.type != "meta":
+            return update(self, adapter_name, mask, r, *args, **kwargs)
+        done = update(self, adapter_name, None, r, *args, **kwargs)
+        places = r * (self.in_features + self.out_features)
+        self.shira_indices[adapter_name] = torch.empty((2, places), dtype=torch.int, device="meta")
+        return done
+
+    with _PATCHING:
+        BOFTLayer.block_butterfly_perm, BOFTLayer.perm2mat = block_butterfly_perm, perm2mat  # type: ignore[method-assign]
+        ShiraLayer.update_layer = update_layer  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            BOFTLayer.block_butterfly_perm, BOFTLayer.perm2mat = perm, to_matrix  # type: ignore[method-assign]
+            ShiraLayer.update_layer = update  # type: ignore[method-assign]
 
 
 def _known_fields(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,11 +24,9 @@ is ``((mm(B, Wᵀ.to(fp32)))ᵀ * s).contiguous().to(W.dtype)`` (a convolution's
 and ``s`` transposed to ``(out, 1)`` first): one fp32 product, rounded once. Biases are left alone (PEFT's
 forward scales the output before the bias). ``boft_dropout`` is training only.
 
-Not registered yet (``METHOD`` is None, so loraship refuses BOFT as a method it does not merge): every merge is
-checked against PEFT's own layers built on the meta device (:mod:`loraship.engine.oracle`), and PEFT's
-``BOFTLayer.perm2mat`` cannot run there (it indexes with meta tensors). Once that check builds BOFT's permutations
-off the meta device, :data:`PLAN_CHECK_BUILDS_BOFT` registers the merge (its tests register it, with that change
-stood in for, and find it bit-identical to PEFT).
+Every merge is checked against PEFT's own layers built on the meta device (:mod:`loraship.engine.oracle`), where
+PEFT's ``BOFTLayer.block_butterfly_perm`` and ``perm2mat`` cannot run (they index with meta tensors): that check
+runs the first on the CPU and takes the permutation matrices' shapes (``_meta_safe_layers``).
 """
 
 from __future__ import annotations
@@ -58,10 +56,6 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
     "init_weights": ("true or false", lambda v: isinstance(v, bool)),
 }
-
-
-#: Whether loraship's check of a plan against PEFT's layers on the meta device can build BOFT layers (see above).
-PLAN_CHECK_BUILDS_BOFT = False
 
 
 class BOFT(Method):
@@ -276,4 +270,4 @@ def _butterfly(boft_R: torch.Tensor) -> torch.Tensor:
     return butterfly_oft_mat
 
 
-METHOD = BOFT() if PLAN_CHECK_BUILDS_BOFT else None
+METHOD = BOFT()

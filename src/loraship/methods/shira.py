@@ -12,11 +12,10 @@ is drawn again here. ``get_delta_weight`` is ``torch.sparse_coo_tensor(indices, 
 with ``scaling = 1.0`` (``set_scale`` changes it only at run time), and the merge adds it in place to W (one rounding
 to W's dtype). These are reproduced with the same torch calls.
 
-Not registered yet (``METHOD`` is None, so loraship refuses SHiRA as a method it does not merge): every merge is
-checked against PEFT's own layers built on the meta device (:mod:`loraship.engine.oracle`), and PEFT's
-``ShiraLayer.update_layer`` cannot run there (``torch.where`` on the meta mask is data-dependent). Once that check
-builds SHiRA's layers with a stand-in mask off the meta device, :data:`PLAN_CHECK_BUILDS_SHIRA` registers the merge
-(its tests register it, with that change stood in for, and find it bit-identical to PEFT).
+Every merge is checked against PEFT's own layers built on the meta device (:mod:`loraship.engine.oracle`), where
+PEFT's ``ShiraLayer.update_layer`` cannot take the places of the mask's ones (``torch.where`` on a meta mask is
+data-dependent): that check builds the layer without the mask and gives it ``r x (in + out)`` meta places
+(``_meta_safe_layers``).
 """
 
 from __future__ import annotations
@@ -37,10 +36,6 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
     "init_weights": ("true or false", lambda v: isinstance(v, bool)),
 }
-
-
-#: Whether loraship's check of a plan against PEFT's layers on the meta device can build SHiRA layers (see above).
-PLAN_CHECK_BUILDS_SHIRA = False
 
 
 class SHiRA(Method):
@@ -108,4 +103,4 @@ class SHiRA(Method):
         return f"r = {span([m.setting('r') for m in modules])}"
 
 
-METHOD = SHiRA() if PLAN_CHECK_BUILDS_SHIRA else None
+METHOD = SHiRA()
