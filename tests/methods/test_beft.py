@@ -2,9 +2,7 @@
 bases (Qwen2's attention biases, a bf16 adapter); the merged folder loaded with plain transformers behaves as
 PEFT's unmerged model; ``verify``; and the refusal of a layer without a bias, which PEFT refuses to merge too.
 
-loraship does not register BEFT yet: its check of every plan against PEFT's layers takes every tensor of a method
-other than LoRA to change the layer's weight (``oracle._destination``). Every test but the one of that refusal
-registers it, with that check told that BEFT's tensor changes the bias (:func:`_plan_check_places_beft`).
+Every merge is checked against PEFT's own layers, which asks BEFT which parameter its tensors change (the bias).
 """
 
 from __future__ import annotations
@@ -27,42 +25,22 @@ from conftest import (
 )
 
 from loraship.engine.merge import merge
-from loraship.errors import IncompatibleError, UnsupportedError
-from loraship.methods.base import method_of, registry
+from loraship.errors import IncompatibleError
+from loraship.methods.base import method_of
 from loraship.tiny import build_method_adapter
 
 
-@pytest.fixture(autouse=True)
-def _plan_check_places_beft(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    if request.function.__name__ == "test_refused_until_the_plan_check_places_beft":
-        return
-    from loraship.engine import oracle
-    from loraship.methods import beft
-
-    destination = oracle._destination
-
-    def bias_destination(key: str, wrappers: Any, params: Any) -> Any:
-        found = destination(key, wrappers, params)
-        if found is not None and key.endswith(".beft_bias"):
-            return found[0], "bias", params.get(f"{found[0]}.bias"), False
-        return found
-
-    monkeypatch.setattr(oracle, "_destination", bias_destination)
-    monkeypatch.setattr(beft, "PLAN_CHECK_PLACES_BEFT", True)
-    monkeypatch.setitem(registry(), "BEFT", beft.BEFT())
-
-
-def test_refused_until_the_plan_check_places_beft(model_cache, tmp_path: Path) -> None:
+def test_plan_check_places_beft_in_the_bias(model_cache, tmp_path: Path) -> None:
+    """The check against PEFT's layers asks the method which parameter its tensors change: BEFT's, the bias."""
     base = model_cache(QWEN2)
-    adapter = build_method_adapter(base, tmp_path / "adapter", "BEFT", target_modules=["q_proj"])
-    assert method_of("BEFT") is None
-    with pytest.raises(UnsupportedError) as e:
-        merge(base, adapter, tmp_path / "merged", progress=False)
-    assert e.value.message.startswith(
-        f"`{adapter / 'adapter_config.json'}` is a BEFT adapter: a method PEFT can merge, but loraship does not "
-        "merge yet (it merges "
-    )
-    assert not (tmp_path / "merged").exists()
+    adapter = build_method_adapter(base, tmp_path / "adapter", "BEFT", target_modules=["q_proj", "v_proj"])
+    result = merge(base, adapter, tmp_path / "merged", progress=False)
+    names = result.prepared.names
+    assert names is not None and names.skipped is None and names.agrees
+    assert names.checked == len(result.prepared.adapter.tensors) == 4
+    assert {result.prepared.plan.accounting[k] for k in result.prepared.adapter.tensors} == {
+        f"model.layers.{i}.self_attn.{p}.bias" for i in (0, 1) for p in ("q_proj", "v_proj")
+    }
 
 
 @dataclass(frozen=True)
@@ -144,9 +122,14 @@ def test_layer_without_bias_refused_as_peft_refuses_it(model_cache, tmp_path: Pa
     with pytest.raises(IncompatibleError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert e.value.message == (
-        f"2 adapter tensor(s) match no tensor of the base model `{base}`: "
-        "`base_model.model.model.layers.0.self_attn.o_proj.beft_bias`, "
-        "`base_model.model.model.layers.1.self_attn.o_proj.beft_bias`."
+        "The BEFT adapter changes the bias of `model.layers.0.self_attn.o_proj` (and of 1 more layer(s)), but that "
+        f"layer has no bias in the base model `{base}` (only `model.layers.0.self_attn.o_proj.weight`): there is "
+        "nothing to merge the change into, and PEFT cannot merge it either."
+    )
+    assert e.value.fix.startswith("If this is not the base the adapter was trained on")
+    assert e.value.fix.endswith(
+        ", use that one; otherwise ship the adapter unmerged (PEFT runs it so), or train it again without targeting "
+        "layers that have no bias."
     )
     assert not (tmp_path / "merged").exists()
 

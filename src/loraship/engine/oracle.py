@@ -26,6 +26,7 @@ from loraship.engine.model_map import ModelMap, ModelMapError, build_meta_model,
 from loraship.engine.patterns import check_patterns
 from loraship.engine.plan import LoraStep, MergePlan, TensorPlan
 from loraship.errors import AdapterError, first_line
+from loraship.methods.base import method_of
 
 _CONFIG_UPDATES_FOR_CLASS = ("num_labels", "id2label", "label2id", "vocab_size", "tie_word_embeddings")
 
@@ -196,6 +197,7 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
     for name, p in params.items():
         names_of.setdefault(id(p), []).append(name)
     wrappers = _wrappers(peft_model)
+    changes = _method_changes(adapter)
     tensors = {t.name: t for t in plan.tensors}
     modules = {n[len(PREFIX) :] for n, _ in peft_model.named_modules() if n.startswith(PREFIX)}
     untargeted: list[str] = []
@@ -217,7 +219,7 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
                 problems.append(f"`{key}` is a LoRA of the per-expert tensor `{saved}`; the plan puts it in "
                                 f"`{landed or 'nowhere'}`")  # fmt: skip
             continue
-        found = _destination(key, wrappers, params)
+        found = _destination(key, wrappers, params, changes)
         if found is None:
             module = _adapter_module(key, adapter)
             if module is not None and module in modules and not _is_lora_layer(wrappers.get(module)):
@@ -365,9 +367,23 @@ def _wrappers(peft_model: Any) -> dict[str, Any]:
     return out
 
 
-def _destination(key: str, wrappers: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[str, str, Any, bool] | None:
+def _method_changes(adapter: AdapterSpec) -> dict[str, str]:
+    """Each tensor of another method's module -> the base parameter the method says it changes first (the weight;
+    BEFT's the bias): the one the plan accounts it to."""
+    out: dict[str, str] = {}
+    for m in adapter.method_modules:
+        method = method_of(m.method)
+        if method is not None:
+            out.update(dict.fromkeys((info.name for _, info in m.tensors), method.params(m)[0][0]))
+    return out
+
+
+def _destination(
+    key: str, wrappers: Mapping[str, Any], params: Mapping[str, Any], changes: Mapping[str, str]
+) -> tuple[str, str, Any, bool] | None:
     """The module an adapter tensor is loaded into, the base parameter it changes, and whether the
-    change is shared by every module tied to that parameter in PEFT's unmerged model."""
+    change is shared by every module tied to that parameter in PEFT's unmerged model. ``changes``: the base
+    parameter each tensor of another method changes (:func:`_method_changes`; the weight if not named)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
@@ -405,8 +421,9 @@ def _destination(key: str, wrappers: Mapping[str, Any], params: Mapping[str, Any
     first = rest.partition(".")[0]
     if (first in own or any(first.startswith(n + "_") for n in own)) and not rest.startswith("lora_"):
         # another method's tensor (or its layer's copy of a shared one, RandLoRA's; or a saved form of it, VB-LoRA's
-        # <logits>_topk_indices): it changes the layer's weight
-        return module, "weight", base.weight, False
+        # <logits>_topk_indices): it changes the parameter its method names
+        param = changes.get(key, "weight")
+        return module, param, getattr(base, param, None), False
     if "." not in rest and not rest.startswith("lora_"):  # a trained parameter of the layer (bias="all")
         return module, rest, getattr(base, rest), False
     param = "bias" if rest == "lora_B.bias" else str(getattr(layer, "parameter_name", None) or "weight")

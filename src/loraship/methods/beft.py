@@ -5,15 +5,9 @@ and ``tuners/beft/config.py`` (``BeftConfig``). ``beft_bias`` is ``(1, out)`` (f
 half-precision adapter on load). The merge is ``bias.add_(beft_bias.squeeze())``: the fp32 sum rounded once to the
 bias's dtype; the weight is left alone. PEFT adapts a layer without a bias too (its forward adds ``beft_bias`` to
 the output) but refuses to merge it ("Base layer has no bias"), and so does loraship: there is no bias in the base
-checkpoint to put the change in.
-
-Not registered yet (``METHOD`` is None, so loraship refuses BEFT as a method it does not merge): the check of every
-plan against PEFT's own layers (:mod:`loraship.engine.oracle`, ``_destination``) takes every tensor of a method
-other than LoRA to change its layer's weight, so it finds BEFT's bias change misplaced and refuses the merge as a
-loraship bug. Once that check asks the method which parameter it changes, :data:`PLAN_CHECK_PLACES_BEFT` registers
-the merge (its tests register it, with that change stood in for, and find it bit-identical to PEFT). A layer
-without a bias is then refused by the planner's generic "match no tensor of the base model", which does not say
-why; a method hook for a required parameter the base lacks would let BEFT name PEFT's refusal.
+checkpoint to put the change in (the planner names the layer, as it does for any method's required parameter the
+base layer lacks). The check of every plan against PEFT's own layers (:mod:`loraship.engine.oracle`) asks the
+method which parameter its tensors change (:meth:`BEFT.params`: the bias).
 """
 
 from __future__ import annotations
@@ -32,10 +26,6 @@ if TYPE_CHECKING:
 _FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "init_weights": ("true or false", lambda v: isinstance(v, bool)),
 }
-
-
-#: Whether loraship's check of a plan against PEFT's layers places BEFT's tensors in the bias (see above).
-PLAN_CHECK_PLACES_BEFT = False
 
 
 class BEFT(Method):
@@ -81,4 +71,4 @@ class BEFT(Method):
         return f"{len(modules)} bias(es) tuned"
 
 
-METHOD = BEFT() if PLAN_CHECK_PLACES_BEFT else None
+METHOD = BEFT()
