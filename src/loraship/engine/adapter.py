@@ -25,12 +25,13 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 
-#: PEFT methods PEFT merges that loraship does not merge yet (issue: every PEFT method that merges).
+#: PEFT methods PEFT merges that loraship does not merge (a registered method is merged), with why where it is known.
 _MERGEABLE_ELSEWHERE = {
-    "BOFT", "VERA", "VBLORA", "BONE", "MISS", "RANDLORA", "SHIRA", "C3A",
-    "ROAD", "WAVEFT", "DELORA", "OSF", "GRALORA", "BEFT", "GLORA", "FROD", "HIRA", "PEANUT", "DEFT", "TINYLORA",
-    "UNILORA", "SUPERTUNING", "PVERA", "PSOFT", "ADAMSS",
-}  # fmt: skip
+    "FROD": "PEFT derives each layer's U at load from a projection it recomputes from all the category's base weights "
+    "together (every q_proj stacked, say), which loraship's merge of one base tensor at a time cannot do",
+    "ADAMSS": "PEFT assigns each layer's rows to its subspaces at load by a scikit-learn KMeans clustering of the "
+    "layer's base weight, which the adapter does not save and loraship does not reproduce",
+}
 #: PEFT methods with no weight delta to merge, with why.
 _NOT_MERGEABLE = {
     **dict.fromkeys(
@@ -50,6 +51,12 @@ _NOT_MERGEABLE = {
     "POLY": "it routes each input to its task's LoRA mix by a task id, so no single weight delta stands for it",
     "LILY": "PEFT itself cannot merge it (its merge is not implemented)",
     "SHADOW": "it runs a side network next to the model, which no weight delta stands for (PEFT cannot merge it)",
+    "BONE": "PEFT 0.21 no longer has the BONE type and cannot load it, so there is no PEFT merge to match; its "
+    "successor MiSS is merged by loraship",
+}
+#: What to do instead, where shipping the adapter unmerged is not it.
+_NOT_MERGEABLE_FIX = {
+    "BONE": "Load it with PEFT's MiSS, BONE's successor (save it again as a MiSS adapter), and merge that.",
 }
 #: Methods merged as replacements of base parameters or rows (no registered Method needed).
 _REPLACING = {"LN_TUNING", "TRAINABLE_TOKENS"}
@@ -470,7 +477,9 @@ def check_method(config: Mapping[str, Any], where: Path | str) -> None:
     if peft_type in _NOT_MERGEABLE:
         raise UnsupportedError(
             f"`{where}` is {_a(peft_type)} adapter: {_NOT_MERGEABLE[peft_type]}.",
-            fix="Ship it as an adapter (load it with PEFT on top of the base model) instead of merging it.",
+            fix=_NOT_MERGEABLE_FIX.get(
+                peft_type, "Ship it as an adapter (load it with PEFT on top of the base model) instead of merging it."
+            ),
         )
     found = method_of(peft_type)
     why = found.refusal(config) if found is not None else None
@@ -484,9 +493,10 @@ def check_method(config: Mapping[str, Any], where: Path | str) -> None:
         return
     if peft_type != "LORA":
         known = "a method PEFT can merge, but" if peft_type in _MERGEABLE_ELSEWHERE else "a method"
+        why = _MERGEABLE_ELSEWHERE.get(peft_type)
         raise UnsupportedError(
             f"`{where}` is {_a(peft_type) if peft_type else 'a typeless'} adapter: {known} loraship does not merge yet "
-            f"(it merges {supported_methods()}).",
+            f"(it merges {supported_methods()})." + (f" {why[0].upper()}{why[1:]}." if why else ""),
             fix="Merge it with PEFT itself: PeftModel.from_pretrained(base, adapter).merge_and_unload(), then check "
             "the result with `loraship verify`.",
         )
