@@ -93,7 +93,9 @@ def shrink(values: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     layers = next((out[k] for k in ("num_hidden_layers", "num_layers", "n_layer", "n_layers") if k in out), LAYERS)
-    for key in [k for k in out if k in LAYER_LISTS or k.endswith("layer_types")]:
+    before = next((values[k] for k in ("num_hidden_layers", "num_layers", "n_layer", "n_layers") if k in values), None)
+    per_layer = [k for k, v in out.items() if isinstance(v, list) and before and len(v) == before != layers]
+    for key in [k for k in out if k in LAYER_LISTS or k.endswith("layer_types") or k in per_layer]:
         if isinstance(out.get(key), list) and out[key]:
             out[key] = _cut_layers(out[key], layers)
         elif isinstance(out.get(key), str) and len(out[key]) > layers:  # one letter per layer (hybrid patterns)

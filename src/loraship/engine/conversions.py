@@ -213,15 +213,19 @@ def fused_params(rules: ConversionRules, names: Iterable[str]) -> dict[str, Fuse
     return fused
 
 
-def pieces(rules: ConversionRules, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[tuple[str, Piece], ...]]:
+def pieces(
+    rules: ConversionRules, shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, tuple[tuple[str, Piece], ...]], dict[str, str]]:
     """Model parameter -> the stored tensors it overlaps and how (:class:`Piece`), for the converters that cut
-    one stored tensor into equal parts (``Chunk``) or join 2-D stored tensors (``Concatenate``), no experts
-    involved. ``shapes``: the checkpoint's tensor shapes."""
+    one stored tensor into parts (``Chunk``) or join 2-D stored tensors (``Concatenate``), no experts involved;
+    and parameter -> how it is built, for the cuts loraship cannot carry a delta back through (``Chunk`` then
+    ``PermuteForRope``: Kimi-K2.5's vision ``wqkv``). ``shapes``: the checkpoint's tensor shapes."""
     from transformers.core_model_loading import Chunk, Concatenate
 
     joined: dict[str, dict[int, list[str]]] = {}
     converter_of: dict[str, Any] = {}
     out: dict[str, tuple[tuple[str, Piece], ...]] = {}
+    refused: dict[str, str] = {}
     for key, shape in shapes.items():
         target, pattern = rules.rename(key)
         if pattern is None:
@@ -230,8 +234,7 @@ def pieces(rules: ConversionRules, shapes: Mapping[str, tuple[int, ...]]) -> dic
         ops, sources, targets = list(converter.operations), list(converter.source_patterns), converter.target_patterns
         targets = [targets] if isinstance(targets, str) else list(targets)
         if len(ops) == 1 and isinstance(ops[0], Chunk) and len(sources) == 1 and len(targets) > 1:
-            stem = target[: -len(targets[0])] if target.endswith(targets[0]) else None
-            names = [stem + t for t in targets] if stem is not None else []
+            names = _targets(target, targets)
             if not names or any(n not in rules.shapes for n in names) or not 0 <= ops[0].dim < len(shape):
                 continue
             dim, start = ops[0].dim, 0
@@ -242,6 +245,9 @@ def pieces(rules: ConversionRules, shapes: Mapping[str, tuple[int, ...]]) -> dic
             if start != shape[dim]:
                 for name in names:
                     del out[name]
+        elif ops and isinstance(ops[0], Chunk) and len(sources) == 1 and len(targets) > 1:
+            how = f"`{key}` with " + " then ".join(_describe_op(op) for op in ops)
+            refused.update(dict.fromkeys([target, *_targets(target, targets)], how))
         elif len(ops) == 1 and isinstance(ops[0], Concatenate) and len(sources) > 1 and len(targets) == 1:
             joined.setdefault(target, {}).setdefault(sources.index(pattern), []).append(key)
             converter_of[target] = converter
@@ -257,7 +263,16 @@ def pieces(rules: ConversionRules, shapes: Mapping[str, tuple[int, ...]]) -> dic
             start += length
         if start == whole[dim]:
             out[target] = tuple(placed)
-    return out
+    return out, refused
+
+
+def _targets(renamed: str, patterns: list[str]) -> list[str]:
+    """The parameter names a cut key becomes: ``renamed`` is the first (``...attn.q_proj.weight``), the others
+    have the other target patterns in its place."""
+    at = renamed.rfind(patterns[0])
+    if at < 0:
+        return []
+    return [renamed[:at] + p + renamed[at + len(patterns[0]) :] for p in patterns]
 
 
 def _describe_op(op: Any) -> str:

@@ -52,6 +52,8 @@ class ModelMap:
         transposed_experts: Expert modules whose 3-D parameters are stored (experts, in, out).
         loaded: What the class loads from a checkpoint: its parameters and persistent buffers.
         pieces: Parameter name -> the stored tensors transformers cuts it from or joins it of (:class:`Piece`).
+        uncut: Parameter name -> how transformers builds it from a stored tensor, for conversions loraship
+            cannot carry a LoRA delta back through.
     """
 
     model_class: str
@@ -69,6 +71,7 @@ class ModelMap:
     transposed_experts: frozenset[str] = frozenset()
     loaded: frozenset[str] = frozenset()
     pieces: Mapping[str, tuple[tuple[str, Piece], ...]] = field(default_factory=dict)
+    uncut: Mapping[str, str] = field(default_factory=dict)
 
     def param_order(self, module: str) -> tuple[str, ...]:
         """The short names of ``module``'s own parameters in registration order (PEFT nests wrappers
@@ -197,7 +200,7 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
         p: stored[p] if model_of.get(stored.get(p, "")) == p else _checkpoint_name(p, to_model, model_of)
         for p in params
     }
-    cut = pieces(rules, shapes)
+    cut, uncut = pieces(rules, shapes)
     untied, by_config = _untied(folder, class_name, model, groups)
     in_name, out_name = _embeddings(model)
     return ModelMap(
@@ -216,6 +219,7 @@ def inspect_model(folder: Path, checkpoint_names: Iterable[str], adapter_config:
         transposed_experts=frozenset(n for n, m in model.named_modules() if getattr(m, "is_transposed", False)),
         loaded=frozenset(model.state_dict(keep_vars=True)),
         pieces=cut,
+        uncut=uncut,
     )
 
 

@@ -32,6 +32,14 @@ def collect(state: PlanState) -> None:
         if mod.wraps_parameter and fused is not None:
             _add_fused(state, mod, fused, keys)
             continue
+        how = state.model.uncut.get(f"{mod.module}.{mod.param}") if state.model is not None else None
+        if how is not None:
+            raise UnsupportedError(
+                f"The adapter targets `{mod.module}.{mod.param}`, which transformers builds on load from {how}: "
+                "loraship cannot carry a LoRA delta back through that conversion.",
+                fix="Merge this adapter with PEFT (PeftModel.from_pretrained(base, adapter).merge_and_unload(), then "
+                "save_pretrained()), and check the result with `loraship verify`.",
+            )
         cut = state.model.pieces.get(f"{mod.module}.{mod.param}") if state.model is not None else None
         if cut is not None and not mod.wraps_parameter:
             _add_pieces(state, mod, cut, keys)
