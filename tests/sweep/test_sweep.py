@@ -23,10 +23,6 @@ from sweep import TASKS, Outcome, model_types, run
 #: Refusals allowed, each with why. Those marked "not yet" are loraship's own gaps (issue: every architecture),
 #: refused with a message that names the conversion instead of merging wrong; the rest PEFT cannot merge right.
 REFUSED: dict[str, str] = {
-    "image-text-to-text:kimi_k25": "not yet: transformers cuts the vision tower's stored wqkv into q/k/v and then "
-    "permutes q and k rows for rotary (Chunk then PermuteForRope); loraship does not invert the permutation",
-    "image-text-to-text:mistral_large4": "not yet: the vision tower's stored wq/wk are permuted for rotary on load "
-    "(PermuteForRope); loraship does not invert the permutation",
     "image-text-to-text:shieldgemma2": "not yet: the checkpoint's names go through transformers' PrefixChange for "
     "shieldgemma2, which loraship's name mapping does not follow",
 }
@@ -48,6 +44,10 @@ PINNED: dict[str, str] = {
     "image-text-to-text:minimax_m3_vl": "exact",
     # PEFT's reload of the adapter leaves the vision tower's LoRA out; loraship merges base + adapter as trained
     "image-text-to-text:unlimited_ocr": "correct",
+    # rows transformers permutes for rotary on load (PermuteForRope), after a Chunk (Kimi-K2.5's vision wqkv) or
+    # alone (Mistral-Large-4's vision wq/wk; PEFT's merge of it is off, loraship's is base + adapter as trained)
+    "image-text-to-text:kimi_k25": "exact",
+    "image-text-to-text:mistral_large4": "correct",
     "seq2seq-lm:musicflamingo": "exact",  # a size written as 1200.0 in transformers' own config
 }  # fmt: skip
 #: Model types of each task per default run.
@@ -90,7 +90,10 @@ def test_pinned_architecture(case: str, tmp_path: Path) -> None:
     assert (outcome.kind, outcome.id) == (PINNED[case], case), outcome.detail
 
 
-@pytest.mark.parametrize("case", ["causal-lm:hrm_text", "image-text-to-text:minimax_m3_vl", "causal-lm:qwen3_moe"])
+@pytest.mark.parametrize(
+    "case",
+    ["causal-lm:hrm_text", "image-text-to-text:minimax_m3_vl", "image-text-to-text:kimi_k25", "causal-lm:qwen3_moe"],
+)
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_pinned_architecture_in_half_precision(case: str, dtype: str, tmp_path: Path) -> None:
     """Cut, joined and fused parameters round as PEFT's merge does on a half-precision base: bit for bit."""

@@ -131,6 +131,8 @@ class Piece:
     start: int
     length: int
     into: bool
+    order: tuple[int, ...] | None = None
+    """Where transformers also permutes the rows on load (``PermuteForRope``): the delta's rows in stored order."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ class ConversionRules:
     converters: tuple[Any, ...]
     prefix: str
     shapes: Mapping[str, tuple[int, ...]]
+    config: Any = None
 
     @classmethod
     def of(cls, model: Any) -> ConversionRules:
@@ -154,6 +157,7 @@ class ConversionRules:
             converters=tuple(t for t in mapping if isinstance(t, WeightConverter)),
             prefix=model.base_model_prefix,
             shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
+            config=model.config,
         )
 
     def rename(self, key: str, *, convert: bool = True) -> tuple[str, str | None]:
@@ -220,7 +224,7 @@ def pieces(
     one stored tensor into parts (``Chunk``) or join 2-D stored tensors (``Concatenate``), no experts involved;
     and parameter -> how it is built, for the cuts loraship cannot carry a delta back through (``Chunk`` then
     ``PermuteForRope``: Kimi-K2.5's vision ``wqkv``). ``shapes``: the checkpoint's tensor shapes."""
-    from transformers.core_model_loading import Chunk, Concatenate
+    from transformers.core_model_loading import Chunk, Concatenate, PermuteForRope
 
     joined: dict[str, dict[int, list[str]]] = {}
     converter_of: dict[str, Any] = {}
@@ -233,16 +237,21 @@ def pieces(
         converter = next(c for c in rules.converters if pattern in c.source_patterns)
         ops, sources, targets = list(converter.operations), list(converter.source_patterns), converter.target_patterns
         targets = [targets] if isinstance(targets, str) else list(targets)
-        if len(ops) == 1 and isinstance(ops[0], Chunk) and len(sources) == 1 and len(targets) > 1:
-            names = _targets(target, targets)
-            if not names or any(n not in rules.shapes for n in names) or not 0 <= ops[0].dim < len(shape):
+        permute = ops[-1] if ops and isinstance(ops[-1], PermuteForRope) else None
+        cuts = ops[:-1] if permute is not None else ops
+        if len(sources) == 1 and len(cuts) <= 1 and all(isinstance(op, Chunk) for op in cuts) and (cuts or permute):
+            names = _targets(target, targets) if len(targets) > 1 else [target]
+            dim = cuts[0].dim if cuts else 0
+            if not names or any(n not in rules.shapes for n in names) or not 0 <= dim < len(shape):
                 continue
-            dim, start = ops[0].dim, 0
-            for name in names:
+            start = 0
+            for name, pattern_out in zip(names, targets, strict=False):
                 length = rules.shapes[name][dim]
-                out[name] = ((key, Piece(name, tuple(rules.shapes[name]), dim, start, length, True)),)
+                order = _rope_order(permute, pattern_out, length, rules.config) if permute is not None else None
+                piece = Piece(name, tuple(rules.shapes[name]), dim, start, length, True, order)
+                out[name] = ((key, piece),)
                 start += length
-            if start != shape[dim]:
+            if start != shape[dim] or (permute is not None and dim != 0):
                 for name in names:
                     del out[name]
         elif ops and isinstance(ops[0], Chunk) and len(sources) == 1 and len(targets) > 1:
@@ -264,6 +273,19 @@ def pieces(
         if start == whole[dim]:
             out[target] = tuple(placed)
     return out, refused
+
+
+def _rope_order(op: Any, pattern: str, rows: int, config: Any) -> tuple[int, ...] | None:
+    """The rows of a delta in stored order, where transformers permutes a stored tensor's rows for rotary on load
+    (``PermuteForRope``, only for the layer names it lists): ``model[i] = stored[perm[i]]``, so the delta's row
+    ``i`` belongs in stored row ``perm[i]``. None where the op leaves this part alone."""
+    import torch
+
+    names = getattr(op, "permute_layer_names", None)
+    if names is not None and not any(name in pattern for name in names):
+        return None
+    perm = op._permute_for_rope(torch.arange(rows, dtype=torch.float64), config).long()
+    return tuple(int(i) for i in torch.argsort(perm))
 
 
 def _targets(renamed: str, patterns: list[str]) -> list[str]:

@@ -297,6 +297,8 @@ def apply_lora(
     magnitude = reader.read(m.magnitude) if m.magnitude is not None else None
     if step.piece is not None:  # transformers cuts or joins this tensor on load: the rows the LoRA covers
         piece, delta = step.piece, lora_math.linear_delta(a, b, m.scale)
+        if piece.order is not None:  # rows transformers permutes on load (rotary): back in stored order
+            delta = delta.index_select(0, torch.tensor(piece.order))
         if piece.into:
             lora_math.merge_add(weight.narrow(piece.dim, piece.start, piece.length), delta)
             return weight
