@@ -276,6 +276,19 @@ def test_base_layers_beyond_checkpoint_refused_before_building(copies: tuple[Pat
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("field", ["hidden_size", "intermediate_size", "vocab_size"])
+def test_base_widths_no_tensor_holds_refused(field: str, copies: tuple[Path, Path], capsys) -> None:
+    """A width far beyond any stored dimension does not describe the weights (transformers cannot even build it)."""
+    base, adapter = copies
+    edit(base / "config.json", **{field: 10**9})
+    assert plan(capsys, base, adapter) == (
+        1,
+        f"Error: `{base / 'config.json'}` sets `{field}` to 1000000000, but no tensor of its checkpoint is larger "
+        "than 64 along any dimension: config.json does not describe these weights.\n" + BASE_FIX,
+    )
+
+
+@pytest.mark.timeout(60)
 def test_base_experts_beyond_checkpoint_refused_before_building(model_cache, tmp_path: Path, capsys) -> None:
     """A MoE config naming 10**9 experts would have transformers build expert modules without end."""
     from conftest import GPT_OSS

@@ -25,6 +25,13 @@ _SIZES = frozenset({
     "ffn_dim", "moe_intermediate_size", "shared_expert_intermediate_size", "embedding_size", "kv_lora_rank",
     "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
 })  # fmt: skip
+#: Sizes of tensor dimensions (not positions, not head counts): at most a few times the checkpoint's largest one.
+_WIDTHS = _SIZES - {
+    "max_position_embeddings", "n_positions", "n_ctx", "num_attention_heads", "num_key_value_heads", "n_head",
+    "num_heads", "encoder_attention_heads", "decoder_attention_heads",
+}  # fmt: skip
+#: How much larger than any stored dimension a width may be (a size used by a part the checkpoint lacks).
+_WIDTH_SLACK = 16
 #: Layer counts: a whole number from 0, and no more layers than the checkpoint holds.
 _LAYERS = frozenset({
     "num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers",
@@ -86,6 +93,12 @@ def check_base_config(config: Any, path: Path, tensor_names: Iterable[str] | Non
                     + ": config.json does not describe these weights.",
                     fix="Download the base model again, or pass the base the adapter was trained on.",
                 )
+        elif key in _WIDTHS and isinstance(value, int) and shapes and value > _WIDTH_SLACK * _largest(shapes):
+            raise BaseModelError(
+                f"`{path}` sets `{field}` to {value}, but no tensor of its checkpoint is larger than "
+                f"{_largest(shapes)} along any dimension: config.json does not describe these weights.",
+                fix="Download the base model again, or pass the base the adapter was trained on.",
+            )
         elif key in _COUNTS and isinstance(value, int) and names is not None:
             if experts is None:
                 experts = _experts_held(names, shapes)
@@ -95,6 +108,10 @@ def check_base_config(config: Any, path: Path, tensor_names: Iterable[str] | Non
                     "most: config.json does not describe these weights.",
                     fix="Download the base model again, or pass the base the adapter was trained on.",
                 )
+
+
+def _largest(shapes: list[tuple[int, ...]]) -> int:
+    return max((d for s in shapes for d in s), default=0)
 
 
 def _experts_held(names: list[str], shapes: list[tuple[int, ...]]) -> int:
