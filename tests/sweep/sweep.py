@@ -71,6 +71,7 @@ def _run(model_type: str, task: str, tmp: Path, dtype: str) -> Outcome:
     from peft import LoraConfig, PeftModel, get_peft_model
     from shrink import tiny_config
 
+    from loraship.check.verify import verify
     from loraship.engine.merge import merge
     from loraship.errors import LorashipError
 
@@ -126,10 +127,13 @@ def _run(model_type: str, task: str, tmp: Path, dtype: str) -> Outcome:
 
     try:
         merge(tmp / "base", tmp / "adapter", tmp / "merged", progress=False)
+        report = verify(tmp / "base", tmp / "adapter", tmp / "merged", outputs=False)
     except LorashipError as e:
         return outcome("refused", f"{type(e).__name__}: {e.message}")
     except Exception as e:  # the harness classifies it
         return outcome("crash", "".join(traceback.format_exception_only(e)).strip())
+    if not report.passed:  # loraship's own check of the folder it wrote
+        return outcome("wrong", "`loraship verify --weights-only` fails: " + "; ".join(report.failed_checks))
 
     if dtype != "float32":
         same = _same_bits(tmp / "merged", tmp / "peft")

@@ -133,6 +133,8 @@ class Piece:
     into: bool
     order: tuple[int, ...] | None = None
     """Where transformers also permutes the rows on load (``PermuteForRope``): the delta's rows in stored order."""
+    transposed: bool = False
+    """The stored tensor holds the parameter transposed (``Transpose`` of a 2-D tensor: ERGO's ``gate_kernel``)."""
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,10 @@ def pieces(
     one stored tensor into parts (``Chunk``) or join 2-D stored tensors (``Concatenate``), no experts involved;
     and parameter -> how it is built, for the cuts loraship cannot carry a delta back through (``Chunk`` then
     ``PermuteForRope``: Kimi-K2.5's vision ``wqkv``). ``shapes``: the checkpoint's tensor shapes."""
-    from transformers.core_model_loading import Chunk, Concatenate, PermuteForRope
+    from transformers import core_model_loading as cml
+    from transformers.core_model_loading import Chunk, Concatenate, PermuteForRope, Transpose
+
+    cutting = tuple(c for c in (Chunk, getattr(cml, "Split", None)) if c is not None)  # Split: transformers 5.24+
 
     joined: dict[str, dict[int, list[str]]] = {}
     converter_of: dict[str, Any] = {}
@@ -239,7 +244,14 @@ def pieces(
         targets = [targets] if isinstance(targets, str) else list(targets)
         permute = ops[-1] if ops and isinstance(ops[-1], PermuteForRope) else None
         cuts = ops[:-1] if permute is not None else ops
-        if len(sources) == 1 and len(cuts) <= 1 and all(isinstance(op, Chunk) for op in cuts) and (cuts or permute):
+        if len(ops) == 1 and isinstance(ops[0], Transpose) and len(sources) == len(targets) == 1 and len(shape) == 2:
+            wanted = tuple(rules.shapes.get(target, ()))
+            if {ops[0].dim0, ops[0].dim1} == {0, 1} and len(wanted) == 2:
+                swapped = not (ops[0].check_dims and shape == wanted)
+                if (shape[::-1] if swapped else shape) == wanted:
+                    out[target] = ((key, Piece(target, wanted, 0, 0, shape[0], True, transposed=swapped)),)
+            continue
+        if len(sources) == 1 and len(cuts) <= 1 and all(isinstance(op, cutting) for op in cuts) and (cuts or permute):
             names = _targets(target, targets) if len(targets) > 1 else [target]
             dim = cuts[0].dim if cuts else 0
             if not names or any(n not in rules.shapes for n in names) or not 0 <= dim < len(shape):
@@ -254,7 +266,7 @@ def pieces(
             if start != shape[dim] or (permute is not None and dim != 0):
                 for name in names:
                     del out[name]
-        elif ops and isinstance(ops[0], Chunk) and len(sources) == 1 and len(targets) > 1:
+        elif ops and isinstance(ops[0], cutting) and len(sources) == 1 and len(targets) > 1:
             how = f"`{key}` with " + " then ".join(_describe_op(op) for op in ops)
             refused.update(dict.fromkeys([target, *_targets(target, targets)], how))
         elif len(ops) == 1 and isinstance(ops[0], Concatenate) and len(sources) > 1 and len(targets) == 1:

@@ -299,6 +299,8 @@ def apply_lora(
         piece, delta = step.piece, lora_math.linear_delta(a, b, m.scale)
         if piece.order is not None:  # rows transformers permutes on load (rotary): back in stored order
             delta = delta.index_select(0, torch.tensor(piece.order))
+        if piece.transposed:  # stored (in, out)
+            delta = delta.T
         if piece.into:
             lora_math.merge_add(weight.narrow(piece.dim, piece.start, piece.length), delta)
             return weight

@@ -197,7 +197,8 @@ def _tensor_plan(
         code = out_code if (out_code and source.dtype in FLOAT_CODES) else source.dtype
     else:
         code = default_float
-    if resolved and _kept_in_float32(state, target.name, code):
+    kept = [s.piece.param for s in resolved if isinstance(s, LoraStep) and s.piece is not None]
+    if resolved and (_kept_in_float32(state, target.name, code) or _pieces_kept_in_float32(state, kept, code)):
         code = "F32"  # transformers loads it in float32 and PEFT merges it there: no rounding to half
     return TensorPlan(target.name, tuple(shape), code, source, tuple(resolved), target.note)
 
@@ -235,6 +236,12 @@ def _kept_in_float32(state: PlanState, name: str, code: str) -> bool:
     m = state.model
     kept = m.keep_fp32.get(code, frozenset()) if m is not None else frozenset()
     return any(m.saved_as.get(p) == name or m.stored.get(p) == name for p in kept) if m is not None else False
+
+
+def _pieces_kept_in_float32(state: PlanState, params: list[str], code: str) -> bool:
+    """A stored tensor transformers cuts or transposes into parameters it keeps in float32 (ERGO's router)."""
+    m = state.model
+    return m is not None and bool(params) and all(p in m.keep_fp32.get(code, frozenset()) for p in params)
 
 
 def _main_float_dtype(state: PlanState) -> str:
