@@ -6,22 +6,13 @@ folder loaded with plain transformers behaves as PEFT's unmerged model; and what
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from conftest import (
-    LLAMA,
-    RESNET,
-    assert_changes_as_planned,
-    assert_same_tensors,
-    load_tensors,
-    peft_outputs,
-    peft_reference,
-    plain_outputs,
-)
+from conftest import LLAMA, RESNET
+from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical
+from methods.harness import Case as MethodCase
 
 from loraship.engine.merge import merge
 from loraship.errors import AdapterError, IncompatibleError
@@ -31,14 +22,8 @@ from loraship.tiny import build_method_adapter
 ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-@dataclass(frozen=True)
-class Case:
-    id: str
-    settings: dict[str, Any]
-    config: dict[str, Any]
-    model_class: str = "AutoModelForCausalLM"
-    adapter_dtype: str | None = None
-    inputs: str = "tokens"
+class Case(MethodCase):
+    peft_type = "HRA"
 
 
 def _conv(id: str, settings: dict[str, Any]) -> Case:
@@ -57,46 +42,17 @@ CASES = [
     _conv("hra-conv2d", {"target_modules": ["convolution"], "r": 2}),
     _conv("hra-gram-schmidt-conv2d", {"target_modules": ["convolution"], "r": 4, "apply_GS": True}),
 ]
-DTYPES = ["float32", "bfloat16", "float16"]
-
-
-def _inputs(kind: str) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    if kind == "pixels":
-        return {"pixel_values": torch.randn(1, 3, 16, 16, generator=g)}
-    return {"input_ids": torch.randint(0, 30, (1, 9), generator=g)}
-
-
-def _adapter(case: Case, base: Path, folder: Path) -> Path:
-    return build_method_adapter(
-        base, folder, "HRA", model_class=case.model_class, adapter_dtype=case.adapter_dtype, **case.settings
-    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
-    base = model_cache(case.config, model_class=case.model_class, dtype=dtype)
-    adapter = _adapter(case, base, tmp_path / "adapter")
-    result = merge(base, adapter, tmp_path / "merged", progress=False)
-    reference = peft_reference(
-        base, adapter, tmp_path / "peft", model_class=case.model_class, dtype=getattr(torch, dtype)
-    )
-    ours = load_tensors(tmp_path / "merged")
-    untouched = frozenset(t.name for t in result.prepared.plan.tensors if not t.changed)
-    assert_same_tensors(ours, reference, upcast_ok=untouched)
-    assert_changes_as_planned(result.prepared.plan, ours, base)
+    check_bit_identical(case, dtype, model_cache, tmp_path)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, tmp_path: Path) -> None:
-    base = model_cache(case.config, model_class=case.model_class, dtype="float32")
-    adapter = _adapter(case, base, tmp_path / "adapter")
-    merge(base, adapter, tmp_path / "merged", progress=False)
-    inputs = _inputs(case.inputs)
-    expected = peft_outputs(base, adapter, inputs, model_class=case.model_class)
-    actual = plain_outputs(tmp_path / "merged", inputs, model_class=case.model_class)
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    check_behaves_like_peft(case, model_cache, tmp_path)
 
 
 def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
