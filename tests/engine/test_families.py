@@ -171,6 +171,14 @@ GEMMA4_MOE = {
     "layer_types": ["full_attention"],
 }  # fmt: skip
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _shrunk(model_type: str) -> dict[str, Any]:
+    """transformers' own config of ``model_type``, shrunk as the architecture sweep shrinks it."""
+    import transformers
+    from shrink import shrink
+
+    return {**shrink(transformers.AutoConfig.for_model(model_type).to_dict()), "model_type": model_type}
 FAMILIES = [
     # MoE experts fused by transformers on load from per-expert tensors (its conversion mapping)
     Family("qwen3-moe-experts-router-attention", QWEN3_MOE, "AutoModelForCausalLM",
@@ -205,6 +213,12 @@ FAMILIES = [
     *(Family(f"{config['model_type']}-all-linear-bare-parameter-names", config, "AutoModelForCausalLM",
              {"target_modules": "all-linear"}, experts_changed=changed)
       for config, changed in ((QWEN3_MOE, 12), (MIXTRAL, 12), (OLMOE, 12), (DEEPSEEK_V3, 12), (GLM4_MOE, 12))),
+    # ShieldGemma 2's own class: its checkpoint stores model.language_model.model.layers.* (PrefixChange on load);
+    # all-linear takes its lm_head, tied to the embeddings; bf16 only, as its forward needs images (the bits against
+    # PEFT's merge and verify are what is checked)
+    Family("shieldgemma2-image-classification-all-linear", _shrunk("shieldgemma2"),
+           "ShieldGemma2ForImageClassification", {"target_modules": "all-linear"}, dtypes=("bfloat16",),
+           peft_merge_wrong=ONE_SIDED_TIE),
     Family("switch-transformers-moe-per-expert-linear", SWITCH, "SwitchTransformersForConditionalGeneration",
            {"target_modules": ["wi", "wo", "classifier", "q"]}, inputs="seq2seq",
            experts_changed=32),
