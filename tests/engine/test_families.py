@@ -179,6 +179,8 @@ def _shrunk(model_type: str) -> dict[str, Any]:
     from shrink import shrink
 
     return {**shrink(transformers.AutoConfig.for_model(model_type).to_dict()), "model_type": model_type}
+
+
 FAMILIES = [
     # MoE experts fused by transformers on load from per-expert tensors (its conversion mapping)
     Family("qwen3-moe-experts-router-attention", QWEN3_MOE, "AutoModelForCausalLM",
