@@ -14,16 +14,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import (
-    GPT2,
-    LLAMA,
-    assert_changes_as_planned,
-    assert_same_tensors,
-    load_tensors,
-    peft_outputs,
-    peft_reference,
-    plain_outputs,
-)
+from conftest import GPT2, LLAMA, assert_same_tensors, load_tensors, peft_reference
+from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical
+from methods.harness import Case as MethodCase
 
 from loraship.engine.merge import merge
 from loraship.errors import AdapterError, IncompatibleError
@@ -35,12 +28,8 @@ from loraship.tiny import build_method_adapter
 ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
-@dataclass(frozen=True)
-class Case:
-    id: str
-    settings: dict[str, Any]
-    config: dict[str, Any]
-    adapter_dtype: str | None = None
+class Case(MethodCase):
+    peft_type = "FOURIERFT"
 
 
 CASES = [
@@ -68,16 +57,6 @@ CASES = [
         adapter_dtype="bfloat16",
     ),
 ]
-DTYPES = ["float32", "bfloat16", "float16"]
-
-
-def _inputs() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, 30, (1, 9), generator=g)}
-
-
-def _adapter(case: Case, base: Path, folder: Path) -> Path:
-    return build_method_adapter(base, folder, "FOURIERFT", adapter_dtype=case.adapter_dtype, **case.settings)
 
 
 def _edit_config(adapter: Path, **changes: Any) -> None:
@@ -90,24 +69,12 @@ def _edit_config(adapter: Path, **changes: Any) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
-    base = model_cache(case.config, dtype=dtype)
-    adapter = _adapter(case, base, tmp_path / "adapter")
-    result = merge(base, adapter, tmp_path / "merged", progress=False)
-    reference = peft_reference(base, adapter, tmp_path / "peft", dtype=getattr(torch, dtype))
-    ours = load_tensors(tmp_path / "merged")
-    untouched = frozenset(t.name for t in result.prepared.plan.tensors if not t.changed)
-    assert_same_tensors(ours, reference, upcast_ok=untouched)
-    assert_changes_as_planned(result.prepared.plan, ours, base)
+    check_bit_identical(case, dtype, model_cache, tmp_path)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, tmp_path: Path) -> None:
-    base = model_cache(case.config, dtype="float32")
-    adapter = _adapter(case, base, tmp_path / "adapter")
-    merge(base, adapter, tmp_path / "merged", progress=False)
-    expected = peft_outputs(base, adapter, _inputs())
-    actual = plain_outputs(tmp_path / "merged", _inputs())
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    check_behaves_like_peft(case, model_cache, tmp_path)
 
 
 def test_the_seed_places_the_spectrum(model_cache, tmp_path: Path) -> None:
