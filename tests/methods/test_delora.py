@@ -12,17 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from conftest import (
-    LLAMA,
-    QWEN2,
-    assert_changes_as_planned,
-    assert_same_tensors,
-    load_tensors,
-    peft_outputs,
-    peft_reference,
-    plain_outputs,
-)
+from conftest import LLAMA, QWEN2
+from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical, check_verify_catches_double_merge
+from methods.harness import Case as MethodCase
 from safetensors.torch import load_file, save_file
 
 from loraship.engine.merge import merge
@@ -34,12 +26,21 @@ ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
-class Case:
-    id: str
-    settings: dict[str, Any]
-    config: dict[str, Any]
-    adapter_dtype: str | None = None
+class Case(MethodCase):
+    peft_type = "DELORA"
+
     tiny_row: bool = False  # delora_A's first row scaled to norms below PEFT's 1e-4 clamp
+
+    def adapter(self, base: Path, folder: Path, **override: Any) -> Path:
+        super().adapter(base, folder, **override)
+        if self.tiny_row:
+            path = folder / "adapter_model.safetensors"
+            tensors = load_file(str(path))
+            for key, t in tensors.items():
+                if key.endswith(".delora_A"):
+                    t[0] *= 1e-7
+            save_file(tensors, str(path))
+        return folder
 
 
 CASES = [
@@ -60,60 +61,21 @@ CASES = [
     Case("delora-bias", {"target_modules": ["q_proj", "k_proj"], "r": 2, "init_weights": False}, QWEN2),
     Case("delora-adapter-bf16", {"target_modules": ["q_proj", "o_proj"], "r": 2}, LLAMA, adapter_dtype="bfloat16"),
 ]
-DTYPES = ["float32", "bfloat16", "float16"]
-
-
-def _inputs() -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.randint(0, 30, (1, 9), generator=torch.Generator().manual_seed(0))}
-
-
-def _adapter(case: Case, base: Path, folder: Path) -> Path:
-    build_method_adapter(base, folder, "DELORA", adapter_dtype=case.adapter_dtype, **case.settings)
-    if case.tiny_row:
-        path = folder / "adapter_model.safetensors"
-        tensors = load_file(str(path))
-        for key, t in tensors.items():
-            if key.endswith(".delora_A"):
-                t[0] *= 1e-7
-        save_file(tensors, str(path))
-    return folder
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
-    base = model_cache(case.config, dtype=dtype)
-    adapter = _adapter(case, base, tmp_path / "adapter")
-    result = merge(base, adapter, tmp_path / "merged", progress=False)
-    reference = peft_reference(base, adapter, tmp_path / "peft", dtype=getattr(torch, dtype))
-    ours = load_tensors(tmp_path / "merged")
-    untouched = frozenset(t.name for t in result.prepared.plan.tensors if not t.changed)
-    assert_same_tensors(ours, reference, upcast_ok=untouched)
-    assert_changes_as_planned(result.prepared.plan, ours, base)
+    check_bit_identical(case, dtype, model_cache, tmp_path)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, tmp_path: Path) -> None:
-    base = model_cache(case.config, dtype="float32")
-    adapter = _adapter(case, base, tmp_path / "adapter")
-    merge(base, adapter, tmp_path / "merged", progress=False)
-    expected = peft_outputs(base, adapter, _inputs())
-    torch.testing.assert_close(plain_outputs(tmp_path / "merged", _inputs()), expected, rtol=1e-4, atol=1e-4)
+    check_behaves_like_peft(case, model_cache, tmp_path)
 
 
 def test_verify_passes_a_correct_merge_and_fails_a_doubled_one(model_cache, tmp_path: Path) -> None:
-    from loraship.check.verify import verify
-
-    base = model_cache(LLAMA)
-    adapter = _adapter(CASES[1], base, tmp_path / "adapter")
-    merge(base, adapter, tmp_path / "merged", progress=False)
-    report = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 4})
-    assert report.passed, report.failed_checks
-    assert report.weights.exact == report.weights.changed > 0
-    merge(tmp_path / "merged", adapter, tmp_path / "twice", progress=False)
-    twice = verify(base, adapter, tmp_path / "twice", threshold_overrides={"generation_tokens": 4})
-    failed = {f"{c.level}: {c.name}" for c in twice.checks if c.passed is False}
-    assert {"weights: changed tensors recomputed", "outputs: merge error / adapter effect"} <= failed
+    check_verify_catches_double_merge(CASES[1], model_cache, tmp_path)
 
 
 def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
