@@ -8,20 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from conftest import (
-    LLAMA,
-    QWEN2,
-    assert_changes_as_planned,
-    assert_same_tensors,
-    load_tensors,
-    peft_outputs,
-    peft_reference,
-    plain_outputs,
-)
+from conftest import LLAMA, QWEN2, load_tensors
+from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical, check_verify_catches_double_merge
+from methods.harness import Case as MethodCase
 
 from loraship.engine.merge import merge
 from loraship.errors import IncompatibleError, UnsupportedError
@@ -34,13 +26,9 @@ QWEN_MIX = ["q_proj", "v_proj", "o_proj", "up_proj"]
 
 
 @dataclass(frozen=True)
-class Case:
-    id: str
-    settings: dict[str, Any]
-    config: dict[str, Any]
-    model_class: str = "AutoModelForCausalLM"
-    adapter_dtype: str | None = None
-    inputs: str = "tokens"
+class Case(MethodCase):
+    peft_type = "GLORA"
+
     no_op_modules: bool = False  # modules of only none paths: planned, PEFT's values unchanged
 
 
@@ -68,36 +56,12 @@ CASES = [
         QWEN2,
     ),
 ]
-DTYPES = ["float32", "bfloat16", "float16"]
-
-
-def _inputs(kind: str) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    if kind == "pixels":
-        return {"pixel_values": torch.randn(1, 3, 16, 16, generator=g)}
-    if kind == "audio":
-        return {"input_values": torch.randn(1, 64, generator=g)}
-    return {"input_ids": torch.randint(0, 30, (1, 9), generator=g)}
-
-
-def _adapter(case: Case, base: Path, folder: Path) -> Path:
-    return build_method_adapter(
-        base, folder, "GLORA", model_class=case.model_class, adapter_dtype=case.adapter_dtype, **case.settings
-    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
-    base = model_cache(case.config, model_class=case.model_class, dtype=dtype)
-    adapter = _adapter(case, base, tmp_path / "adapter")
-    result = merge(base, adapter, tmp_path / "merged", progress=False)
-    reference = peft_reference(
-        base, adapter, tmp_path / "peft", model_class=case.model_class, dtype=getattr(torch, dtype)
-    )
-    ours = load_tensors(tmp_path / "merged")
-    untouched = frozenset(t.name for t in result.prepared.plan.tensors if not t.changed)
-    assert_same_tensors(ours, reference, upcast_ok=untouched)
+    base, _, result, ours = check_bit_identical(case, dtype, model_cache, tmp_path, as_planned=not case.no_op_modules)
     if case.no_op_modules:  # what changes is planned; what is planned and unchanged is a module of none paths
         before = load_tensors(base)
         changed = {n for n, t in ours.items() if not torch.equal(t, before[n])}
@@ -106,35 +70,15 @@ def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Pa
         for name in {t.name for t in result.prepared.plan.changed} - changed:
             module, _, param = name.rpartition(".")
             assert param == "weight" and modules[module].setting("path_A") == "none", name
-    else:
-        assert_changes_as_planned(result.prepared.plan, ours, base)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, tmp_path: Path) -> None:
-    base = model_cache(case.config, model_class=case.model_class, dtype="float32")
-    adapter = _adapter(case, base, tmp_path / "adapter")
-    merge(base, adapter, tmp_path / "merged", progress=False)
-    inputs = _inputs(case.inputs)
-    expected = peft_outputs(base, adapter, inputs, model_class=case.model_class)
-    actual = plain_outputs(tmp_path / "merged", inputs, model_class=case.model_class)
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    check_behaves_like_peft(case, model_cache, tmp_path)
 
 
 def test_verify_passes_a_correct_merge_and_fails_a_doubled_one(model_cache, tmp_path: Path) -> None:
-    from loraship.check.verify import verify
-
-    case = CASES[0]
-    base = model_cache(case.config)
-    adapter = _adapter(case, base, tmp_path / "adapter")
-    merge(base, adapter, tmp_path / "merged", progress=False)
-    report = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 4})
-    assert report.passed, report.failed_checks
-    assert report.weights.exact == report.weights.changed > 0
-    merge(tmp_path / "merged", adapter, tmp_path / "twice", progress=False)
-    twice = verify(base, adapter, tmp_path / "twice", threshold_overrides={"generation_tokens": 4})
-    failed = {f"{c.level}: {c.name}" for c in twice.checks if c.passed is False}
-    assert {"weights: changed tensors recomputed", "outputs: merge error / adapter effect"} <= failed
+    check_verify_catches_double_merge(CASES[0], model_cache, tmp_path)
 
 
 def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
