@@ -17,13 +17,15 @@ from conftest import (
     LLAMA,
     LLAMA_TIED,
     RESNET,
-    assert_changes_as_planned,
     assert_same_tensors,
     load_tensors,
     peft_outputs,
     peft_reference,
     plain_outputs,
 )
+from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical
+from methods.harness import Case as MethodCase
+from methods.harness import inputs as harness_inputs
 
 from loraship.engine.merge import merge
 from loraship.errors import AdapterError, IncompatibleError, UnsupportedError
@@ -37,13 +39,9 @@ ONE_BY_ONE = r".*(layer\.[02]|shortcut)\.convolution"
 
 
 @dataclass(frozen=True)
-class Case:
-    id: str
-    settings: dict[str, Any]
-    config: dict[str, Any]
-    model_class: str = "AutoModelForCausalLM"
-    adapter_dtype: str | None = None
-    inputs: str = "tokens"
+class Case(MethodCase):
+    peft_type = "OFT"
+
     outputs_target: Any = None  # target_modules for the outputs test, where PEFT's unmerged forward differs
 
 
@@ -98,48 +96,18 @@ CASES = [
     ),
     _conv("oft-conv2d-block-share", {"target_modules": ONE_BY_ONE, "oft_block_size": 4, "block_share": True}),
 ]
-DTYPES = ["float32", "bfloat16", "float16"]
-
-
-def _inputs(kind: str) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    if kind == "pixels":
-        return {"pixel_values": torch.randn(1, 3, 16, 16, generator=g)}
-    return {"input_ids": torch.randint(0, 30, (1, 9), generator=g)}
-
-
-def _adapter(case: Case, base: Path, folder: Path, **override: Any) -> Path:
-    settings = {**case.settings, **override}
-    return build_method_adapter(
-        base, folder, "OFT", model_class=case.model_class, adapter_dtype=case.adapter_dtype, **settings
-    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
-    base = model_cache(case.config, model_class=case.model_class, dtype=dtype)
-    adapter = _adapter(case, base, tmp_path / "adapter")
-    result = merge(base, adapter, tmp_path / "merged", progress=False)
-    reference = peft_reference(
-        base, adapter, tmp_path / "peft", model_class=case.model_class, dtype=getattr(torch, dtype)
-    )
-    ours = load_tensors(tmp_path / "merged")
-    untouched = frozenset(t.name for t in result.prepared.plan.tensors if not t.changed)
-    assert_same_tensors(ours, reference, upcast_ok=untouched)
-    assert_changes_as_planned(result.prepared.plan, ours, base)
+    check_bit_identical(case, dtype, model_cache, tmp_path)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, tmp_path: Path) -> None:
-    base = model_cache(case.config, model_class=case.model_class, dtype="float32")
     override = {"target_modules": case.outputs_target} if case.outputs_target else {}
-    adapter = _adapter(case, base, tmp_path / "adapter", **override)
-    merge(base, adapter, tmp_path / "merged", progress=False)
-    inputs = _inputs(case.inputs)
-    expected = peft_outputs(base, adapter, inputs, model_class=case.model_class)
-    actual = plain_outputs(tmp_path / "merged", inputs, model_class=case.model_class)
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    check_behaves_like_peft(case, model_cache, tmp_path, override=override)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -155,7 +123,7 @@ def test_tied_embedding_is_rotated_on_its_own(dtype: str, model_cache, tmp_path:
     assert_same_tensors({"e": ours["model.embed_tokens.weight"]}, {"e": reference["model.embed_tokens.weight"]})
     assert_same_tensors({"e": ours["lm_head.weight"]}, {"e": before["model.embed_tokens.weight"]})
     if dtype == "float32":
-        inputs = _inputs("tokens")
+        inputs = harness_inputs("tokens")
         expected = peft_outputs(base, adapter, inputs)
         torch.testing.assert_close(plain_outputs(tmp_path / "merged", inputs), expected, rtol=1e-4, atol=1e-4)
 
