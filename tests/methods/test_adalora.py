@@ -14,21 +14,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import (
-    GPT2,
-    LLAMA,
-    RESNET,
-    assert_changes_as_planned,
-    assert_same_tensors,
-    load_tensors,
-    peft_outputs,
-    peft_reference,
-    plain_outputs,
-)
+from conftest import GPT2, LLAMA, RESNET, assert_changes_as_planned, assert_same_tensors, load_tensors, peft_reference
+from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical
+from methods.harness import Case as MethodCase
 
 from loraship.engine.merge import merge
 from loraship.errors import AdapterError
-from loraship.tiny import build_method_adapter
 
 ATTN_MLP = ["q_proj", "v_proj", "up_proj", "down_proj"]
 #: Budget allocation from init_r 4 to an average of 2 (tinit = tfinal = 0: every step allocates).
@@ -36,14 +27,18 @@ SCHEDULE = {"init_r": 4, "target_r": 2, "total_step": 10, "tinit": 0, "tfinal": 
 
 
 @dataclass(frozen=True)
-class Case:
-    id: str
-    settings: dict[str, Any]
-    config: dict[str, Any]
-    allocate: bool = False
-    model_class: str = "AutoModelForCausalLM"
-    adapter_dtype: str | None = None
-    inputs: str = "tokens"
+class Case(MethodCase):
+    peft_type = "ADALORA"
+
+    allocate: bool = False  # the adapter after PEFT's own budget allocation
+
+    def adapter(self, base: Path, folder: Path, **override: Any) -> Path:
+        if self.allocate:
+            settings = {**self.settings, **override}
+            return _allocated_adapter(
+                base, folder, model_class=self.model_class, adapter_dtype=self.adapter_dtype, **settings
+            )
+        return super().adapter(base, folder, **override)
 
 
 CASES = [
@@ -79,7 +74,6 @@ CASES = [
 ]
 PLAIN = next(c for c in CASES if c.id == "adalora")
 ALLOCATED = next(c for c in CASES if c.id == "adalora-allocated")
-DTYPES = ["float32", "bfloat16", "float16"]
 
 
 def _allocated_adapter(
@@ -107,43 +101,21 @@ def _allocated_adapter(
     return folder
 
 
-def _adapter(case: Case, base: Path, folder: Path) -> Path:
-    if case.allocate:
-        return _allocated_adapter(
-            base, folder, model_class=case.model_class, adapter_dtype=case.adapter_dtype, **case.settings
-        )
-    return build_method_adapter(
-        base, folder, "ADALORA", model_class=case.model_class, adapter_dtype=case.adapter_dtype, **case.settings
-    )
-
-
 def _kept(adapter: Path) -> dict[str, int]:
     """Module -> rank kept, from the saved config's masks."""
     pattern = json.loads((adapter / "adapter_config.json").read_text())["rank_pattern"] or {}
     return {key.removesuffix(".lora_E"): sum(mask) for key, mask in pattern.items()}
 
 
-def _inputs(kind: str) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    if kind == "pixels":
-        return {"pixel_values": torch.randn(1, 3, 16, 16, generator=g)}
-    return {"input_ids": torch.randint(0, 30, (1, 9), generator=g)}
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
-    base = model_cache(case.config, model_class=case.model_class, dtype=dtype)
-    adapter = _adapter(case, base, tmp_path / "adapter")
+    base, adapter, result, ours = check_bit_identical(
+        case, dtype, model_cache, tmp_path, upcast_ok=None, as_planned=False
+    )
     kept = _kept(adapter)
     if case.allocate:  # the allocation really cut ranks (and the test covers a cut module)
         assert kept and any(r < SCHEDULE["init_r"] for r in kept.values())
-    result = merge(base, adapter, tmp_path / "merged", progress=False)
-    reference = peft_reference(
-        base, adapter, tmp_path / "peft", model_class=case.model_class, dtype=getattr(torch, dtype)
-    )
-    ours = load_tensors(tmp_path / "merged")
-    assert_same_tensors(ours, reference)
     # A module that keeps no rank adds PEFT's zero delta: planned, but its bits stay the base's.
     empty = {f"{m}.weight" for m, r in kept.items() if r == 0}
     base_tensors = load_tensors(base)
@@ -159,19 +131,13 @@ def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Pa
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, tmp_path: Path) -> None:
-    base = model_cache(case.config, model_class=case.model_class, dtype="float32")
-    adapter = _adapter(case, base, tmp_path / "adapter")
-    merge(base, adapter, tmp_path / "merged", progress=False)
-    inputs = _inputs(case.inputs)
-    expected = peft_outputs(base, adapter, inputs, model_class=case.model_class)
-    actual = plain_outputs(tmp_path / "merged", inputs, model_class=case.model_class)
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    check_behaves_like_peft(case, model_cache, tmp_path)
 
 
 def test_allocation_cuts_some_modules_to_none_and_some_partly(model_cache, tmp_path: Path) -> None:
     """The allocated LLaMA adapter the cases use covers every kind of module: none, some and all ranks kept."""
     base = model_cache(LLAMA)
-    adapter = _adapter(ALLOCATED, base, tmp_path / "adapter")
+    adapter = ALLOCATED.adapter(base, tmp_path / "adapter")
     kept = sorted(_kept(adapter).values())
     assert 0 in kept and any(0 < r < 4 for r in kept) and 4 in kept
     saved = load_tensors(adapter)
@@ -186,7 +152,7 @@ def test_negative_zero_in_a_module_that_keeps_no_rank_becomes_zero_as_in_peft(mo
     from loraship.tiny import build_model
 
     base = model_cache(LLAMA)
-    adapter = _adapter(ALLOCATED, base, tmp_path / "adapter")
+    adapter = ALLOCATED.adapter(base, tmp_path / "adapter")
     zero = next(m for m, r in _kept(adapter).items() if r == 0)
     signed = tmp_path / "signed"
     build_model(signed, LLAMA, dtype="bfloat16")
@@ -205,7 +171,7 @@ def test_verify_passes_a_correct_merge(model_cache, tmp_path: Path) -> None:
     from loraship.check.verify import verify
 
     base = model_cache(LLAMA)
-    adapter = _adapter(ALLOCATED, base, tmp_path / "adapter")
+    adapter = ALLOCATED.adapter(base, tmp_path / "adapter")
     merge(base, adapter, tmp_path / "merged", progress=False)
     report = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 4})
     assert report.passed, report.failed_checks
@@ -217,7 +183,7 @@ def test_plan_describes_kept_and_initial_rank(model_cache, tmp_path: Path) -> No
     from loraship.methods.adalora import METHOD
 
     base = model_cache(LLAMA)
-    adapter = _adapter(ALLOCATED, base, tmp_path / "adapter")
+    adapter = ALLOCATED.adapter(base, tmp_path / "adapter")
     modules = prepare_merge(base, adapter, scratch=tmp_path / "scratch").plan.adapter.method_modules
     kept = _kept(adapter)
     for m in modules:
@@ -244,7 +210,7 @@ def _refused(base: Path, adapter: Path, out: Path, match: str) -> None:
 def test_rank_pattern_of_ranks_is_refused(model_cache, tmp_path: Path) -> None:
     """LoRA's rank_pattern holds ranks; AdaLoRA's holds masks (PEFT raises TypeError on ints)."""
     base = model_cache(LLAMA)
-    adapter = _adapter(ALLOCATED, base, tmp_path / "adapter")
+    adapter = ALLOCATED.adapter(base, tmp_path / "adapter")
     _edit_config(adapter, rank_pattern={k: sum(v) for k, v in json.loads(
         (adapter / "adapter_config.json").read_text())["rank_pattern"].items()})  # fmt: skip
     _refused(base, adapter, tmp_path / "merged", "lists of true/false")
@@ -252,7 +218,7 @@ def test_rank_pattern_of_ranks_is_refused(model_cache, tmp_path: Path) -> None:
 
 def test_mask_that_does_not_fit_the_tensors_is_refused(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
-    adapter = _adapter(ALLOCATED, base, tmp_path / "adapter")
+    adapter = ALLOCATED.adapter(base, tmp_path / "adapter")
     pattern = json.loads((adapter / "adapter_config.json").read_text())["rank_pattern"]
     key = next(k for k, v in pattern.items() if 0 < sum(v) < 4)
     pattern[key] = [True] * 4
@@ -262,13 +228,13 @@ def test_mask_that_does_not_fit_the_tensors_is_refused(model_cache, tmp_path: Pa
 
 def test_cut_tensors_without_their_rank_pattern_are_refused(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
-    adapter = _adapter(ALLOCATED, base, tmp_path / "adapter")
+    adapter = ALLOCATED.adapter(base, tmp_path / "adapter")
     _edit_config(adapter, rank_pattern=None)
     _refused(base, adapter, tmp_path / "merged", "rank_pattern does not name it")
 
 
 def test_rank_pattern_naming_no_layer_is_refused(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
-    adapter = _adapter(PLAIN, base, tmp_path / "adapter")
+    adapter = PLAIN.adapter(base, tmp_path / "adapter")
     _edit_config(adapter, rank_pattern={"model.layers.0.self_attn.k_proj.lora_E": [True, False, True, True]})
     _refused(base, adapter, tmp_path / "merged", "rank_pattern names")
