@@ -9,6 +9,7 @@ the adapter), lists its cases, and calls these checks from its parametrized test
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,3 +155,9 @@ def check_verify_catches_double_merge(
     """``verify`` passes a correct merge and fails the weights and the outputs of a doubled one."""
     _, twice = verify_merged_and_doubled(case, model_cache, tmp_path, changed=changed)
     assert failed_checks(twice) >= DOUBLED
+
+
+def edit_config(adapter: Path, **changes: Any) -> None:
+    """Set ``changes`` in the adapter's adapter_config.json (as a user editing it would)."""
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import GPT2, LLAMA, RESNET, assert_changes_as_planned, assert_same_tensors, load_tensors, peft_reference
-from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical
+from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical, edit_config
 from methods.harness import Case as MethodCase
 
 from loraship.engine.merge import merge
@@ -195,13 +195,6 @@ def test_plan_describes_kept_and_initial_rank(model_cache, tmp_path: Path) -> No
 # --------------------------------------------------------------------------- refused
 
 
-def _edit_config(adapter: Path, **changes: Any) -> None:
-    path = adapter / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-
-
 def _refused(base: Path, adapter: Path, out: Path, match: str) -> None:
     with pytest.raises(AdapterError, match=match):
         merge(base, adapter, out, progress=False)
@@ -211,7 +204,7 @@ def test_rank_pattern_of_ranks_is_refused(model_cache, tmp_path: Path) -> None:
     """LoRA's rank_pattern holds ranks; AdaLoRA's holds masks (PEFT raises TypeError on ints)."""
     base = model_cache(LLAMA)
     adapter = ALLOCATED.adapter(base, tmp_path / "adapter")
-    _edit_config(adapter, rank_pattern={k: sum(v) for k, v in json.loads(
+    edit_config(adapter, rank_pattern={k: sum(v) for k, v in json.loads(
         (adapter / "adapter_config.json").read_text())["rank_pattern"].items()})  # fmt: skip
     _refused(base, adapter, tmp_path / "merged", "lists of true/false")
 
@@ -222,19 +215,19 @@ def test_mask_that_does_not_fit_the_tensors_is_refused(model_cache, tmp_path: Pa
     pattern = json.loads((adapter / "adapter_config.json").read_text())["rank_pattern"]
     key = next(k for k, v in pattern.items() if 0 < sum(v) < 4)
     pattern[key] = [True] * 4
-    _edit_config(adapter, rank_pattern=pattern)
+    edit_config(adapter, rank_pattern=pattern)
     _refused(base, adapter, tmp_path / "merged", "rank_pattern keeps 4 of 4 ranks")
 
 
 def test_cut_tensors_without_their_rank_pattern_are_refused(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = ALLOCATED.adapter(base, tmp_path / "adapter")
-    _edit_config(adapter, rank_pattern=None)
+    edit_config(adapter, rank_pattern=None)
     _refused(base, adapter, tmp_path / "merged", "rank_pattern does not name it")
 
 
 def test_rank_pattern_naming_no_layer_is_refused(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = PLAIN.adapter(base, tmp_path / "adapter")
-    _edit_config(adapter, rank_pattern={"model.layers.0.self_attn.k_proj.lora_E": [True, False, True, True]})
+    edit_config(adapter, rank_pattern={"model.layers.0.self_attn.k_proj.lora_E": [True, False, True, True]})
     _refused(base, adapter, tmp_path / "merged", "rank_pattern names")

@@ -6,7 +6,6 @@ spectrum really come from ``random_loc_seed``; and what loraship refuses.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import GPT2, LLAMA, assert_same_tensors, load_tensors, peft_reference
-from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical
+from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical, edit_config
 from methods.harness import Case as MethodCase
 
 from loraship.engine.merge import merge
@@ -59,13 +58,6 @@ CASES = [
 ]
 
 
-def _edit_config(adapter: Path, **changes: Any) -> None:
-    path = adapter / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
@@ -84,7 +76,7 @@ def test_the_seed_places_the_spectrum(model_cache, tmp_path: Path) -> None:
     adapter = build_method_adapter(base, tmp_path / "adapter", "FOURIERFT", target_modules=["q_proj"], n_frequency=40)
     edited = tmp_path / "edited"
     shutil.copytree(adapter, edited)
-    _edit_config(edited, random_loc_seed=778)
+    edit_config(edited, random_loc_seed=778)
     merge(base, adapter, tmp_path / "merged", progress=False)
     merge(base, edited, tmp_path / "merged-edited", progress=False)
     right, wrong = load_tensors(tmp_path / "merged"), load_tensors(tmp_path / "merged-edited")
@@ -105,7 +97,7 @@ def test_verify_fails_a_merge_of_another_seed(model_cache, tmp_path: Path) -> No
     report = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 4})
     assert report.passed, report.failed_checks
     assert report.weights.exact == report.weights.changed == 4  # two layers
-    _edit_config(adapter, random_loc_seed=1)
+    edit_config(adapter, random_loc_seed=1)
     edited = verify(base, adapter, tmp_path / "merged", threshold_overrides={"generation_tokens": 4})
     failed = {f"{c.level}: {c.name}" for c in edited.checks if c.passed is False}
     assert {"weights: changed tensors recomputed", "outputs: merge error / adapter effect"} <= failed
@@ -166,7 +158,7 @@ def test_refuses_a_spectrum_the_config_does_not_make(
 ) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "FOURIERFT", target_modules=["q_proj"], n_frequency=100)
-    _edit_config(adapter, **changes)
+    edit_config(adapter, **changes)
     with pytest.raises(IncompatibleError, match=phrase):
         merge(base, adapter, tmp_path / "merged", progress=False)
 
@@ -186,7 +178,7 @@ def test_refuses_a_spectrum_the_config_does_not_make(
 def test_refuses_a_config_peft_cannot_merge(changes: dict[str, Any], message: str, model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "FOURIERFT", target_modules=["q_proj"], n_frequency=100)
-    _edit_config(adapter, **changes)
+    edit_config(adapter, **changes)
     with pytest.raises(AdapterError, match=message):
         merge(base, adapter, tmp_path / "merged", progress=False)
 

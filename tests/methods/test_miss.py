@@ -6,14 +6,18 @@ with plain transformers behaves as PEFT's unmerged model; ``verify``; and what l
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import LLAMA, QWEN2
-from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical, check_verify_catches_double_merge
+from methods.harness import (
+    DTYPES,
+    check_behaves_like_peft,
+    check_bit_identical,
+    check_verify_catches_double_merge,
+    edit_config,
+)
 from methods.harness import Case as MethodCase
 
 from loraship.engine.merge import merge
@@ -77,11 +81,6 @@ def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
     assert method.summary(modules) == "mini, r = 4"
 
 
-def _edit_config(adapter: Path, **changes: Any) -> None:
-    path = adapter / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
 def test_refuses_a_base_of_other_width(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "MISS", target_modules=["q_proj"], r=4)
@@ -98,7 +97,7 @@ def test_refuses_a_base_of_other_width(model_cache, tmp_path: Path) -> None:
 def test_refuses_a_block_of_another_mode(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "MISS", target_modules=["q_proj"], r=4)
-    _edit_config(adapter, init_weights="bat")
+    edit_config(adapter, init_weights="bat")
     with pytest.raises(AdapterError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert e.value.message == (
@@ -110,7 +109,7 @@ def test_refuses_a_block_of_another_mode(model_cache, tmp_path: Path) -> None:
 def test_refuses_an_unknown_init(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "MISS", target_modules=["q_proj"], r=4)
-    _edit_config(adapter, init_weights="pissa")
+    edit_config(adapter, init_weights="pissa")
     with pytest.raises(AdapterError, match=r'sets `init_weights` to "pissa", but PEFT expects true, false, "bat"'):
         merge(base, adapter, tmp_path / "merged", progress=False)
 
@@ -119,7 +118,7 @@ def test_bone_refused_as_peft_no_longer_loads_it(model_cache, tmp_path: Path) ->
     """BONE is MiSS's old name; PEFT 0.21 has no BONE type, so there is no PEFT merge to match."""
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "MISS", target_modules=["q_proj"], r=4)
-    _edit_config(adapter, peft_type="BONE")
+    edit_config(adapter, peft_type="BONE")
     with pytest.raises(UnsupportedError, match=r"BONE"):
         merge(base, adapter, tmp_path / "merged", progress=False)
 

@@ -7,14 +7,18 @@ loraship refuses.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import GPT2, LLAMA
-from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical, check_verify_catches_double_merge
+from methods.harness import (
+    DTYPES,
+    check_behaves_like_peft,
+    check_bit_identical,
+    check_verify_catches_double_merge,
+    edit_config,
+)
 from methods.harness import Case as MethodCase
 
 from loraship.engine.merge import merge
@@ -41,11 +45,6 @@ CASES = [
     Case("randlora-gpt2-seeded", {"target_modules": ["c_attn", "c_proj"], "r": 6, **SEEDED}, GPT2),
     Case("randlora-adapter-bf16", {"target_modules": ATTN_MLP, "r": 4}, LLAMA, adapter_dtype="bfloat16"),
 ]
-
-
-def _edit_config(adapter: Path, **changes: Any) -> None:
-    path = adapter / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -94,7 +93,7 @@ def test_refuses_missing_saved_bases(model_cache, tmp_path: Path) -> None:
 def test_refuses_saved_bases_the_config_says_are_drawn(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "RANDLORA", target_modules=["q_proj"], r=4)
-    _edit_config(adapter, save_projection=False)
+    edit_config(adapter, save_projection=False)
     with pytest.raises(AdapterError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (
@@ -107,7 +106,7 @@ def test_refuses_saved_bases_the_config_says_are_drawn(model_cache, tmp_path: Pa
 def test_refuses_a_rank_the_adapter_was_not_trained_with(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "RANDLORA", target_modules=["q_proj"], r=4, **SEEDED)
-    _edit_config(adapter, r=8)
+    edit_config(adapter, r=8)
     with pytest.raises(IncompatibleError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (

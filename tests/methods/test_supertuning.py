@@ -6,14 +6,18 @@ correct merge and fails a doubled one; and what loraship refuses.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import LLAMA
-from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical, check_verify_catches_double_merge
+from methods.harness import (
+    DTYPES,
+    check_behaves_like_peft,
+    check_bit_identical,
+    check_verify_catches_double_merge,
+    edit_config,
+)
 from methods.harness import Case as MethodCase
 
 from loraship.engine.merge import merge
@@ -44,11 +48,6 @@ CASES = [
         adapter_dtype="bfloat16",
     ),
 ]
-
-
-def _edit_config(adapter: Path, **changes: Any) -> None:
-    path = adapter / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -82,7 +81,7 @@ def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
 def test_refuses_values_the_sparsity_does_not_make(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "SUPERTUNING", target_modules=["q_proj"], sparsity=0.9)
-    _edit_config(adapter, sparsity=0.5)
+    edit_config(adapter, sparsity=0.5)
     with pytest.raises(IncompatibleError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (
@@ -95,7 +94,7 @@ def test_refuses_values_the_sparsity_does_not_make(model_cache, tmp_path: Path) 
 def test_refuses_saved_places_the_config_says_are_chosen(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "SUPERTUNING", target_modules=["q_proj"], sparsity=0.9)
-    _edit_config(adapter, save_precomputed_indices=False)
+    edit_config(adapter, save_precomputed_indices=False)
     with pytest.raises(AdapterError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (
@@ -109,7 +108,7 @@ def test_refuses_a_supra_lora_without_r(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "SUPERTUNING", target_modules=["q_proj"], sparsity=0.9,
                                    r=2, lora_alpha=4)  # fmt: skip
-    _edit_config(adapter, r=None, lora_alpha=None)
+    edit_config(adapter, r=None, lora_alpha=None)
     with pytest.raises(AdapterError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (

@@ -7,14 +7,18 @@ verify passes a correct merge and fails a doubled one; and what loraship refuses
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import GPT2, LLAMA
-from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical, check_verify_catches_double_merge
+from methods.harness import (
+    DTYPES,
+    check_behaves_like_peft,
+    check_bit_identical,
+    check_verify_catches_double_merge,
+    edit_config,
+)
 from methods.harness import Case as MethodCase
 
 from loraship.engine.merge import merge
@@ -40,11 +44,6 @@ CASES = [
     Case("tinylora-gpt2-drawn", {"target_modules": ["c_attn", "c_proj"], "r": 3, "u": 8, **DRAWN}, GPT2),
     Case("tinylora-adapter-bf16", {"target_modules": ATTN_MLP, "r": 2, "u": 8}, LLAMA, adapter_dtype="bfloat16"),
 ]
-
-
-def _edit_config(adapter: Path, **changes: Any) -> None:
-    path = adapter / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -78,7 +77,7 @@ def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
 def test_refuses_vectors_the_weight_tying_does_not_make(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "TINYLORA", target_modules=["q_proj"], r=2, u=8)
-    _edit_config(adapter, weight_tying=1.0)
+    edit_config(adapter, weight_tying=1.0)
     with pytest.raises(IncompatibleError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (
@@ -91,7 +90,7 @@ def test_refuses_vectors_the_weight_tying_does_not_make(model_cache, tmp_path: P
 def test_refuses_a_rank_the_factors_do_not_have(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "TINYLORA", target_modules=["q_proj"], r=2, u=8)
-    _edit_config(adapter, r=3)
+    edit_config(adapter, r=3)
     with pytest.raises(IncompatibleError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (
@@ -103,7 +102,7 @@ def test_refuses_a_rank_the_factors_do_not_have(model_cache, tmp_path: Path) -> 
 def test_refuses_a_saved_projection_the_config_says_is_drawn(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "TINYLORA", target_modules=["q_proj"], r=2, u=8)
-    _edit_config(adapter, save_projection=False)
+    edit_config(adapter, save_projection=False)
     with pytest.raises(AdapterError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (

@@ -6,14 +6,18 @@ merge and fails a doubled one; and what loraship refuses.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import GPT2, LLAMA
-from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical, check_verify_catches_double_merge
+from methods.harness import (
+    DTYPES,
+    check_behaves_like_peft,
+    check_bit_identical,
+    check_verify_catches_double_merge,
+    edit_config,
+)
 from methods.harness import Case as MethodCase
 
 from loraship.engine.merge import merge
@@ -42,11 +46,6 @@ CASES = [
     Case("vblora-gpt2", {"target_modules": ["c_attn", "c_fc", "c_proj"], "r": 2, **GPT2_BANK}, GPT2),
     Case("vblora-adapter-bf16", {"target_modules": ATTN_MLP, "r": 2, **SMALL}, LLAMA, adapter_dtype="bfloat16"),
 ]
-
-
-def _edit_config(adapter: Path, **changes: Any) -> None:
-    path = adapter / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -85,7 +84,7 @@ def test_plan_and_card_words(model_cache, tmp_path: Path) -> None:
 def test_refuses_layers_the_vector_length_does_not_divide(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "VBLORA", target_modules=["v_proj"], r=2, **SMALL)
-    _edit_config(adapter, vector_length=16)
+    edit_config(adapter, vector_length=16)
     with pytest.raises(IncompatibleError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (
@@ -97,7 +96,7 @@ def test_refuses_layers_the_vector_length_does_not_divide(model_cache, tmp_path:
 def test_refuses_logits_of_another_rank(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "VBLORA", target_modules=["q_proj"], r=2, **SMALL)
-    _edit_config(adapter, r=3)
+    edit_config(adapter, r=3)
     with pytest.raises(IncompatibleError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (
@@ -113,7 +112,7 @@ def test_refuses_a_save_only_topk_weights_the_file_does_not_follow(
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "VBLORA", target_modules=["q_proj"], r=2,
                                    save_only_topk_weights=saved, **SMALL)  # fmt: skip
-    _edit_config(adapter, save_only_topk_weights=said)
+    edit_config(adapter, save_only_topk_weights=said)
     with pytest.raises(AdapterError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     what = "the top-k weights only" if saved else "full logits"

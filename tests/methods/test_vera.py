@@ -6,7 +6,6 @@ as PEFT's unmerged model; verify passes a correct merge and fails a doubled one;
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,13 @@ from typing import Any
 import pytest
 import torch
 from conftest import GPT2, LLAMA, assert_same_tensors, load_tensors, peft_reference
-from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical, check_verify_catches_double_merge
+from methods.harness import (
+    DTYPES,
+    check_behaves_like_peft,
+    check_bit_identical,
+    check_verify_catches_double_merge,
+    edit_config,
+)
 from methods.harness import Case as MethodCase
 from safetensors.torch import load_file, save_file
 
@@ -52,13 +57,6 @@ CASES = [
 ]
 
 
-def _edit_config(adapter: Path, **changes: Any) -> None:
-    path = adapter / "adapter_config.json"
-    config = json.loads(path.read_text())
-    config.update(changes)
-    path.write_text(json.dumps(config))
-
-
 def _drop_tensors(adapter: Path, *names: str) -> None:
     path = adapter / "adapter_model.safetensors"
     tensors = {k: v for k, v in load_file(str(path)).items() if k not in names}
@@ -93,7 +91,7 @@ def test_the_seed_draws_the_projections(model_cache, tmp_path: Path) -> None:
     adapter = build_method_adapter(base, tmp_path / "adapter", "VERA", target_modules=["q_proj"], r=4,
                                    save_projection=False)  # fmt: skip
     merge(base, adapter, tmp_path / "merged", progress=False)
-    _edit_config(adapter, projection_prng_key=1)
+    edit_config(adapter, projection_prng_key=1)
     merge(base, adapter, tmp_path / "merged-edited", progress=False)
     right, wrong = load_tensors(tmp_path / "merged"), load_tensors(tmp_path / "merged-edited")
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -133,7 +131,7 @@ def test_refuses_saved_projections_that_do_not_fit_the_largest_layer(model_cache
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "VERA", target_modules=["q_proj", "down_proj"], r=4)
     narrower = model_cache({**LLAMA, "intermediate_size": 16})  # down_proj 16 x 16: the projections PEFT builds shrink
-    _edit_config(adapter, target_modules=["q_proj", "down_proj"])
+    edit_config(adapter, target_modules=["q_proj", "down_proj"])
     with pytest.raises(IncompatibleError) as e:
         merge(narrower, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (
@@ -158,7 +156,7 @@ def test_refuses_missing_saved_projections(model_cache, tmp_path: Path) -> None:
 def test_refuses_saved_projections_the_config_says_are_drawn(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "VERA", target_modules=["q_proj"], r=4)
-    _edit_config(adapter, save_projection=False)
+    edit_config(adapter, save_projection=False)
     with pytest.raises(AdapterError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (
@@ -172,7 +170,7 @@ def test_refuses_a_rank_the_lambdas_do_not_have(model_cache, tmp_path: Path) -> 
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "VERA", target_modules=["q_proj"], r=4,
                                    save_projection=False)  # fmt: skip
-    _edit_config(adapter, r=6)
+    edit_config(adapter, r=6)
     with pytest.raises(IncompatibleError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (
@@ -195,7 +193,7 @@ def test_refuses_a_rank_the_lambdas_do_not_have(model_cache, tmp_path: Path) -> 
 def test_refuses_a_config_peft_cannot_merge(changes: dict[str, Any], message: str, model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "VERA", target_modules=["q_proj"], r=4)
-    _edit_config(adapter, **changes)
+    edit_config(adapter, **changes)
     with pytest.raises(AdapterError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0].endswith(message)

@@ -6,14 +6,18 @@ PEFT's unmerged model; verify passes a correct merge and fails a doubled one; an
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import GPT2, LLAMA
-from methods.harness import DTYPES, check_behaves_like_peft, check_bit_identical, check_verify_catches_double_merge
+from methods.harness import (
+    DTYPES,
+    check_behaves_like_peft,
+    check_bit_identical,
+    check_verify_catches_double_merge,
+    edit_config,
+)
 from methods.harness import Case as MethodCase
 
 from loraship.engine.merge import merge
@@ -67,11 +71,6 @@ CASES = [
 ]
 
 
-def _edit_config(adapter: Path, **changes: Any) -> None:
-    path = adapter / "adapter_config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
@@ -121,7 +120,7 @@ def test_refuses_a_family_peft_has_no_filters_for(model_cache, tmp_path: Path) -
 def test_refuses_a_spectrum_the_config_does_not_make(model_cache, tmp_path: Path) -> None:
     base = model_cache(LLAMA)
     adapter = build_method_adapter(base, tmp_path / "adapter", "WAVEFT", target_modules=["q_proj"], n_frequency=40)
-    _edit_config(adapter, n_frequency_pattern={"q_proj": 50})
+    edit_config(adapter, n_frequency_pattern={"q_proj": 50})
     with pytest.raises(IncompatibleError) as e:
         merge(base, adapter, tmp_path / "merged", progress=False)
     assert str(e.value).splitlines()[0] == (
