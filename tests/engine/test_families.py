@@ -124,7 +124,7 @@ class Family:
     peft_merge_wrong: str | None = None
     dtypes: tuple[str, ...] = ("float32", "bfloat16")
     untied: tuple[str, ...] = field(default_factory=tuple)
-    #: How many stored expert tensors (names containing `experts.`) the merge must change.
+    #: How many stored expert tensors (names containing `experts.`) the merge must change (-1: some, as PEFT's).
     experts_changed: int = 0
 
 
@@ -213,8 +213,8 @@ FAMILIES = [
     # (target_parameters ["gate_up_proj", "down_proj", "gate.weight"]), nested on one module, with gate_up's r
     # and alpha doubled in rank_pattern/alpha_pattern under the wrapped parameter's name
     *(Family(f"{config['model_type']}-all-linear-bare-parameter-names", config, "AutoModelForCausalLM",
-             {"target_modules": "all-linear"}, experts_changed=changed)
-      for config, changed in ((QWEN3_MOE, 12), (MIXTRAL, 12), (OLMOE, 12), (DEEPSEEK_V3, 12), (GLM4_MOE, 12))),
+             {"target_modules": "all-linear"}, experts_changed=-1)
+      for config in (QWEN3_MOE, MIXTRAL, OLMOE, DEEPSEEK_V3, GLM4_MOE)),
     # ShieldGemma 2's own class: its checkpoint stores model.language_model.model.layers.* (PrefixChange on load);
     # all-linear takes its lm_head, tied to the embeddings; bf16 only, as its forward needs images (the bits against
     # PEFT's merge and verify are what is checked)
@@ -284,7 +284,10 @@ def _check_family(family: Family, dtype: str, tmp: Path) -> None:
         assert name in ours, f"{name} must be stored on its own once untied"
     before = load_tensors(base)
     changed = [n for n in ours if "experts." in n and n in before and not torch.equal(ours[n], before[n])]
-    assert len(changed) == family.experts_changed, changed
+    if family.experts_changed >= 0:
+        assert len(changed) == family.experts_changed, changed
+    else:  # as many as PEFT's all-linear targets (0.22 adds the shared experts): bit-identity with PEFT decides
+        assert changed
 
     # 1. outputs: the merged model with plain transformers == base + adapter through PEFT, unmerged
     if dtype == "float32":

@@ -42,16 +42,28 @@ CASES = [
     _conv("hra-conv2d", {"target_modules": ["convolution"], "r": 2}),
     _conv("hra-gram-schmidt-conv2d", {"target_modules": ["convolution"], "r": 4, "apply_GS": True}),
 ]
+#: PEFT 0.22's QR has fewer columns than reflections when r exceeds a layer's inputs (the stem's 3 x 1 x 1 here):
+#: its own merge and forward fail there, so there is nothing to be identical to; loraship keeps PEFT 0.21's math.
+PEFT_0_22_FAILS = {"hra-gram-schmidt-conv2d"}
+
+
+def _unless_peft_fails(case: Case) -> None:
+    from loraship.methods.hra import _peft_builds_wy
+
+    if case.id in PEFT_0_22_FAILS and _peft_builds_wy():
+        pytest.skip("PEFT 0.22 cannot merge or run HRA with apply_GS when r exceeds the layer's inputs")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bit_identical_to_peft(case: Case, dtype: str, model_cache, tmp_path: Path) -> None:
+    _unless_peft_fails(case)
     check_bit_identical(case, dtype, model_cache, tmp_path)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_merged_folder_behaves_like_base_plus_adapter(case: Case, model_cache, tmp_path: Path) -> None:
+    _unless_peft_fails(case)
     check_behaves_like_peft(case, model_cache, tmp_path)
 
 

@@ -10,6 +10,11 @@ PEFT 0.21: ``tuners/hra/layer.py`` (``HRALayer.update_layer``, ``HRALinear.get_d
 right). With ``apply_GS`` the columns are Gram–Schmidt orthonormalised in order and ``H = I - 2 * Q @ Q.t()``.
 The merge is ``W' = mm(W.to(H.dtype), H).to(W.dtype)``: one fp32 product, rounded once (a convolution's
 weight viewed ``(out, in * k * k)`` for it and back). The bias is left alone. These are reproduced op for op.
+
+PEFT 0.22 builds the same H in its compact WY form (``HRALayer._get_householder_vt``): V the normalised columns
+(or, with ``apply_GS``, the Q of ``torch.linalg.qr``), ``T⁻¹ = I/2 + triu(VᵀV, 1)`` solved by
+``solve_triangular`` (``T = 2I`` with ``apply_GS``), ``H = I - (V @ T) @ Vᵀ``: the same rotation, other last
+bits. The merge follows the installed PEFT, so that it stays bit-identical to the PEFT users have.
 """
 
 from __future__ import annotations
@@ -88,7 +93,10 @@ class HRA(Method):
     ) -> torch.Tensor:  # fmt: skip
         import torch
 
-        delta_weight = _delta_weight(adapter_float(tensors["hra_u"]), m.setting("r"), m.setting("apply_GS"))
+        u = tensors["hra_u"]
+        # PEFT 0.22's QR cannot make more reflections than the layer has inputs: such adapters come from 0.21
+        build = _delta_weight_wy if _peft_builds_wy() and u.shape[1] <= u.shape[0] else _delta_weight
+        delta_weight = build(adapter_float(tensors["hra_u"]), m.setting("r"), m.setting("apply_GS"))
         orig_dtype = weight.dtype
         if weight.dim() == 4:
             out, in_, k = weight.shape[0], weight.shape[1], weight.shape[2]
@@ -129,6 +137,35 @@ def _delta_weight(opt_u: torch.Tensor, rank: int, apply_GS: bool) -> torch.Tenso
         ui = opt_u[:, i].view(-1, 1)
         weight = weight - 2 * weight @ ui @ ui.t()
     return weight
+
+
+def _delta_weight_wy(opt_u: torch.Tensor, rank: int, apply_GS: bool) -> torch.Tensor:
+    """PEFT 0.22's ``HRALayer.get_delta_weight`` (``reverse=False``, through ``_get_householder_vt``), op for op."""
+    import torch
+
+    compute_dtype = torch.promote_types(opt_u.dtype, torch.float32)
+    eye = torch.eye(rank, device=opt_u.device, dtype=compute_dtype)
+    if apply_GS:
+        v = torch.linalg.qr(opt_u.to(compute_dtype), mode="reduced").Q
+        t = 2 * eye
+    else:
+        v = opt_u.to(compute_dtype)
+        v = v / v.norm(dim=0)
+        tinv = 0.5 * eye + torch.triu(v.T @ v, diagonal=1)
+        t = torch.linalg.solve_triangular(tinv, eye, upper=True)
+    weight = torch.eye(v.shape[0], device=v.device, dtype=v.dtype) - (v @ t) @ v.T
+    return weight.to(opt_u.dtype)
+
+
+def _peft_builds_wy() -> bool:
+    """Whether the installed PEFT builds H in the compact WY form (0.22 and later), read from its metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(part) for part in version("peft").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (0, 22)
 
 
 METHOD = HRA()
