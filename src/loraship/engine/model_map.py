@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +77,20 @@ class ModelMap:
     def param_order(self, module: str) -> tuple[str, ...]:
         """The short names of ``module``'s own parameters in registration order (PEFT nests wrappers
         of several ``target_parameters`` of one module in this order)."""
-        owners = {p.rpartition(".")[0] for p in self.params}
-        owner = module if module in owners else next(
-            (o for o in sorted(owners) if o.endswith("." + module) or module.endswith("." + o)), None)  # fmt: skip
-        return tuple(p.rpartition(".")[2] for p in self.params if p.rpartition(".")[0] == owner) if owner else ()
+        owned = self._owned
+        owner = module if module in owned else next(
+            (o for o in sorted(owned) if o.endswith("." + module) or module.endswith("." + o)), None)  # fmt: skip
+        return owned[owner] if owner else ()
+
+    @cached_property
+    def _owned(self) -> dict[str, tuple[str, ...]]:
+        """Module -> the short names of its own parameters, in registration order (built once: an all-linear MoE
+        adapter asks for every one of its modules)."""
+        owned: dict[str, list[str]] = {}
+        for p in self.params:
+            owner, _, short = p.rpartition(".")
+            owned.setdefault(owner, []).append(short)
+        return {owner: tuple(shorts) for owner, shorts in owned.items()}
 
     def unloaded(self, names: Iterable[str]) -> list[str]:
         """The checkpoint tensors among ``names`` this class does not load (another head's: unexpected keys)."""

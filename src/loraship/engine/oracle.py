@@ -203,13 +203,15 @@ def check_plan(base_dir: Path, adapter: AdapterSpec, plan: MergePlan, model_map:
     untargeted: list[str] = []
     problems: list[str] = []
     checked = 0
+    model_level: set[str] | None = None  # PEFT's whole-model tensors, read once if the adapter has any
     for key in adapter.tensors:
         landed = plan.accounting.get(key, "")
         if landed.startswith("(ignored"):
             continue
         if not key.startswith(PREFIX):  # kept once for the whole model (VeRA's base_model.vera_A), read by each module
             checked += 1
-            if key not in _model_level_tensors(peft_model):
+            model_level = _model_level_tensors(peft_model) if model_level is None else model_level
+            if key not in model_level:
                 problems.append(f"`{key}`: PEFT keeps no such tensor for the whole model")
             continue
         saved = _per_expert_tensor(key, model_map)
